@@ -1,0 +1,27 @@
+"""Entry point: `dermlens --help` lists the path data -> train -> evaluate -> export -> predict/serve."""
+
+from __future__ import annotations
+
+import typer
+
+from dermlens import DISCLAIMER, __version__
+from dermlens.cli import data
+
+app = typer.Typer(
+    name="dermlens",
+    help=f"Classify dermoscopic skin-lesion images and evaluate models honestly.\n\n{DISCLAIMER}",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(data.app, name="data")
+
+
+@app.command()
+def version() -> None:
+    """Print the dermlens version."""
+    typer.echo(__version__)
+
+
+if __name__ == "__main__":
+    app()

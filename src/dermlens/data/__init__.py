@@ -1,0 +1,1 @@
+"""Data layer: readers, label taxonomy, validation, splits and the decoded-image cache."""
