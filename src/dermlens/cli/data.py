@@ -1,0 +1,346 @@
+"""`dermlens data ...`: read a dataset, validate it, split it without lesion leakage, cache its images."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    help="Prepare datasets: manifest, validation report, leak-free splits and the decoded-image cache.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+EXIT_USAGE = 2  # bad arguments, missing root or CSV
+EXIT_INVALID = 1  # data failed validation with --on-error fail
+
+
+class Dataset(StrEnum):
+    ham10000 = "ham10000"
+    isic2019 = "isic2019"
+    isic2017 = "isic2017"
+    csv = "csv"
+
+
+class SplitMethod(StrEnum):
+    auto = "auto"
+    grouped = "grouped"
+    dermamnist = "dermamnist"
+    dataset = "dataset"
+
+
+class OnError(StrEnum):
+    skip = "skip"
+    fail = "fail"
+
+
+_EXAMPLES = (
+    "--dataset ham10000 --root ../shared/data/ham10000 --out work/ham10000",
+    "--dataset ham10000 --root ../shared/data/ham10000 --out work/ham-dm --split dermamnist",
+    "--dataset isic2019 --root ../shared/data/isic2019 --out work/isic2019 --no-check-images",
+    "--dataset isic2017 --root ../shared/data/isic2017 --out work/isic2017 --on-error fail",
+    "--dataset csv --root labels.csv --image-dir imgs --out work/mine --columns image=file,diagnosis=dx",
+)
+PREPARE_EPILOG = "\n\n".join(
+    [
+        "[bold]Examples[/bold]",
+        *(f"  dermlens data prepare {e}" for e in _EXAMPLES),
+        "[bold]Outputs[/bold] in DIR: manifest.csv (one row per image: image_id, image_path, lesion_id, "
+        "group_id, diagnosis, coarse, age, sex, site, dataset, dx_type, split, fold), splits.json (seed, "
+        "method, fractions, counts), validation_report.json, cache/images_HxW.npy (uint8, row order).",
+        "Defaults (fractions, seed, folds, cache workers) live in src/dermlens/configs/data.yaml.",
+    ]
+)
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    from rich.console import Console
+
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/bold red] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _parse_columns(text: str | None) -> dict[str, str] | None:
+    if not text:
+        return None
+    pairs = [p.split("=", 1) for p in text.split(",") if p.strip()]
+    if any(len(p) != 2 or not p[0].strip() or not p[1].strip() for p in pairs):
+        raise ValueError(f"--columns expects role=column[,role=column...], got {text!r}")
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+def _parse_fractions(text: str | None) -> dict[str, float] | None:
+    if not text:
+        return None
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 3 or any(v < 0 for v in values) or abs(sum(values) - 1) > 1e-6:
+        raise ValueError(f"--fractions expects three shares train,val,test summing to 1, got {text!r}")
+    return dict(zip(("train", "val", "test"), values, strict=True))
+
+
+class _Invalid(Exception):
+    """Validation failed under --on-error fail."""
+
+
+@app.command(epilog=PREPARE_EPILOG)
+def prepare(
+    dataset: Annotated[Dataset, typer.Option(help="Dataset layout to read.", case_sensitive=False)],
+    root: Annotated[
+        Path, typer.Option(help="Dataset folder (for --dataset csv: the CSV file or its folder).")
+    ],
+    out: Annotated[
+        Path | None, typer.Option(help="Output folder DIR. Default: $DERMLENS_WORK/<dataset> (./work/...).")
+    ] = None,
+    split: Annotated[
+        SplitMethod,
+        typer.Option(
+            help="grouped: stratified by diagnosis, grouped by lesion (leak-free). dermamnist: the "
+            "MedMNIST image-level split (leaks lesions; only to compare with MedMNIST). dataset: keep the "
+            "dataset's own split column. auto: dataset for isic2017 and CSVs with a split column, "
+            "else grouped.",
+            case_sensitive=False,
+        ),
+    ] = SplitMethod.auto,
+    seed: Annotated[
+        int | None, typer.Option(help="Split/fold seed. Default from configs/data.yaml (42).")
+    ] = None,
+    folds: Annotated[
+        int | None, typer.Option(help="Cross-validation folds over train+val (`fold` column); 0 = none.")
+    ] = None,
+    fractions: Annotated[
+        str | None, typer.Option(help="train,val,test shares for --split grouped, e.g. 0.7,0.15,0.15.")
+    ] = None,
+    on_error: Annotated[
+        OnError,
+        typer.Option(
+            help="skip: drop bad rows and report them. fail: stop with exit code 1.", case_sensitive=False
+        ),
+    ] = OnError.skip,
+    cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Build the decoded-image cache.")] = True,
+    check_images: Annotated[
+        bool,
+        typer.Option(
+            "--check-images/--no-check-images",
+            help="Check that every image exists and decodes. --no-check-images builds a CSV-only manifest "
+            "(e.g. ISIC 2019 labels without the images) and implies --no-cache.",
+        ),
+    ] = True,
+    image_dir: Annotated[
+        Path | None, typer.Option(help="Image folder, if not where the dataset layout expects it.")
+    ] = None,
+    columns: Annotated[
+        str | None,
+        typer.Option(
+            help="For --dataset csv: role=column pairs, roles image, diagnosis, lesion, age, sex, site, "
+            "dx_type, split. Unnamed roles are auto-detected from common column names."
+        ),
+    ] = None,
+    duplicates: Annotated[
+        Path | None,
+        typer.Option(
+            help="CSV of near-duplicate pairs (from_img,to_img) to keep together. "
+            "Default: ROOT/duplicates_abhishek2025.csv if present."
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Decode processes. Default from configs/data.yaml.")
+    ] = None,
+) -> None:
+    """Read a dataset, validate it, split it without lesion leakage and cache its decoded images.
+
+    Writes DIR/manifest.csv, DIR/splits.json, DIR/validation_report.json and DIR/cache/.
+    """
+    from dermlens.data.manifest import DataError
+
+    try:
+        _prepare(
+            dataset.value,
+            root,
+            out,
+            split.value,
+            seed,
+            folds,
+            _parse_fractions(fractions),
+            on_error.value,
+            cache and check_images,
+            check_images,
+            image_dir,
+            _parse_columns(columns),
+            duplicates,
+            workers,
+        )
+    except (DataError, ValueError) as e:
+        raise _fail(str(e), EXIT_USAGE) from None
+    except _Invalid as e:
+        raise _fail(str(e), EXIT_INVALID) from None
+
+
+def _prepare(
+    dataset: str,
+    root: Path,
+    out: Path | None,
+    method: str,
+    seed: int | None,
+    folds: int | None,
+    fractions: dict[str, float] | None,
+    on_error: str,
+    build: bool,
+    check_images: bool,
+    image_dir: Path | None,
+    columns: dict[str, str] | None,
+    duplicates: Path | None,
+    workers: int | None,
+) -> None:
+    from rich.console import Console
+
+    from dermlens.data import readers
+    from dermlens.data import splits as sp
+    from dermlens.data.cache import build_cache
+    from dermlens.data.manifest import REPORT_NAME, DataError, data_config, manifest_hash, write_manifest
+    from dermlens.data.validate import drop_bad_rows, validate
+    from dermlens.preprocess import Preprocessing
+    from dermlens.settings import work_dir
+
+    console = Console(soft_wrap=True)
+    cfg = data_config()["split"]
+    seed = int(cfg["seed"] if seed is None else seed)
+    folds = int(cfg["folds"] if folds is None else folds)
+    fractions = fractions or {k: float(v) for k, v in cfg["fractions"].items()}
+    out = Path(out) if out is not None else work_dir() / dataset
+    if not root.exists():
+        raise DataError(f"--root {root} does not exist")
+    if image_dir is not None and not image_dir.is_dir():
+        raise DataError(f"--image-dir {image_dir} is not a folder")
+    if folds == 1 or folds < 0:
+        raise DataError(f"--folds must be 0 (none) or at least 2, got {folds}")
+
+    kwargs: dict = {"image_dir": image_dir}
+    if dataset == "csv":
+        kwargs["columns"] = columns
+    elif columns:
+        raise DataError("--columns only applies to --dataset csv")
+    df = readers.read_dataset(dataset, root, **kwargs)
+    console.print(f"Read [bold]{len(df)}[/bold] images of {dataset} from {root}")
+    if df.empty:
+        raise DataError(f"{root} lists no images")
+
+    report = validate(df, check_files=check_images, progress=True, workers=workers)
+    out.mkdir(parents=True, exist_ok=True)
+    report_path = report.write(out / REPORT_NAME, df, on_error)
+    if not check_images:
+        console.print("[yellow]Image files not checked (--no-check-images); no cache built.[/yellow]")
+    if not report.ok:
+        console.print(report.table())
+        if on_error == "fail":
+            raise _Invalid(
+                f"validation failed: {report.summary()}. Fix the data or re-run with "
+                f"--on-error skip to drop these rows (report: {report_path})"
+            )
+        df = drop_bad_rows(df, report)
+        console.print(f"[yellow]Skipped {len(report.bad_rows)} bad rows[/yellow] (report: {report_path})")
+        if df.empty:
+            raise _Invalid("no usable rows left after skipping bad rows")
+    else:
+        console.print("[green]Validation passed[/green]: no missing or corrupt images, labels consistent")
+
+    dup_path = duplicates or (root / sp.DUPLICATES_CSV if root.is_dir() else None)
+    pairs = sp.read_duplicate_pairs(dup_path) if dup_path and Path(dup_path).is_file() else []
+    if duplicates and not duplicates.is_file():
+        raise DataError(f"--duplicates {duplicates} not found")
+    df["group_id"] = sp.assign_groups(df, pairs)
+
+    if method == "auto":
+        method = "dataset" if "split" in df.columns else "grouped"
+    info: dict = {}
+    if method == "grouped":
+        df["split"], info = sp.grouped_split(
+            df, fractions, seed, int(cfg["attempts"]), float(cfg["max_deviation"])
+        )
+        if sp.leaking_groups(df):
+            raise DataError("internal error: a lesion group spans two splits")
+    elif method == "dermamnist":
+        csv = root / sp.DERMAMNIST_CSV if root.is_dir() else Path(sp.DERMAMNIST_CSV)
+        if not csv.is_file():
+            raise DataError(f"{sp.DERMAMNIST_CSV} not found in {root}")
+        df["split"] = sp.dermamnist_split(df, csv)
+        console.print(f"[bold yellow]warning:[/bold yellow] {sp.DERMAMNIST_WARNING}")
+    elif "split" not in df.columns:
+        raise DataError(f"--split dataset: {dataset} has no split column")
+    unknown_splits = set(df["split"].dropna()) - set(sp.SPLITS)
+    if unknown_splits or df["split"].isna().any():
+        raise DataError(f"split values must be train/val/test, got {sorted(map(str, unknown_splits))}")
+
+    trainval = df["split"].isin(["train", "val"])
+    if folds:
+        df["fold"] = sp.kfold(df, folds, seed, within=trainval)
+    manifest_path = write_manifest(df, out)
+    deviation = sp.max_deviation(df["diagnosis"], df["split"])
+    record = {
+        "dataset": dataset,
+        "root": str(root.resolve()),
+        "method": method,
+        "seed": seed,
+        "fractions": fractions if method == "grouped" else None,
+        "folds": folds,
+        "fold_scope": "train+val" if folds else None,
+        "n_images": len(df),
+        "n_groups": int(df["group_id"].nunique()),
+        "duplicate_pairs": len(pairs),
+        "manifest_hash": manifest_hash(df),
+        "counts": sp.split_counts(df),
+        "max_class_share_deviation_points": {k: round(100 * v, 3) for k, v in deviation.items()},
+        "leaking_groups": len(sp.leaking_groups(df)),
+        **({"search": info} if info else {}),
+        **({"warning": sp.DERMAMNIST_WARNING} if method == "dermamnist" else {}),
+    }
+    sp.write_splits_json(out, record)
+    console.print(_class_table(df, deviation))
+    console.print(_missing_table(df))
+    console.print(f"Wrote {manifest_path} and {out / sp.SPLITS_NAME} ({method} split, seed {seed})")
+    if build:
+        prep = Preprocessing.default()
+        path = build_cache(df, out, prep, workers=workers)
+        console.print(f"Image cache: {path} ({len(df)}x{prep.height}x{prep.width}x3 uint8)")
+
+
+def _class_table(df, deviation: dict[str, float]):  # -> rich.table.Table
+    from rich.table import Table
+
+    from dermlens.data.splits import SPLITS
+
+    splits = [s for s in SPLITS if s in set(df["split"])]
+    t = Table(title="Images per class and split (share of split)")
+    t.add_column("class", style="bold")
+    for s in splits:
+        t.add_column(s, justify="right")
+    t.add_column("all", justify="right")
+    sizes = df["split"].value_counts()
+    for c, n in df["diagnosis"].value_counts().items():
+        cells = []
+        for s in splits:
+            k = int(((df["diagnosis"] == c) & (df["split"] == s)).sum())
+            cells.append(f"{k} ({100 * k / sizes[s]:.1f}%)")
+        t.add_row(str(c), *cells, f"{n} ({100 * n / len(df):.1f}%)")
+    t.add_row("total", *[str(int(sizes[s])) for s in splits], str(len(df)), style="bold")
+    t.add_row("max share dev.", *[f"{100 * deviation.get(s, 0):.2f} pt" for s in splits], "", style="dim")
+    return t
+
+
+def _missing_table(df):  # -> rich.table.Table
+    from rich.table import Table
+
+    t = Table(title="Missing metadata")
+    t.add_column("field", style="bold")
+    t.add_column("missing", justify="right")
+    t.add_column("share", justify="right")
+    for c in ("lesion_id", "age", "sex", "site", "dx_type"):
+        k = int(df[c].isna().sum())
+        t.add_row(c, str(k), f"{100 * k / len(df):.1f}%")
+    return t
