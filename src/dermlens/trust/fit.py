@@ -1,0 +1,242 @@
+"""TrustState (everything a prediction's confidence needs: temperatures, OOD statistics, refer threshold,
+CAM weights) and fit_trust(), the one call the export step makes. Loading and applying need numpy only."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from dermlens.data.taxonomy import COARSE_CLASSES, FINE_CODES, coarse_label
+from dermlens.trust import ood, selective
+from dermlens.trust.calibration import ece, fit_temperature, nll, softmax
+
+STATE_VERSION = 1
+
+
+def trust_config() -> dict[str, Any]:
+    """Settings from configs/trust.yaml."""
+    return yaml.safe_load(resources.files("dermlens.configs").joinpath("trust.yaml").read_text())
+
+
+@dataclass
+class TrustState:
+    """Fitted trust statistics; saved as trust.npz beside the ONNX model."""
+
+    temperature_fine: float = 1.0
+    temperature_coarse: float = 1.0
+    ood_method: str = "msp"
+    ood_threshold: float = float("inf")
+    thresholds: dict[str, float] = field(default_factory=dict)  # per score method, same keep rate
+    val_keep_rate: float = 1.0
+    keep_target: float = 0.95
+    min_confidence: float = 0.0
+    normalize: bool = True
+    knn_k: int = 10
+    class_means: np.ndarray | None = None  # [C, D]
+    precision: np.ndarray | None = None  # [D, D]
+    knn_bank: np.ndarray | None = None  # [M, D] float16
+    cam_weight: np.ndarray | None = None  # [C, D]
+    info: dict[str, Any] = field(default_factory=dict)  # fit provenance and validation figures
+
+    _ARRAYS = ("class_means", "precision", "knn_bank", "cam_weight")
+
+    # ---- scoring -------------------------------------------------------------------------------------
+    def score(self, method: str, fine_logits: np.ndarray, embedding: np.ndarray | None = None) -> np.ndarray:
+        """OOD score of one method (higher = more out-of-distribution)."""
+        if method == "msp":
+            return ood.msp_score(fine_logits, self.temperature_fine)
+        if method == "energy":
+            return ood.energy_score(fine_logits, 1.0)
+        if embedding is None:
+            raise ValueError(f"OOD method {method!r} needs the model's embedding output")
+        if method == "mahalanobis":
+            if self.class_means is None or self.precision is None:
+                raise ValueError("this TrustState has no Mahalanobis statistics")
+            return ood.mahalanobis_score(embedding, self.class_means, self.precision, self.normalize)
+        if method == "knn":
+            if self.knn_bank is None:
+                raise ValueError("this TrustState has no kNN bank")
+            return ood.knn_score(embedding, self.knn_bank, self.knn_k)
+        raise ValueError(f"unknown OOD method {method!r}; choose from {ood.METHODS}")
+
+    def ood_score(self, fine_logits: np.ndarray, embedding: np.ndarray | None = None) -> np.ndarray:
+        """Score of the default method."""
+        return self.score(self.ood_method, fine_logits, embedding)
+
+    def assess(
+        self,
+        fine_logits: np.ndarray,
+        coarse_logits: np.ndarray | None = None,
+        embedding: np.ndarray | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Calibrated probabilities, OOD score/flag and the refer decision for a batch of model outputs."""
+        probs = softmax(fine_logits, self.temperature_fine)
+        out: dict[str, np.ndarray] = {"probs": probs}
+        if coarse_logits is not None:
+            out["coarse_probs"] = softmax(coarse_logits, self.temperature_coarse)
+        score = self.ood_score(fine_logits, embedding)
+        out["ood_score"] = score
+        out["ood"] = score > self.ood_threshold
+        out["low_confidence"] = probs.max(axis=1) < self.min_confidence
+        out["refer"] = selective.refer_decision(probs, score, self)
+        return out
+
+    # ---- card + file ---------------------------------------------------------------------------------
+    def card_fields(self) -> dict[str, Any]:
+        """The card.json `ood` section: method, threshold, val_keep_rate (plus per-method thresholds)."""
+        return {
+            "method": self.ood_method,
+            "threshold": self.ood_threshold,
+            "val_keep_rate": self.val_keep_rate,
+            "keep_target": self.keep_target,
+            "higher_is_ood": True,
+            "thresholds": dict(self.thresholds),
+        }
+
+    def card_sections(self) -> dict[str, Any]:
+        """All card.json sections the trust layer owns: temperature, ood, refer."""
+        return {
+            "temperature": {"fine": self.temperature_fine, "coarse": self.temperature_coarse},
+            "ood": self.card_fields(),
+            "refer": {
+                "min_confidence": self.min_confidence,
+                "rule": "ood_score > threshold or p_max < min_confidence",
+            },
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write trust.npz (arrays + a JSON header); returns the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        header = {k: v for k, v in self.__dict__.items() if k not in self._ARRAYS}
+        header["version"] = STATE_VERSION
+        arrays = {k: getattr(self, k) for k in self._ARRAYS if getattr(self, k) is not None}
+        arrays = {
+            k: (v.astype(np.float16) if k == "knn_bank" else v.astype(np.float32)) for k, v in arrays.items()
+        }
+        with open(path, "wb") as fh:
+            np.savez_compressed(fh, header=np.array(json.dumps(header, default=float)), **arrays)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrustState:
+        """Read trust.npz written by save()."""
+        with np.load(Path(path), allow_pickle=False) as z:
+            header = json.loads(str(z["header"]))
+            arrays = {k: np.array(z[k]) for k in cls._ARRAYS if k in z.files}
+        header.pop("version", None)
+        known = {k: v for k, v in header.items() if k in cls.__dataclass_fields__}
+        return cls(**known, **arrays)
+
+
+def coarse_from_fine(labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """Benign/malignant index (COARSE_CLASSES order) for fine class indices in taxonomy order."""
+    classes = FINE_CODES[:n_classes]
+    malignant = np.array([COARSE_CLASSES.index(coarse_label(c)) for c in classes])
+    return malignant[np.asarray(labels, dtype=np.int64)]
+
+
+def _cfg(cfg: dict[str, Any] | None) -> dict[str, Any]:
+    base = trust_config()
+    for section, values in (cfg or {}).items():
+        base.setdefault(section, {}).update(values or {})
+    return base
+
+
+def _min_confidence(probs: np.ndarray, labels: np.ndarray, refer_cfg: dict[str, Any]) -> tuple[float, str]:
+    """Refer threshold on calibrated top probability, chosen on validation as configured."""
+    if refer_cfg.get("min_confidence") is not None:
+        return float(refer_cfg["min_confidence"]), "fixed"
+    if refer_cfg.get("target_risk") is not None:
+        return selective.confidence_for_risk(probs, labels, float(refer_cfg["target_risk"])), "target_risk"
+    cov = refer_cfg.get("target_coverage")
+    if cov is not None:
+        return selective.confidence_for_coverage(probs, float(cov)), "target_coverage"
+    return 0.0, "none"
+
+
+def fit_trust(
+    val: dict[str, np.ndarray],
+    train_embeddings: np.ndarray | None,
+    train_labels: np.ndarray | None,
+    cfg: dict[str, Any] | None = None,
+    cam_weight: np.ndarray | None = None,
+) -> TrustState:
+    """Fit temperatures, OOD statistics + thresholds and the refer threshold from model outputs.
+
+    val: fine_logits [N,C], coarse_logits [N,2], embedding [N,D], labels [N] (fine class index), optional
+    coarse_labels [N] (else derived from fine labels in taxonomy order); train_*: embeddings for the
+    class means / kNN bank (falls back to val when None). cfg overrides trust.yaml sections.
+    """
+    cfg = _cfg(cfg)
+    c_cal, c_ood = cfg["calibration"], cfg["ood"]
+    bounds = tuple(c_cal.get("bounds", (0.05, 20.0)))
+    fine, labels = np.asarray(val["fine_logits"]), np.asarray(val["labels"], dtype=np.int64)
+    n_classes = fine.shape[1]
+    t_fine = fit_temperature(fine, labels, bounds)
+    t_coarse = 1.0
+    info: dict[str, Any] = {"n_val": len(labels)}
+    if val.get("coarse_logits") is not None:
+        coarse = np.asarray(val["coarse_logits"])
+        clab = np.asarray(
+            val["coarse_labels"]
+            if val.get("coarse_labels") is not None
+            else coarse_from_fine(labels, n_classes),
+            dtype=np.int64,
+        )
+        t_coarse = fit_temperature(coarse, clab, bounds)
+        info["coarse"] = {"nll_before": nll(coarse, clab), "nll_after": nll(coarse, clab, t_coarse)}
+    bins = int(c_cal.get("ece_bins", 15))
+    info["fine"] = {
+        "nll_before": nll(fine, labels),
+        "nll_after": nll(fine, labels, t_fine),
+        "ece_before": ece(softmax(fine), labels, bins),
+        "ece_after": ece(softmax(fine, t_fine), labels, bins),
+    }
+    state = TrustState(
+        temperature_fine=t_fine,
+        temperature_coarse=t_coarse,
+        normalize=bool(c_ood["normalize"]),
+        knn_k=int(c_ood["knn_k"]),
+        keep_target=float(c_ood["keep_rate"]),
+        info=info,
+    )
+    emb = val.get("embedding")
+    if emb is not None:
+        fit_emb, fit_lab = (train_embeddings, train_labels) if train_embeddings is not None else (emb, labels)
+        fit_emb = np.asarray(fit_emb, dtype=np.float64)
+        means, precision, alpha = ood.fit_gaussian(
+            fit_emb, np.asarray(fit_lab), n_classes, c_ood["shrinkage"], state.normalize
+        )
+        state.class_means, state.precision = means, precision
+        rng = np.random.default_rng(int(c_ood.get("seed", 0)))
+        m = min(int(c_ood["knn_bank"]), len(fit_emb))
+        state.knn_bank = ood.l2_normalize(fit_emb[np.sort(rng.choice(len(fit_emb), m, replace=False))])
+        info["ood_fit"] = {
+            "source": "train" if train_embeddings is not None else "val",
+            "n": len(fit_emb),
+            "shrinkage": alpha,
+            "knn_bank": m,
+        }
+    methods = [mt for mt in ood.METHODS if emb is not None or mt in ("msp", "energy")]
+    keep = state.keep_target
+    for mt in methods:
+        scores = state.score(mt, fine, emb)
+        state.thresholds[mt] = ood.threshold_for_keep(scores, keep)
+    method = c_ood["method"] if c_ood["method"] in state.thresholds else "msp"
+    state.ood_method, state.ood_threshold = method, state.thresholds[method]
+    val_scores = state.score(method, fine, emb)
+    state.val_keep_rate = float((val_scores <= state.ood_threshold).mean())
+    probs = softmax(fine, t_fine)
+    state.min_confidence, rule = _min_confidence(probs, labels, cfg["refer"])
+    refer = selective.refer_decision(probs, val_scores, state)
+    info["refer"] = {"rule": rule, **selective.selective_summary(probs, labels, refer)}
+    if cam_weight is not None:
+        state.cam_weight = np.asarray(cam_weight, dtype=np.float32)
+    return state

@@ -1,0 +1,59 @@
+"""Selective prediction: the `refer` rule (out of distribution or unsure) and risk-coverage curves."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from dermlens.trust.fit import TrustState
+
+
+def refer_decision(probs: np.ndarray, ood_score: np.ndarray, state: TrustState) -> np.ndarray:
+    """True where the image should go to a clinician: OOD score above threshold or top probability too low."""
+    conf = np.asarray(probs, dtype=np.float64).max(axis=1)
+    ood = np.asarray(ood_score, dtype=np.float64) > state.ood_threshold
+    return ood | (conf < state.min_confidence)
+
+
+def risk_coverage(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """Coverage and error rate when answering the most confident k images, k = 1..N; plus AURC."""
+    probs = np.asarray(probs, dtype=np.float64)
+    conf = probs.max(axis=1)
+    wrong = (probs.argmax(axis=1) != np.asarray(labels)).astype(np.float64)
+    order = np.argsort(-conf, kind="mergesort")
+    k = np.arange(1, len(conf) + 1)
+    coverage = k / len(conf)
+    risk = np.cumsum(wrong[order]) / k
+    return coverage, risk, float(risk.mean())
+
+
+def confidence_for_coverage(probs: np.ndarray, coverage: float) -> float:
+    """Minimum top probability that answers the fraction `coverage` of the (validation) images."""
+    conf = np.asarray(probs, dtype=np.float64).max(axis=1)
+    return float(np.quantile(conf, 1.0 - coverage, method="lower")) if coverage < 1 else 0.0
+
+
+def confidence_for_risk(probs: np.ndarray, labels: np.ndarray, risk: float) -> float:
+    """Lowest top-probability threshold whose answered (validation) images have error rate <= `risk`."""
+    probs = np.asarray(probs, dtype=np.float64)
+    conf = probs.max(axis=1)
+    coverage, r, _ = risk_coverage(probs, labels)
+    ok = np.nonzero(r <= risk)[0]
+    if len(ok) == 0:
+        return 1.0 + 1e-9  # refer everything: the target risk is out of reach
+    k = ok.max()
+    return float(np.sort(conf)[::-1][k])
+
+
+def selective_summary(probs: np.ndarray, labels: np.ndarray, refer: np.ndarray) -> dict[str, float]:
+    """Coverage and accuracy on answered images versus all images."""
+    labels = np.asarray(labels)
+    correct = np.asarray(probs).argmax(axis=1) == labels
+    keep = ~np.asarray(refer, dtype=bool)
+    return {
+        "coverage": float(keep.mean()),
+        "accuracy_all": float(correct.mean()),
+        "accuracy_answered": float(correct[keep].mean()) if keep.any() else float("nan"),
+    }

@@ -1,0 +1,37 @@
+"""Test-time augmentation: flips and 180-degree rotation (aspect kept), probabilities averaged. numpy only."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+VIEWS: tuple[str, ...] = ("identity", "hflip", "vflip", "rot180")
+
+
+def tta_views(batch: np.ndarray, views: tuple[str, ...] = VIEWS) -> list[np.ndarray]:
+    """uint8 NHWC (or HWC) batch -> one contiguous array per view, same shape as the input."""
+    x = np.asarray(batch)
+    h_axis, w_axis = (0, 1) if x.ndim == 3 else (1, 2)
+    ops = {
+        "identity": lambda a: a,
+        "hflip": lambda a: np.flip(a, axis=w_axis),
+        "vflip": lambda a: np.flip(a, axis=h_axis),
+        "rot180": lambda a: np.flip(a, axis=(h_axis, w_axis)),
+    }
+    unknown = [v for v in views if v not in ops]
+    if unknown:
+        raise ValueError(f"unknown TTA views {unknown}; choose from {VIEWS}")
+    return [np.ascontiguousarray(ops[v](x)) for v in views]
+
+
+def average_probs(probs: list[np.ndarray]) -> np.ndarray:
+    """Mean of per-view probability arrays [N, C]."""
+    return np.mean(np.stack([np.asarray(p, dtype=np.float64) for p in probs]), axis=0)
+
+
+def predict_tta(
+    predict: Callable[[np.ndarray], np.ndarray], batch: np.ndarray, views: tuple[str, ...] = VIEWS
+) -> np.ndarray:
+    """Average `predict(view) -> probs [N, C]` over the TTA views (costs len(views) forward passes)."""
+    return average_probs([predict(v) for v in tta_views(batch, views)])
