@@ -15,6 +15,12 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
+@app.callback()
+def _group() -> None:
+    """Prepare datasets: manifest, validation report, leak-free splits and the decoded-image cache."""
+
+
 EXIT_USAGE = 2  # bad arguments, missing root or CSV
 EXIT_INVALID = 1  # data failed validation with --on-error fail
 
@@ -236,19 +242,25 @@ def _prepare(
     report_path = report.write(out / REPORT_NAME, df, on_error)
     if not check_images:
         console.print("[yellow]Image files not checked (--no-check-images); no cache built.[/yellow]")
+    hint = ""
+    if any(i.kind == "missing_file" for i in report.issues):
+        hint = (
+            " If the images are elsewhere pass --image-dir; for a CSV-only manifest pass --no-check-images."
+        )
     if not report.ok:
         console.print(report.table())
         if on_error == "fail":
             raise _Invalid(
                 f"validation failed: {report.summary()}. Fix the data or re-run with "
-                f"--on-error skip to drop these rows (report: {report_path})"
+                f"--on-error skip to drop these rows (report: {report_path}).{hint}"
             )
         df = drop_bad_rows(df, report)
         console.print(f"[yellow]Skipped {len(report.bad_rows)} bad rows[/yellow] (report: {report_path})")
         if df.empty:
-            raise _Invalid("no usable rows left after skipping bad rows")
+            raise _Invalid(f"no usable rows left after skipping bad rows.{hint}")
     else:
-        console.print("[green]Validation passed[/green]: no missing or corrupt images, labels consistent")
+        checked = "images exist and decode, " if check_images else ""
+        console.print(f"[green]Validation passed[/green]: {checked}labels, ids, lesions and ages consistent")
 
     dup_path = duplicates or (root / sp.DUPLICATES_CSV if root.is_dir() else None)
     pairs = sp.read_duplicate_pairs(dup_path) if dup_path and Path(dup_path).is_file() else []

@@ -109,9 +109,13 @@ def build_frame(
     sex: pd.Series | None = None,
     site: pd.Series | None = None,
     dx_type: pd.Series | None = None,
+    coarse: pd.Series | None = None,
     **extra: pd.Series,
 ) -> pd.DataFrame:
-    """Assemble canonical manifest columns, applying the taxonomy to labels, sex, site and confirm type."""
+    """Assemble canonical manifest columns, applying the taxonomy to labels, sex, site and confirm type.
+
+    `coarse` overrides benign/malignant where the dataset knows it but not the fine diagnosis.
+    """
     n = len(image_id)
 
     def col(s: pd.Series | None, fn: Callable[[object], object]) -> list:
@@ -127,7 +131,7 @@ def build_frame(
             "lesion_id": lesions,
             "group_id": [les if les is not None else i for les, i in zip(lesions, ids, strict=True)],
             "diagnosis": dx,
-            "coarse": [_coarse(d) for d in dx],
+            "coarse": [_coarse(d) for d in dx] if coarse is None else coarse.tolist(),
             "age": pd.to_numeric(pd.Series(col(age, lambda v: v), dtype=object), errors="coerce"),
             "sex": col(sex, lambda v: tx.sex_value(v) if not pd.isna(v) else None),
             "site": col(site, lambda v: tx.site_general(v) if not pd.isna(v) else None),
@@ -214,6 +218,8 @@ def read_isic2017(root: str | Path, image_dir: str | Path | None = None) -> pd.D
         [_isic2017_label(m, s) for m, s in zip(lab["melanoma"], lab["seborrheic_keratosis"], strict=True)]
     )
     ids = lab["image_id"].str.strip()
+    # melanoma is labelled in every split, so an "unk" (val split, SK column empty) row is known benign
+    coarse = dx.map(lambda d: "malignant" if d == "mel" else "benign")
     extra = {"split": lab["split"].str.strip().str.lower()} if "split" in lab.columns else {}
     return build_frame(
         ids,
@@ -222,6 +228,7 @@ def read_isic2017(root: str | Path, image_dir: str | Path | None = None) -> pd.D
         "isic2017",
         age=lab.get("age_approximate"),
         sex=lab.get("sex"),
+        coarse=coarse,
         **extra,
     )
 

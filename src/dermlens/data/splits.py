@@ -97,6 +97,27 @@ def _sgkf_folds(y: np.ndarray, groups: np.ndarray, k: int, seed: int) -> np.ndar
     return fold
 
 
+def _greedy_split(y: np.ndarray, groups: np.ndarray, fractions: dict[str, float], seed: int) -> np.ndarray:
+    """Small-data fallback: deal groups (largest first) to the split most short of their classes."""
+    rng = np.random.default_rng(seed)
+    codes, y_idx = np.unique(y, return_inverse=True)
+    names, g_idx = np.unique(groups, return_inverse=True)
+    counts = np.zeros((len(names), len(codes)))
+    np.add.at(counts, (g_idx, y_idx), 1)
+    frac = np.array([fractions[s] for s in SPLITS])
+    order = sorted(rng.permutation(len(names)), key=lambda g: -counts[g].sum())
+    have = np.zeros((len(SPLITS), len(codes)))
+    seen = np.zeros(len(codes))
+    chosen = np.zeros(len(names), dtype=np.int64)
+    for g in order:
+        seen += counts[g]
+        shortfall = (frac[:, None] * seen[None, :] - have) @ counts[g]
+        shortfall[frac == 0] = -np.inf
+        chosen[g] = int(np.argmax(shortfall))
+        have[chosen[g]] += counts[g]
+    return np.array(SPLITS)[chosen[g_idx]]
+
+
 def grouped_split(
     df: pd.DataFrame,
     fractions: dict[str, float],
@@ -117,18 +138,31 @@ def grouped_split(
     if n_groups < k:
         raise DataError(f"{n_groups} groups are too few for fractions {fractions} (need {k})")
     fold_to_split = np.repeat(np.array(SPLITS[::-1]), parts[::-1])  # test folds first, then val, train
+    _, class_counts = np.unique(y, return_counts=True)
+    small = class_counts.max() < k  # StratifiedGroupKFold needs one class with >= k members
     rng = np.random.default_rng(seed)
     best: tuple[float, pd.Series, int] | None = None
     for attempt in range(max(1, attempts)):
         sub_seed = int(rng.integers(2**31 - 1))
-        split = pd.Series(fold_to_split[_sgkf_folds(y, groups, k, sub_seed)], index=df.index, name="split")
+        values = (
+            _greedy_split(y, groups, fractions, sub_seed)
+            if small
+            else fold_to_split[_sgkf_folds(y, groups, k, sub_seed)]
+        )
+        split = pd.Series(values, index=df.index, name="split")
         worst = max(max_deviation(df["diagnosis"].fillna("?"), split).values())
         if best is None or worst < best[0]:
             best = (worst, split, attempt)
         if worst <= target:
             break
     worst, split, attempt = best
-    info = {"parts": k, "max_attempts": attempts, "chosen_attempt": attempt, "max_deviation": worst}
+    info = {
+        "algorithm": "greedy" if small else "StratifiedGroupKFold",
+        "parts": k,
+        "max_attempts": attempts,
+        "chosen_attempt": attempt,
+        "max_deviation": worst,
+    }
     return split, info
 
 

@@ -102,16 +102,18 @@ class UnknownLabelError(ValueError):
 
 def fine_code(label: object) -> str:
     """Map any known diagnosis spelling to its canonical fine code, or raise UnknownLabelError."""
-    key = str(label).strip().lower()
+    key = " ".join(str(label).strip().lower().replace("_", " ").split())
     if key not in _LABEL_ALIASES:
         raise UnknownLabelError(f"unknown diagnosis label {label!r}")
     return _LABEL_ALIASES[key]
 
 
 def coarse_label(code: str) -> str:
-    """Benign or malignant for a fine code; unknown stays unknown."""
+    """Benign or malignant for a fine code; unknown stays unknown; anything else raises UnknownLabelError."""
     if code == UNKNOWN:
         return UNKNOWN
+    if code not in FINE_CODES:
+        raise UnknownLabelError(f"{code!r} is not a fine diagnosis code (use fine_code() first)")
     return "malignant" if code in MALIGNANT else "benign"
 
 
@@ -134,7 +136,7 @@ def confirm_type(value: object) -> str | None:
     key = str(value).strip() if value is not None else ""
     if key.lower() in _MISSING:
         return None
-    return CONFIRM_TYPES.get(key, key)
+    return CONFIRM_TYPES.get(key.lower(), key)
 
 
 def label_space(codes: list[str] | set[str]) -> tuple[str, ...]:

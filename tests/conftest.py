@@ -1,0 +1,88 @@
+"""Shared fixtures: the real data root, HAM10000 paths, and prepared manifests (full and small)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from dermlens.settings import data_root as _data_root
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    """The shared datasets folder (DERMLENS_DATA or ../shared/data). Fails, never skips, if absent."""
+    root = _data_root()
+    assert (root / "ham10000" / "HAM10000_metadata.csv").is_file(), f"shared data not found at {root}"
+    return root
+
+
+@pytest.fixture(scope="session")
+def ham_root(data_root: Path) -> Path:
+    """The shared HAM10000 copy (metadata CSV, images/, masks/, duplicates and DermaMNIST CSVs)."""
+    return data_root / "ham10000"
+
+
+def _prepare(args: list[str]) -> None:
+    from typer.testing import CliRunner
+
+    from dermlens.cli.data import app
+
+    result = CliRunner().invoke(app, ["prepare", *args])
+    assert result.exit_code == 0, result.output
+
+
+@pytest.fixture(scope="session")
+def ham_prepared(ham_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """DIR of the full HAM10000 prepared with defaults (grouped split, seed 42, 5 folds), without cache."""
+    out = tmp_path_factory.mktemp("ham_prepared")
+    _prepare(["--dataset", "ham10000", "--root", str(ham_root), "--out", str(out), "--no-cache"])
+    return out
+
+
+@pytest.fixture(scope="session")
+def ham_manifest(ham_prepared: Path) -> pd.DataFrame:
+    """The prepared full HAM10000 manifest."""
+    from dermlens.data.manifest import read_manifest
+
+    return read_manifest(ham_prepared)
+
+
+def make_ham_subset(ham_root: Path, out: Path, per_class: int, layout: str = "images") -> Path:
+    """A HAM10000-layout folder with whole lesions of each class (~per_class images), images symlinked.
+
+    layout "images": one images/ folder; "parts": HAM10000_images_part_1/ and _part_2/ (alternating).
+    """
+    meta = pd.read_csv(ham_root / "HAM10000_metadata.csv")
+    keep = []
+    for _, rows in meta.groupby("dx", sort=True):
+        lesions = rows.drop_duplicates("lesion_id")["lesion_id"]
+        counts = rows["lesion_id"].value_counts()
+        total = 0
+        for les in lesions:
+            keep.append(les)
+            total += counts[les]
+            if total >= per_class:
+                break
+    subset = meta[meta["lesion_id"].isin(keep)]
+    out.mkdir(parents=True, exist_ok=True)
+    subset.to_csv(out / "HAM10000_metadata.csv", index=False)
+    folders = ["images"] if layout == "images" else ["HAM10000_images_part_1", "HAM10000_images_part_2"]
+    for f in folders:
+        (out / f).mkdir(exist_ok=True)
+    for i, image_id in enumerate(subset["image_id"]):
+        target = out / folders[i % len(folders)] / f"{image_id}.jpg"
+        os.symlink(ham_root / "images" / f"{image_id}.jpg", target)
+    return out
+
+
+@pytest.fixture(scope="session")
+def ham_small_prepared(ham_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """DIR of a ~40-images-per-class HAM10000 subset, prepared WITH the image cache (fast for model tests)."""
+    base = tmp_path_factory.mktemp("ham_small")
+    root = make_ham_subset(ham_root, base / "root", per_class=40)
+    out = base / "prepared"
+    _prepare(["--dataset", "ham10000", "--root", str(root), "--out", str(out), "--workers", "1"])
+    return out
