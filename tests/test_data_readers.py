@@ -180,3 +180,26 @@ def test_manifest_round_trip(ham_root, tmp_path):
     back = read_manifest(tmp_path)
     pd.testing.assert_frame_equal(back, df, check_dtype=False)
     assert np.isnan(back["age"]).sum() == df["age"].isna().sum()
+
+
+def test_generic_csv_through_cli_keeps_own_split(ham_root, tmp_path):
+    from typer.testing import CliRunner
+
+    from dermlens.cli.data import app
+
+    meta = pd.read_csv(ham_root / "HAM10000_metadata.csv").iloc[::200].reset_index(drop=True)
+    own = np.where(np.arange(len(meta)) % 5 == 0, "Validation", "training")
+    table = pd.DataFrame({"isic_id": meta["image_id"], "dx": meta["dx"], "fold_name": own})
+    table.to_csv(tmp_path / "mine.csv", index=False)
+    out = tmp_path / "out"
+    args = ["prepare", "--dataset", "csv", "--root", str(tmp_path / "mine.csv"),
+            "--image-dir", str(ham_root / "images"), "--out", str(out),
+            "--columns", "split=fold_name", "--workers", "1"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    df = read_manifest(out)
+    assert df["split"].tolist() == ["val" if s == "Validation" else "train" for s in own]
+    assert (df["dataset"] == "mine").all() and df["image_path"].map(os.path.isfile).all()
+    result = CliRunner().invoke(app, [*args, "--split", "grouped", "--fractions", "0.6,0.2,0.2"])
+    assert result.exit_code == 0, result.output
+    assert set(read_manifest(out)["split"]) == {"train", "val", "test"}

@@ -138,6 +138,18 @@ def test_cache_rebuilt_when_manifest_changes(ham_small_prepared, tmp_path):
     )
 
 
+def test_killed_build_leftovers_are_removed(ham_small_prepared, tmp_path):
+    df = read_manifest(ham_small_prepared).head(4)
+    prep = Preprocessing.default()
+    orphan = cache_path(tmp_path, prep).with_name(f".images_{prep.height}x{prep.width}.999999999.tmp.npy")
+    orphan.parent.mkdir(parents=True)
+    orphan.write_bytes(b"half a cache")
+    build_cache(df, tmp_path, prep, workers=1, progress=False)
+    assert sorted(os.listdir(orphan.parent)) == [
+        f"images_{prep.height}x{prep.width}.{e}" for e in ("json", "npy")
+    ]
+
+
 def test_failed_cache_build_leaves_no_file(ham_small_prepared, tmp_path):
     df = read_manifest(ham_small_prepared).head(8)
     bad = tmp_path / "broken.jpg"

@@ -150,6 +150,15 @@ def test_user_errors_exit_2_with_one_line(tmp_path):
     assert result.exit_code == EXIT_USAGE and "HAM10000_metadata.csv not found" in result.output
     bad_fractions = _run("--root", str(tmp_path), "--fractions", "0.9,0.2,0.1")
     assert bad_fractions.exit_code == EXIT_USAGE and "--fractions" in bad_fractions.output
+    for args, needle in (
+        (["--dataset", "mnist", "--root", "."], "--dataset 'mnist' is not one of"),
+        (["--root", "."], "--dataset is required"),
+        (["--dataset", "csv"], "--root is required"),
+        (["--dataset", "ham10000", "--root", ".", "--on-error", "maybe"], "skip|fail"),
+    ):
+        result = CliRunner().invoke(app, ["prepare", *args])
+        assert result.exit_code == EXIT_USAGE and needle in result.output, result.output
+        assert result.output.strip().count("\n") == 0
 
 
 def test_real_entry_point_no_traceback(tmp_path, data_root):

@@ -70,6 +70,16 @@ def _fail(message: str, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
+def _choice(option: str, value: str | None, choices: type[StrEnum]) -> str:
+    """Validate a choice option ourselves, so a bad value is a one-line error (exit 2), not a usage panel."""
+    names = [c.value for c in choices]
+    if value is None:
+        raise ValueError(f"{option} is required: one of {'|'.join(names)}")
+    if value.lower() not in names:
+        raise ValueError(f"{option} {value!r} is not one of {'|'.join(names)}")
+    return value.lower()
+
+
 def _parse_columns(text: str | None) -> dict[str, str] | None:
     if not text:
         return None
@@ -97,23 +107,27 @@ class _Invalid(Exception):
 
 @app.command(epilog=PREPARE_EPILOG)
 def prepare(
-    dataset: Annotated[Dataset, typer.Option(help="Dataset layout to read.", case_sensitive=False)],
+    dataset: Annotated[
+        str | None,
+        typer.Option(metavar="ham10000|isic2019|isic2017|csv", help="Dataset layout to read. Required."),
+    ] = None,
     root: Annotated[
-        Path, typer.Option(help="Dataset folder (for --dataset csv: the CSV file or its folder).")
-    ],
+        Path | None,
+        typer.Option(help="Dataset folder (for --dataset csv: the CSV file or its folder). Required."),
+    ] = None,
     out: Annotated[
         Path | None, typer.Option(help="Output folder DIR. Default: $DERMLENS_WORK/<dataset> (./work/...).")
     ] = None,
     split: Annotated[
-        SplitMethod,
+        str,
         typer.Option(
+            metavar="auto|grouped|dermamnist|dataset",
             help="grouped: stratified by diagnosis, grouped by lesion (leak-free). dermamnist: the "
             "MedMNIST image-level split (leaks lesions; only to compare with MedMNIST). dataset: keep the "
             "dataset's own split column. auto: dataset for isic2017 and CSVs with a split column, "
             "else grouped.",
-            case_sensitive=False,
         ),
-    ] = SplitMethod.auto,
+    ] = SplitMethod.auto.value,
     seed: Annotated[
         int | None, typer.Option(help="Split/fold seed. Default from configs/data.yaml (42).")
     ] = None,
@@ -124,11 +138,11 @@ def prepare(
         str | None, typer.Option(help="train,val,test shares for --split grouped, e.g. 0.7,0.15,0.15.")
     ] = None,
     on_error: Annotated[
-        OnError,
+        str,
         typer.Option(
-            help="skip: drop bad rows and report them. fail: stop with exit code 1.", case_sensitive=False
+            metavar="skip|fail", help="skip: drop bad rows and report them. fail: stop with exit code 1."
         ),
-    ] = OnError.skip,
+    ] = OnError.skip.value,
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Build the decoded-image cache.")] = True,
     check_images: Annotated[
         bool,
@@ -167,14 +181,14 @@ def prepare(
 
     try:
         _prepare(
-            dataset.value,
+            _choice("--dataset", dataset, Dataset),
             root,
             out,
-            split.value,
+            _choice("--split", split, SplitMethod),
             seed,
             folds,
             _parse_fractions(fractions),
-            on_error.value,
+            _choice("--on-error", on_error, OnError),
             cache and check_images,
             check_images,
             image_dir,
@@ -190,7 +204,7 @@ def prepare(
 
 def _prepare(
     dataset: str,
-    root: Path,
+    root: Path | None,
     out: Path | None,
     method: str,
     seed: int | None,
@@ -220,6 +234,8 @@ def _prepare(
     folds = int(cfg["folds"] if folds is None else folds)
     fractions = fractions or {k: float(v) for k, v in cfg["fractions"].items()}
     out = Path(out) if out is not None else work_dir() / dataset
+    if root is None:
+        raise DataError("--root is required: the dataset folder (or, for --dataset csv, the CSV file)")
     if not root.exists():
         raise DataError(f"--root {root} does not exist")
     if image_dir is not None and not image_dir.is_dir():

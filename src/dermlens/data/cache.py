@@ -86,6 +86,24 @@ def _fill(npy_path: str, start: int, paths: list[str], prep_dict: dict) -> None:
     del out
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_orphans(path: Path) -> None:
+    """Delete temporaries left by killed builds (their process is gone)."""
+    for tmp in path.parent.glob(f".{path.stem}.*.tmp.npy"):
+        pid = tmp.name.split(".")[-3]
+        if not pid.isdigit() or int(pid) == os.getpid() or not _pid_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
 def build_cache(
     df: pd.DataFrame,
     out_dir: str | Path,
@@ -102,6 +120,7 @@ def build_cache(
     if not force and cache_is_current(out_dir, df, prep):
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_orphans(path)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
     arr = np.lib.format.open_memmap(
         tmp, mode="w+", dtype=np.uint8, shape=(len(df), prep.height, prep.width, 3)

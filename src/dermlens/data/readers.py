@@ -220,7 +220,7 @@ def read_isic2017(root: str | Path, image_dir: str | Path | None = None) -> pd.D
     ids = lab["image_id"].str.strip()
     # melanoma is labelled in every split, so an "unk" (val split, SK column empty) row is known benign
     coarse = dx.map(lambda d: "malignant" if d == "mel" else "benign")
-    extra = {"split": lab["split"].str.strip().str.lower()} if "split" in lab.columns else {}
+    extra = {"split": _split_values(lab["split"])} if "split" in lab.columns else {}
     return build_frame(
         ids,
         _locate(ids, root, ISIC2017_IMAGE_DIRS, image_dir and Path(image_dir)),
@@ -231,6 +231,15 @@ def read_isic2017(root: str | Path, image_dir: str | Path | None = None) -> pd.D
         coarse=coarse,
         **extra,
     )
+
+
+_SPLIT_ALIASES = {"training": "train", "valid": "val", "validation": "val", "testing": "test"}
+
+
+def _split_values(values: pd.Series) -> pd.Series:
+    """A dataset's own split column as train/val/test (common spellings accepted)."""
+    v = values.astype(str).str.strip().str.lower()
+    return v.map(lambda x: _SPLIT_ALIASES.get(x, x)).where(values.notna(), None)
 
 
 def _find_column(columns: Iterable[str], candidates: Iterable[str]) -> str | None:
@@ -295,7 +304,7 @@ def read_csv_dataset(
 
     extra = {}
     if cols["split"]:
-        extra["split"] = table[cols["split"]].str.strip().str.lower()
+        extra["split"] = _split_values(table[cols["split"]])
     return build_frame(
         ids,
         paths,
