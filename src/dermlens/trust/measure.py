@@ -9,6 +9,7 @@ and writes trust_report.json + trust_report.md to --out.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from pathlib import Path
@@ -17,8 +18,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dermlens.bundle import ONNX_FP32, TRUST, read_card
-from dermlens.metadata import META_DIM, encode_rows
+from dermlens.bundle import TRUST, read_card
+from dermlens.metadata import encode_rows
 from dermlens.preprocess import Preprocessing, load_rgb
 from dermlens.settings import data_root
 from dermlens.trust import cam as camlib
@@ -29,21 +30,16 @@ from dermlens.trust.fit import TrustState, coarse_from_fine, fit_trust, trust_co
 OUTPUTS = ("fine_logits", "coarse_logits", "embedding", "feature_map")
 
 
-class OnnxModel:
-    """The bundle's ONNX graph on onnxruntime: uint8 NHWC images (+ metadata) -> raw outputs."""
+class BundleModel:
+    """A bundle's ONNX graph via the runtime's OnnxModel: uint8 NHWC images (+ metadata) -> raw outputs."""
 
-    def __init__(self, bundle: Path, threads: int = 1) -> None:
-        import onnxruntime as ort
+    def __init__(self, bundle: Path, threads: int = 1, precision: str | None = None) -> None:
+        from dermlens.serve.runtime import PRECISIONS, OnnxModel
 
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(
-            str(Path(bundle) / ONNX_FP32), opts, providers=["CPUExecutionProvider"]
-        )
         self.card = read_card(bundle)
         self.prep: Preprocessing = self.card.preprocessing
-        self.inputs = {i.name for i in self.session.get_inputs()}
+        self.precision = (precision or self.card.extra.get("default_precision") or "fp32").lower()
+        self.model = OnnxModel(Path(bundle) / PRECISIONS[self.precision], threads)
 
     def run(
         self,
@@ -53,15 +49,61 @@ class OnnxModel:
         batch: int = 32,
     ) -> dict[str, np.ndarray]:
         """Model outputs for uint8 NxHxWx3 images at the model size, in batches."""
-        parts: dict[str, list[np.ndarray]] = {k: [] for k in outputs}
+        out = self.model.run_images(images, self.prep, meta, batch, feature_map="feature_map" in outputs)
+        return {k: out[k] for k in outputs}
+
+
+def ham_sample(per_class: int, seed: int = 0, skip: int = 0) -> pd.DataFrame:
+    """Deterministic HAM10000 rows (one image per lesion, `per_class` lesions per class after `skip`) from
+    data_root(), with lesion-hash order; for tests and development without a prepared manifest."""
+    import hashlib
+
+    md = pd.read_csv(data_root() / "ham10000" / "HAM10000_metadata.csv")
+    md = md.sort_values("image_id").drop_duplicates("lesion_id")
+    md["_h"] = [hashlib.md5(f"{seed}:{lid}".encode()).hexdigest() for lid in md["lesion_id"]]
+    md = md.sort_values("_h").groupby("dx", sort=True).nth(list(range(skip, skip + per_class)))
+    md["image_path"] = [str(data_root() / "ham10000" / "images" / f"{i}.jpg") for i in md["image_id"]]
+    return md.drop(columns="_h").reset_index(drop=True)
+
+
+@functools.cache
+def _imagenet_net():  # noqa: ANN202 - torch type stays out of the signature
+    from dermlens.model.network import DermNet
+
+    return DermNet(metadata=False).eval()
+
+
+def imagenet_features(images: np.ndarray, batch: int = 32) -> dict[str, np.ndarray]:
+    """`embedding` and `feature_map` of the ImageNet-initialised lite0 backbone (torch): a stand-in model
+    for tests and development before a trained bundle exists."""
+    import torch
+
+    net = _imagenet_net()
+    prep = Preprocessing.default()
+    embs, fmaps = [], []
+    with torch.no_grad():
         for s in range(0, len(images), batch):
-            feed = {"image": self.prep.normalize(images[s : s + batch])}
-            if "meta" in self.inputs:
-                m = meta[s : s + batch] if meta is not None else np.zeros((len(feed["image"]), META_DIM))
-                feed["meta"] = np.asarray(m, dtype=np.float32)
-            for k, v in zip(outputs, self.session.run(list(outputs), feed), strict=True):
-                parts[k].append(v)
-        return {k: np.concatenate(v) for k, v in parts.items()}
+            f = net.feature_map(torch.from_numpy(prep.normalize(images[s : s + batch])))
+            fmaps.append(f.numpy())
+            embs.append(f.mean(dim=(2, 3)).numpy())
+    return {"embedding": np.concatenate(embs), "feature_map": np.concatenate(fmaps)}
+
+
+@functools.cache
+def ham_reference(per_class: int, skip: int = 0) -> dict[str, np.ndarray]:
+    """Images, fine labels and ImageNet-backbone features of ham_sample(per_class, skip=skip); cached."""
+    from dermlens.data.taxonomy import HAM_CLASSES
+
+    df = ham_sample(per_class, skip=skip)
+    prep = Preprocessing.default()
+    images = np.stack([prep.resize(load_rgb(p)) for p in df["image_path"]])
+    labels = np.array([HAM_CLASSES.index(d) for d in df["dx"]])
+    return {
+        "images": images,
+        "labels": labels,
+        "image_id": df["image_id"].to_numpy(),
+        **imagenet_features(images),
+    }
 
 
 def _images(df: pd.DataFrame, manifest_dir: Path, prep: Preprocessing) -> np.ndarray:
@@ -120,7 +162,7 @@ def _calibration(
     }
 
 
-def _ood(model: OnnxModel, state: TrustState, test_out: dict, test_images: np.ndarray, seed: int) -> dict:
+def _ood(model: BundleModel, state: TrustState, test_out: dict, test_images: np.ndarray, seed: int) -> dict:
     """AUROC, FPR@95%TPR and refusal rate per probe set and score; the test split is in-distribution."""
     sets = probes.probe_sets(model.prep, probes.SETS, seed=seed)
     rng = np.random.default_rng(seed)
@@ -162,7 +204,7 @@ def _ood(model: OnnxModel, state: TrustState, test_out: dict, test_images: np.nd
 
 
 def _tta(
-    model: OnnxModel,
+    model: BundleModel,
     state: TrustState,
     images: np.ndarray,
     meta: np.ndarray,
@@ -221,7 +263,7 @@ def _center_heat(shape: tuple[int, int]) -> np.ndarray:
 
 
 def _cam(
-    model: OnnxModel,
+    model: BundleModel,
     state: TrustState,
     df: pd.DataFrame,
     images: np.ndarray,
@@ -286,6 +328,7 @@ def measure(
     do_tta: bool = True,
     threads: int = 1,
     seed: int = 0,
+    precision: str | None = None,
 ) -> dict[str, Any]:
     """Compute every trust figure for a bundle; writes trust_report.json and trust_report.md to out_dir."""
     from dermlens.data.manifest import read_manifest
@@ -293,7 +336,7 @@ def measure(
     cfg = trust_config()
     bins = int(cfg["calibration"]["ece_bins"])
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = OnnxModel(bundle, threads)
+    model = BundleModel(bundle, threads, precision)
     classes = list(model.card.classes)
     df = read_manifest(manifest_dir)
     df = df[df["diagnosis"].isin(classes)]
@@ -309,6 +352,7 @@ def measure(
     meta = {"val": _meta(val_df), "test": _meta(test_df)}
     outs = {s: model.run(imgs[s], meta[s]) for s in ("val", "test")}
     report: dict[str, Any] = {
+        "precision": model.precision,
         "bundle": str(bundle),
         "model": model.card.name,
         "version": model.card.version,
@@ -484,6 +528,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-tta", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--precision", choices=["fp32", "int8"], default=None, help="default: the card's")
     a = ap.parse_args(argv)
     measure(
         a.bundle,
@@ -497,6 +542,7 @@ def main(argv: list[str] | None = None) -> None:
         not a.no_tta,
         a.threads,
         a.seed,
+        a.precision,
     )
     print((a.out / "trust_report.md").read_text())
 

@@ -31,8 +31,10 @@ def risk_coverage(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np
 
 def confidence_for_coverage(probs: np.ndarray, coverage: float) -> float:
     """Minimum top probability that answers the fraction `coverage` of the (validation) images."""
-    conf = np.asarray(probs, dtype=np.float64).max(axis=1)
-    return float(np.quantile(conf, 1.0 - coverage, method="lower")) if coverage < 1 else 0.0
+    conf = np.sort(np.asarray(probs, dtype=np.float64).max(axis=1))[::-1]
+    if coverage >= 1 or len(conf) == 0:
+        return 0.0
+    return float(conf[max(1, int(np.ceil(coverage * len(conf) - 1e-9))) - 1])
 
 
 def confidence_for_risk(probs: np.ndarray, labels: np.ndarray, risk: float) -> float:
