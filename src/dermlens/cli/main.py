@@ -6,6 +6,8 @@ import typer
 
 from dermlens import DISCLAIMER, __version__
 from dermlens.cli import data
+from dermlens.cli import records as records_cli
+from dermlens.cli import serve as serve_cli
 
 app = typer.Typer(
     name="dermlens",
@@ -15,6 +17,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(data.app, name="data")
+app.command("serve")(serve_cli.serve)
+app.add_typer(records_cli.app, name="records")
 
 
 @app.command()

@@ -1,0 +1,274 @@
+"""Prediction records: one durable row per API prediction (SQLAlchemy 2.0; SQLite by default).
+
+A record holds the image's SHA-256 (the bytes only when `store_images` is on), the inputs, the outputs,
+the model version and the UTC time. `RecordStore.add` commits before it returns, so a prediction the API
+has acknowledged survives a crash; SQLite runs in WAL mode with synchronous=FULL.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Boolean, DateTime, Float, Integer, String, Text, create_engine, event, func, select
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class PredictionRecord(Base):
+    """One prediction served by the API."""
+
+    __tablename__ = "predictions"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    image_sha256: Mapped[str] = mapped_column(String(64), index=True)
+    image_bytes: Mapped[int] = mapped_column(Integer)
+    image_width: Mapped[int | None] = mapped_column(Integer)
+    image_height: Mapped[int | None] = mapped_column(Integer)
+    image_path: Mapped[str | None] = mapped_column(Text)
+    filename: Mapped[str | None] = mapped_column(Text)
+    age: Mapped[float | None] = mapped_column(Float)
+    sex: Mapped[str | None] = mapped_column(String(16))
+    site: Mapped[str | None] = mapped_column(String(32))
+    model_name: Mapped[str] = mapped_column(String(128))
+    model_version: Mapped[str] = mapped_column(String(64), index=True)
+    fine_probs: Mapped[str] = mapped_column(Text)  # JSON {code: probability}
+    coarse_probs: Mapped[str] = mapped_column(Text)  # JSON {benign: p, malignant: p}
+    top_class: Mapped[str] = mapped_column(String(16))
+    confidence: Mapped[float] = mapped_column(Float)
+    ood_score: Mapped[float | None] = mapped_column(Float)
+    ood: Mapped[bool] = mapped_column(Boolean)
+    refer: Mapped[bool] = mapped_column(Boolean)
+    refer_reason: Mapped[str | None] = mapped_column(Text)
+    latency_ms: Mapped[float | None] = mapped_column(Float)
+
+
+# Column order of `dermlens records export`; per-class probability columns follow.
+CSV_COLUMNS: tuple[str, ...] = tuple(c.name for c in PredictionRecord.__table__.columns)
+
+
+@dataclass
+class NewRecord:
+    """The fields the API hands to the store for one prediction."""
+
+    image_sha256: str
+    image_bytes: int
+    filename: str | None
+    age: float | None
+    sex: str | None
+    site: str | None
+    model_name: str
+    model_version: str
+    fine_probs: dict[str, float]
+    coarse_probs: dict[str, float]
+    top_class: str
+    confidence: float
+    ood_score: float | None
+    ood: bool
+    refer: bool
+    refer_reason: str | None
+    latency_ms: float | None = None
+    image_width: int | None = None
+    image_height: int | None = None
+
+
+def user_data_dir() -> Path:
+    """Per-user data folder: $XDG_DATA_HOME (or %LOCALAPPDATA%)/dermlens, else ~/.local/share/dermlens."""
+    base = os.environ.get("XDG_DATA_HOME") or os.environ.get("LOCALAPPDATA")
+    return (Path(base) if base else Path.home() / ".local" / "share") / "dermlens"
+
+
+def default_url() -> str:
+    """SQLite file in the user data dir."""
+    return f"sqlite:///{user_data_dir() / 'records.db'}"
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    """Durable SQLite: WAL journal, fsync on every commit, wait for locks instead of failing."""
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=FULL")
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.close()
+
+
+def make_engine(url: str | None = None) -> Engine:
+    """An engine for `url` (default: the user-data SQLite file); creates the SQLite folder if needed."""
+    url = url or default_url()
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 10})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def _default_image_dir(url: str) -> Path:
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
+        return Path(parsed.database).expanduser().resolve().parent / "images"
+    return Path("dermlens_images").resolve()
+
+
+_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"\xff\xd8\xff", "jpg"),
+    (b"\x89PNG", "png"),
+    (b"BM", "bmp"),
+    (b"II*\x00", "tif"),
+    (b"MM\x00*", "tif"),
+    (b"GIF8", "gif"),
+)
+
+
+def image_suffix(data: bytes) -> str:
+    """File extension from an image's magic bytes ("bin" if unknown)."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return next((ext for magic, ext in _MAGIC if data.startswith(magic)), "bin")
+
+
+def _write_durable(path: Path, data: bytes) -> None:
+    """Write bytes via a temporary file + fsync + rename, so a crash never leaves half an image."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        return
+    tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+@dataclass
+class _Pending:
+    """A row waiting for a group commit."""
+
+    row: PredictionRecord
+    done: threading.Event = field(default_factory=threading.Event)
+    error: Exception | None = None
+
+
+class RecordStore:
+    """Append-only store of prediction records."""
+
+    def __init__(
+        self, url: str | None = None, store_images: bool = False, image_dir: str | Path | None = None
+    ):
+        self.url = url or default_url()
+        self.engine = make_engine(self.url)
+        Base.metadata.create_all(self.engine)
+        self._session = sessionmaker(self.engine, expire_on_commit=False)
+        self._commit_lock, self._queue_lock = threading.Lock(), threading.Lock()
+        self._queue: list[_Pending] = []
+        self.store_images = store_images
+        self.image_dir = Path(image_dir).expanduser().resolve() if image_dir else _default_image_dir(self.url)
+
+    def describe(self) -> str:
+        """The database URL with any password hidden."""
+        return make_url(self.url).render_as_string(hide_password=True)
+
+    def add(self, new: NewRecord, image: bytes | None = None) -> PredictionRecord:
+        """Store one record (and the image if configured) and commit before returning."""
+        image_path = None
+        if self.store_images and image is not None:
+            target = self.image_dir / new.image_sha256[:2] / f"{new.image_sha256}.{image_suffix(image)}"
+            _write_durable(target, image)
+            image_path = str(target)
+        row = PredictionRecord(
+            id=uuid.uuid4().hex,
+            created_at=datetime.now(UTC),
+            image_path=image_path,
+            **{
+                **new.__dict__,
+                "fine_probs": json.dumps(new.fine_probs),
+                "coarse_probs": json.dumps(new.coarse_probs),
+            },
+        )
+        self._commit(_Pending(row))
+        return row
+
+    def _commit(self, mine: _Pending) -> None:
+        """Group commit: whoever holds the lock writes all waiting rows in one transaction (one fsync).
+
+        Concurrent requests share the disk flush; each caller returns only once its own row is on disk.
+        """
+        with self._queue_lock:
+            self._queue.append(mine)
+        with self._commit_lock:
+            if not mine.done.is_set():
+                with self._queue_lock:
+                    batch, self._queue = self._queue, []
+                try:
+                    with self._session() as session, session.begin():
+                        session.add_all([p.row for p in batch])
+                except Exception as e:  # the whole transaction rolled back: every waiter gets the error
+                    for p in batch:
+                        p.error = e
+                for p in batch:
+                    p.done.set()
+        if mine.error is not None:
+            raise mine.error
+
+    def get(self, record_id: str) -> PredictionRecord | None:
+        with self._session() as session:
+            return session.get(PredictionRecord, record_id)
+
+    def count(self) -> int:
+        with self._session() as session:
+            return int(session.scalar(select(func.count()).select_from(PredictionRecord)) or 0)
+
+    def iter_records(self, batch: int = 1000) -> Iterator[PredictionRecord]:
+        """All records, oldest first."""
+        with Session(self.engine) as session:
+            query = select(PredictionRecord).order_by(PredictionRecord.created_at, PredictionRecord.id)
+            yield from session.scalars(query.execution_options(yield_per=batch))
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _as_utc(value: datetime) -> datetime:
+    """SQLite returns naive datetimes: they were stored in UTC."""
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def export_csv(store: RecordStore, out: str | Path) -> int:
+    """Write every record to CSV (one `p_<code>` column per class seen); returns the row count."""
+    rows = list(store.iter_records())
+    classes: list[str] = []
+    for row in rows:
+        for code in [*json.loads(row.fine_probs), *json.loads(row.coarse_probs)]:
+            if code not in classes:
+                classes.append(code)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow([*CSV_COLUMNS, *(f"p_{c}" for c in classes)])
+        for row in rows:
+            values = {c: getattr(row, c) for c in CSV_COLUMNS}
+            values["created_at"] = _as_utc(row.created_at).isoformat()
+            probs = {**json.loads(row.fine_probs), **json.loads(row.coarse_probs)}
+            writer.writerow([*values.values(), *(probs.get(c, "") for c in classes)])
+    return len(rows)

@@ -1,0 +1,117 @@
+"""Pydantic models of the HTTP API: what /health, /model, /predict and /predict/batch return."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(description="Stable machine-readable error code, e.g. not_an_image, image_too_large")
+    message: str = Field(description="Human-readable explanation")
+    details: list[dict[str, Any]] | None = Field(None, description="Per-field problems (validation errors)")
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx/5xx response has this body."""
+
+    error: ErrorBody
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    model_loaded: bool
+    model_version: str | None
+    dermlens_version: str
+
+
+class ClassInfo(BaseModel):
+    code: str = Field(description="Fine diagnosis code (ISIC column order)")
+    name: str = Field(description="Full diagnosis name")
+    coarse: str = Field(description="benign or malignant")
+
+
+class LimitsInfo(BaseModel):
+    max_upload_bytes: int
+    max_pixels: int
+    max_batch_files: int
+
+
+class ModelInfo(BaseModel):
+    """The loaded model, its card and the vocabularies the prediction form accepts."""
+
+    name: str
+    version: str
+    architecture: str
+    precision: str
+    classes: list[ClassInfo]
+    coarse_classes: list[str]
+    uses_metadata: bool
+    sites: list[str] = Field(description="Accepted values of the `site` field")
+    sexes: list[str] = Field(description="Accepted values of the `sex` field")
+    auth_required: bool = Field(description="Prediction routes need an `Authorization: Bearer` token")
+    limits: LimitsInfo
+    card: dict[str, Any] = Field(description="The model card (card.json)")
+    disclaimer: str
+    dermlens_version: str
+
+
+class Inputs(BaseModel):
+    """The metadata used for this prediction, after normalization (None = not given)."""
+
+    age: float | None
+    sex: str | None
+    site: str | None
+
+
+class OODInfo(BaseModel):
+    score: float | None = Field(
+        description="Out-of-distribution score (higher = less like the training images)"
+    )
+    flagged: bool = Field(description="True: the image was refused as not a dermoscopic lesion image")
+
+
+class ReferInfo(BaseModel):
+    refer: bool = Field(description="True: refer to a dermatologist")
+    reason: str | None
+
+
+class Prediction(BaseModel):
+    """One image's prediction. Probabilities are calibrated; keys follow the model's class order."""
+
+    record_id: str = Field(description="Id of the stored prediction record")
+    filename: str | None
+    image_sha256: str
+    inputs: Inputs
+    fine: dict[str, float] = Field(description="Probability per fine diagnosis code")
+    coarse: dict[str, float] = Field(description="Probability of benign and malignant")
+    top_class: str
+    top_class_name: str
+    confidence: float = Field(description="Calibrated probability of the top class")
+    ood: OODInfo
+    refer: ReferInfo
+    model_name: str
+    model_version: str
+    precision: str = Field(description="fp32 or int8 ONNX graph")
+    timing_ms: dict[str, float] = Field(
+        description="Milliseconds per stage (decode, model, cam, runtime); `total`: the whole request"
+    )
+    cam_png_base64: str | None = Field(
+        None, description="Class activation map overlay (PNG, base64) if cam=true"
+    )
+    disclaimer: str
+
+
+class BatchItem(BaseModel):
+    """One file of a batch: either a result or an error."""
+
+    filename: str | None
+    ok: bool
+    result: Prediction | None = None
+    error: ErrorBody | None = None
+
+
+class BatchResponse(BaseModel):
+    results: list[BatchItem]
+    disclaimer: str
