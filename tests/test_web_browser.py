@@ -97,6 +97,15 @@ def accepted_lesion(predictor, ham_root: Path) -> Path:
     pytest.fail("the model refuses the first 40 HAM10000 images as OOD")
 
 
+def referred_lesion(predictor, ham_root: Path) -> Path | None:
+    """A HAM10000 image the model accepts but refers (low confidence), if any of the first 60 is."""
+    for path in sorted((ham_root / "images").glob("*.jpg"))[:60]:
+        r = predictor.predict_file(path)
+        if r.refer and not r.ood:
+            return path
+    return None
+
+
 def refused_photo(predictor) -> tuple[str, bytes]:
     """A non-dermoscopy photo the model flags as OOD."""
     for name, rgb in photos():
@@ -183,7 +192,19 @@ def test_web_page_upload_result_cam_and_refusal(server, browser, predictor, ham_
     assert page.is_visible("#disclaimer")
     page.screenshot(path=str(tmp_path / "web_refused.png"), full_page=True)
 
-    # 3. A file that is not an image: a readable error, and the page keeps working.
+    # 3. A referred lesion (if the model refers any of the first HAM images): the referral banner.
+    referred = referred_lesion(predictor, ham_root)
+    if referred is not None:
+        page.select_option("#site", "")
+        page.fill("#age", "")
+        page.select_option("#sex", "")
+        page.set_input_files("#file-input", str(referred))
+        page.wait_for_selector("#refer-warning:not(.hidden)", timeout=60_000)
+        assert "Refer to a dermatologist" in page.inner_text("#refer-warning")
+        assert page.is_visible("#scores") and page.is_hidden("#ood-warning")
+        page.screenshot(path=str(tmp_path / "web_referred.png"), full_page=True)
+
+    # 4. A file that is not an image: a readable error, and the page keeps working.
     page.set_input_files(
         "#file-input", files=[{"name": "notes.txt", "mimeType": "text/plain", "buffer": b"hi"}]
     )
@@ -201,3 +222,5 @@ def test_web_page_upload_result_cam_and_refusal(server, browser, predictor, ham_
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         shutil.copy(shot, SCREENSHOTS / "web.png")
         shutil.copy(tmp_path / "web_refused.png", SCREENSHOTS / "web_refused.png")
+        if referred is not None:
+            shutil.copy(tmp_path / "web_referred.png", SCREENSHOTS / "web_referred.png")

@@ -110,7 +110,10 @@ function render(r) {
   const refused = r.ood.flagged;
   show($("ood-warning"), refused);
   show($("refer-warning"), r.refer.refer && !refused);
-  $("refer-reason").textContent = r.refer.reason || "";
+  const reason = r.refer.reason || "";
+  $("refer-reason").textContent = reason
+    ? `This result should not be relied on: ${reason}.`
+    : "The model flags this image for expert review.";
   show($("scores"), !refused);
 
   $("top-class").textContent = r.top_class_name;
