@@ -1,0 +1,363 @@
+"""`dermlens evaluate`: metrics with lesion-level bootstrap CIs, metrics.json and a self-contained report.
+
+Heavy imports (numpy, pandas, matplotlib, the predictor) happen inside the command.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dermlens import DISCLAIMER
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG", ".bmp", ".tif", ".tiff", ".webp")
+
+
+class EvaluationInputError(ValueError):
+    """Inputs that cannot be evaluated together (message says why)."""
+
+
+@dataclass
+class _Inputs:
+    images: list[str]
+    classes: tuple[str, ...]
+    probs: object
+    truth: object
+    groups: list | None = None
+    malignant: object = None
+    uncalibrated: object = None
+    refer: object = None
+    image_paths: list | None = None
+    train_counts: dict[str, int] | None = None
+    source: str = ""
+    predictor: object = None
+
+
+def _train_counts(side) -> dict[str, int] | None:
+    """Diagnosis counts of the train split in a manifest-like table, or None."""
+    if side is None or not {"split", "diagnosis"} <= set(side.columns):
+        return None
+    counts = side.loc[side["split"] == "train", "diagnosis"].value_counts()
+    return {str(k): int(v) for k, v in counts.items()} or None
+
+
+def _find_image(image_dir: Path, image_id: str) -> str | None:
+    for suffix in IMAGE_SUFFIXES:
+        p = image_dir / f"{image_id}{suffix}"
+        if p.is_file():
+            return str(p)
+    return None
+
+
+def _from_csv(
+    predictions: Path,
+    truth: Path,
+    groups: Path | None,
+    uncalibrated: Path | None,
+    image_dir: Path | None,
+    cfg,
+) -> _Inputs:
+    """Inputs from ISIC/dermlens CSVs (+ optional manifest for groups, image paths and train counts)."""
+    import numpy as np
+    import pandas as pd
+
+    from dermlens.evaluate.isic_csv import align, read_image_table, read_predictions, read_truth
+
+    t_raw = read_truth(truth)
+    t, p = align(t_raw, read_predictions(predictions, cfg.row_sum_tolerance))
+    uncal = None
+    if uncalibrated is not None:
+        tu, u = align(t_raw, read_predictions(uncalibrated, cfg.row_sum_tolerance))
+        if tu.classes != t.classes:
+            raise EvaluationInputError(
+                f"{uncalibrated}: classes {tu.classes} differ from the predictions' {t.classes}"
+            )
+        uncal = u.values
+    out = _Inputs(
+        list(t.images),
+        t.classes,
+        p.values,
+        t.labels(),
+        uncalibrated=uncal,
+        source=f"predictions {predictions.name}, truth {truth.name}",
+    )
+    if groups is not None:
+        side = read_image_table(groups).set_index("image")
+        known = side.reindex(out.images)
+        n_missing = int((~pd.Index(out.images).isin(side.index)).sum())
+        if n_missing == len(out.images):
+            raise EvaluationInputError(f"{groups}: none of the {len(out.images)} evaluated images is listed")
+        if n_missing:
+            typer.echo(
+                f"note: {n_missing} image(s) not in {groups.name}; each counts as its own lesion", err=True
+            )
+        if "group" in known.columns:
+            out.groups = [None if isinstance(g, float) else g for g in known["group"].tolist()]
+        if "image_path" in known.columns:
+            out.image_paths = [None if isinstance(x, float) else x for x in known["image_path"].tolist()]
+        out.train_counts = _train_counts(side.reset_index())
+    if image_dir is not None:
+        found = [_find_image(image_dir, i) for i in out.images]
+        prior = out.image_paths or [None] * len(found)
+        out.image_paths = [a if a is not None else b for a, b in zip(prior, found, strict=True)]
+    out.probs, out.truth = np.asarray(out.probs), np.asarray(out.truth)
+    return out
+
+
+def _from_model(manifest: Path, split: str, model: Path | None, cfg) -> _Inputs:
+    """Run the serve runtime's Predictor on a manifest split (labelled images only)."""
+    import math
+
+    import numpy as np
+
+    from dermlens.data.manifest import read_manifest
+    from dermlens.preprocess import load_rgb
+
+    try:
+        from dermlens.serve.runtime import Predictor
+    except ImportError as e:
+        raise EvaluationInputError(f"model mode needs the serve runtime (dermlens.serve.runtime): {e}") from e
+
+    df = read_manifest(manifest)
+    rows = df[df["split"] == split]
+    if rows.empty:
+        raise EvaluationInputError(
+            f"{manifest}: no rows in split {split!r} (splits: {sorted(df['split'].unique())})"
+        )
+    predictor = Predictor.load(model)
+    classes = tuple(predictor.classes)
+    labelled = rows[rows["diagnosis"].isin(classes)]
+    if len(labelled) < len(rows):
+        typer.echo(
+            f"note: {len(rows) - len(labelled)} {split} image(s) without a label in {classes} skipped",
+            err=True,
+        )
+    if labelled.empty:
+        raise EvaluationInputError(f"{manifest}: no labelled images in split {split!r}")
+    parts: dict[str, list] = {}
+    for start in range(0, len(labelled), cfg.batch_size):
+        batch = labelled.iloc[start : start + cfg.batch_size]
+        images = [load_rgb(p) for p in batch["image_path"]]
+        meta = [
+            {
+                "age": None
+                if r.age is None or (isinstance(r.age, float) and math.isnan(r.age))
+                else float(r.age),
+                "sex": r.sex if isinstance(r.sex, str) else None,
+                "site": r.site if isinstance(r.site, str) else None,
+            }
+            for r in batch.itertuples()
+        ]
+        for k, v in predictor.predict_arrays(images, meta).items():
+            parts.setdefault(k, []).append(np.asarray(v))
+        typer.echo(f"predicted {min(start + cfg.batch_size, len(labelled))}/{len(labelled)}", err=True)
+    arr = {k: np.concatenate(v) for k, v in parts.items()}
+    truth = np.array([classes.index(c) for c in labelled["diagnosis"]])
+    group_col = "group_id" if "group_id" in labelled.columns else "lesion_id"
+    return _Inputs(
+        images=labelled["image_id"].astype(str).tolist(),
+        classes=classes,
+        probs=arr["probs"],
+        truth=truth,
+        groups=labelled[group_col].tolist() if group_col in labelled.columns else None,
+        malignant=arr.get("malignant"),
+        uncalibrated=arr.get("probs_uncalibrated"),
+        refer=arr.get("refer"),
+        image_paths=labelled["image_path"].astype(str).tolist(),
+        train_counts=_train_counts(df),
+        source=f"model {model or 'release bundle'}, {manifest.name} split {split}",
+        predictor=predictor,
+    )
+
+
+def _add_cams(items: list, predictor) -> None:
+    """Attach the predictor's CAM overlay of the predicted class to gallery items (best effort)."""
+    from dermlens.preprocess import load_rgb
+
+    for item in items:
+        try:
+            item.cam_png = predictor.predict_image(load_rgb(item.image_path), None, cam=True).cam_png
+        except Exception as e:  # an explanation is optional: report it, keep the evaluation
+            typer.echo(f"note: no explanation overlay for {item.image_id}: {e}", err=True)
+            return
+
+
+def _print_summary(result: dict, paths: list[Path]) -> None:
+    from rich.console import Console
+    from rich.panel import Panel
+    from rich.table import Table
+
+    from dermlens.evaluate import HEADLINE
+    from dermlens.evaluate.report import metric_label
+
+    def f(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.3f}"
+
+    boot = result["bootstrap"]
+    table = Table(
+        title=f"dermlens evaluate: {result['n_images']} images, {result['n_lesions']} lesions",
+        caption=f"{boot['ci_level']:.0%} CI: {boot['n_resamples']} {boot['unit']}-level bootstrap resamples",
+    )
+    table.add_column("Metric")
+    table.add_column("Value", justify="right")
+    table.add_column(f"{boot['ci_level']:.0%} CI", justify="right")
+    for key in HEADLINE:
+        iv = result["overall"].get(key)
+        if iv is not None:
+            table.add_row(metric_label(key), f(iv["value"]), f"[{f(iv['ci_low'])}, {f(iv['ci_high'])}]")
+    console = Console()
+    console.print(table)
+    for p in paths:
+        console.print(f"wrote {p}")
+    console.print(Panel(DISCLAIMER, title="Disclaimer", border_style="red"))
+
+
+def evaluate(
+    out: Annotated[Path, typer.Option("--out", help="Output folder for metrics.json and report.html.")],
+    predictions: Annotated[
+        Path | None,
+        typer.Option(
+            "--predictions",
+            help="Predictions CSV. ISIC format: column 'image' + class columns MEL,NV,BCC,AKIEC,BKL,DF,VASC "
+            "(ISIC 2018) or MEL,NV,BCC,AK,BKL,DF,VASC,SCC[,UNK] (ISIC 2019); or dermlens format: "
+            "'image_id' + one 'p_<code>' column per class (p_mel, p_nv, ...). Rows must sum to 1.",
+        ),
+    ] = None,
+    truth: Annotated[
+        Path | None,
+        typer.Option(
+            "--truth", help="ISIC ground-truth CSV ('image' + one-hot class columns, 2018 or 2019 layout)."
+        ),
+    ] = None,
+    groups: Annotated[
+        Path | None,
+        typer.Option(
+            "--groups",
+            help="manifest.csv (image_id, group_id/lesion_id, image_path, split, diagnosis) or ISIC "
+            "metadata CSV (image, lesion_id): lesions for the bootstrap, image paths for the gallery, "
+            "training counts per class.",
+        ),
+    ] = None,
+    uncalibrated: Annotated[
+        Path | None,
+        typer.Option(
+            "--uncalibrated",
+            help="Optional CSV of uncalibrated probabilities (same format) for the reliability plot.",
+        ),
+    ] = None,
+    image_dir: Annotated[
+        Path | None,
+        typer.Option("--image-dir", help="Folder with <image>.jpg files for the misclassification gallery."),
+    ] = None,
+    manifest: Annotated[
+        Path | None,
+        typer.Option(
+            "--manifest", help="Model mode: manifest.csv (or its folder) from `dermlens data prepare`."
+        ),
+    ] = None,
+    split: Annotated[str, typer.Option("--split", help="Model mode: manifest split to evaluate.")] = "test",
+    model: Annotated[
+        Path | None,
+        typer.Option("--model", help="Model mode: bundle folder (default: the packaged release bundle)."),
+    ] = None,
+    training_log: Annotated[
+        Path | None,
+        typer.Option(
+            "--training-log", help="Lightning CSVLogger metrics.csv for the training-curve section."
+        ),
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="YAML overriding configs/evaluate.yaml.")
+    ] = None,
+    n_bootstrap: Annotated[
+        int | None, typer.Option("--n-bootstrap", min=1, help="Bootstrap resamples (default from config).")
+    ] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Bootstrap seed.")] = None,
+) -> None:
+    """Evaluate predictions (or a model on a manifest split): metrics with lesion-level 95% bootstrap CIs.
+
+    From predictions:
+    dermlens evaluate --predictions preds.csv --truth truth.csv [--groups manifest.csv] --out DIR
+
+    From a model:
+    dermlens evaluate --manifest DIR/manifest.csv --split test [--model BUNDLE_DIR] --out DIR
+
+    Writes DIR/metrics.json and DIR/report.html (one self-contained file).
+    """
+    import yaml
+
+    from dermlens.bundle import BundleError
+    from dermlens.evaluate import EvaluateConfig, evaluate_arrays
+    from dermlens.evaluate.isic_csv import PredictionFileError
+    from dermlens.evaluate.report import ReportInputs, worst_misclassifications, write_outputs
+    from dermlens.preprocess import ImageDecodeError
+
+    expected: tuple[type[Exception], ...] = (
+        PredictionFileError,
+        EvaluationInputError,
+        BundleError,
+        ImageDecodeError,
+        OSError,
+        ValueError,
+        yaml.YAMLError,
+    )
+    try:
+        from dermlens.data.manifest import DataError
+
+        expected = (*expected, DataError)
+    except ImportError:  # data package not installed alongside
+        pass
+    try:
+        cfg = EvaluateConfig.load(config, n_resamples=n_bootstrap, seed=seed)
+        if manifest is not None:
+            if predictions is not None or truth is not None:
+                raise EvaluationInputError(
+                    "give either --manifest (model mode) or --predictions/--truth, not both"
+                )
+            inputs = _from_model(manifest, split, model, cfg)
+        elif predictions is not None and truth is not None:
+            inputs = _from_csv(predictions, truth, groups, uncalibrated, image_dir, cfg)
+        else:
+            raise EvaluationInputError("give --predictions and --truth, or --manifest (see --help)")
+        result = evaluate_arrays(
+            inputs.probs,
+            inputs.truth,
+            inputs.classes,
+            groups=inputs.groups,
+            malignant_prob=inputs.malignant,
+            probs_uncalibrated=inputs.uncalibrated,
+            refer=inputs.refer,
+            config=cfg,
+        )
+        gallery = (
+            worst_misclassifications(
+                inputs.probs,
+                inputs.truth,
+                inputs.classes,
+                inputs.images,
+                inputs.image_paths,
+                cfg.gallery_size,
+            )
+            if inputs.image_paths is not None
+            else []
+        )
+        if inputs.predictor is not None and hasattr(inputs.predictor, "predict_image"):
+            _add_cams(gallery, inputs.predictor)
+        report = ReportInputs(
+            inputs.probs,
+            inputs.truth,
+            inputs.classes,
+            probs_uncalibrated=inputs.uncalibrated,
+            training_log=training_log,
+            train_counts=inputs.train_counts,
+            gallery=gallery,
+            source=inputs.source,
+        )
+        paths = write_outputs(out, result, report)
+    except expected as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=2) from None
+    _print_summary(result, [p for p in paths if p is not None])
