@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from dermlens.trust.calibration import ece, fit_temperature, nll, softmax
+from dermlens.trust.calibration import ece, fit_temperature, fit_temperature_tta, mean_softmax, nll, softmax
 from dermlens.trust.fit import TrustState, coarse_from_fine, fit_trust
 from dermlens.trust.measure import ham_reference
 from dermlens.trust.selective import confidence_for_coverage, refer_decision, risk_coverage
@@ -54,6 +54,17 @@ def test_temperature_lowers_nll_and_ece_on_real_logits(real_logits: dict[str, np
     # held-out lesions: calibrated probabilities are better on both counts
     assert nll(ev, ey, t) < nll(ev, ey)
     assert ece(softmax(ev, t), ey) < ece(softmax(ev), ey)
+
+
+def test_tta_temperature_calibrates_view_averages(real_logits: dict[str, np.ndarray]) -> None:
+    rng = np.random.default_rng(0)
+    views = np.stack([real_logits["fit"] + rng.normal(0, 0.5, real_logits["fit"].shape) for _ in range(4)])
+    y = real_logits["fit_y"]
+    t = fit_temperature_tta(views, y)
+    nll_tta = -np.log(mean_softmax(views, t)[np.arange(len(y)), y]).mean()
+    assert nll_tta < -np.log(mean_softmax(views, 1.0)[np.arange(len(y)), y]).mean()
+    state = TrustState(temperature_fine=9.0, temperature_fine_tta=t)
+    assert np.allclose(state.tta_probs(views), mean_softmax(views, t))
 
 
 def test_fit_trust_state_round_trip_and_card(real_logits: dict[str, np.ndarray], tmp_path) -> None:

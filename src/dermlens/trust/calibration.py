@@ -43,6 +43,27 @@ def fit_temperature(
     return t if nll(logits, labels, t) <= nll(logits, labels, 1.0) else 1.0
 
 
+def mean_softmax(view_logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """TTA probabilities: softmax(logits_v / T) averaged over views; view_logits [V, N, C] -> [N, C]."""
+    return np.mean([softmax(z, temperature) for z in np.asarray(view_logits)], axis=0)
+
+
+def fit_temperature_tta(
+    view_logits: np.ndarray, labels: np.ndarray, bounds: tuple[float, float] = (0.05, 20.0)
+) -> float:
+    """The per-view temperature minimizing the NLL of the view-averaged probabilities (TTA calibration)."""
+    from scipy.optimize import minimize_scalar
+
+    z = np.asarray(view_logits, dtype=np.float64)
+    idx = (np.arange(z.shape[1]), np.asarray(labels, dtype=np.int64))
+
+    def loss(s: float) -> float:
+        return float(-np.log(np.maximum(mean_softmax(z, np.exp(s))[idx], 1e-300)).mean())
+
+    res = minimize_scalar(loss, bounds=(np.log(bounds[0]), np.log(bounds[1])), method="bounded")
+    return float(np.exp(res.x))
+
+
 def ece(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
     """Top-label expected calibration error with equal-width confidence bins."""
     probs = np.asarray(probs, dtype=np.float64)

@@ -46,8 +46,8 @@ def overlay(rgb: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndarra
     if heat.shape != rgb.shape[:2]:
         heat = upsample(heat, rgb.shape[:2])
     # weight the blend by heat so cold regions keep the original image visible
-    a = alpha * np.clip(heat, 0.0, 1.0)[..., None] ** 0.5
-    out = (1.0 - a) * rgb.astype(np.float64) + a * jet(heat).astype(np.float64)
+    a = (alpha * np.sqrt(np.clip(heat, 0.0, 1.0)))[..., None].astype(np.float32)
+    out = (1.0 - a) * rgb.astype(np.float32) + a * jet(heat).astype(np.float32)
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 

@@ -14,7 +14,7 @@ import yaml
 
 from dermlens.data.taxonomy import COARSE_CLASSES, FINE_CODES, coarse_label
 from dermlens.trust import ood, selective
-from dermlens.trust.calibration import ece, fit_temperature, nll, softmax
+from dermlens.trust.calibration import ece, fit_temperature, fit_temperature_tta, mean_softmax, nll, softmax
 
 STATE_VERSION = 1
 
@@ -30,6 +30,8 @@ class TrustState:
 
     temperature_fine: float = 1.0
     temperature_coarse: float = 1.0
+    temperature_fine_tta: float | None = None  # per-view T when probabilities are averaged over TTA views
+    temperature_coarse_tta: float | None = None
     ood_method: str = "msp"
     ood_threshold: float = float("inf")
     thresholds: dict[str, float] = field(default_factory=dict)  # per score method, same keep rate
@@ -64,6 +66,13 @@ class TrustState:
                 raise ValueError("this TrustState has no kNN bank")
             return ood.knn_score(embedding, self.knn_bank, self.knn_k)
         raise ValueError(f"unknown OOD method {method!r}; choose from {ood.METHODS}")
+
+    def tta_probs(self, view_logits: np.ndarray, head: str = "fine") -> np.ndarray:
+        """Average of calibrated per-view probabilities, view_logits [V, N, C], with the TTA temperature."""
+        t = self.temperature_fine_tta if head == "fine" else self.temperature_coarse_tta
+        if t is None:
+            t = self.temperature_fine if head == "fine" else self.temperature_coarse
+        return mean_softmax(view_logits, t)
 
     def ood_score(self, fine_logits: np.ndarray, embedding: np.ndarray | None = None) -> np.ndarray:
         """Score of the default method."""
@@ -102,7 +111,12 @@ class TrustState:
     def card_sections(self) -> dict[str, Any]:
         """All card.json sections the trust layer owns: temperature, ood, refer."""
         return {
-            "temperature": {"fine": self.temperature_fine, "coarse": self.temperature_coarse},
+            "temperature": {
+                "fine": self.temperature_fine,
+                "coarse": self.temperature_coarse,
+                **({"fine_tta": self.temperature_fine_tta} if self.temperature_fine_tta else {}),
+                **({"coarse_tta": self.temperature_coarse_tta} if self.temperature_coarse_tta else {}),
+            },
             "ood": self.card_fields(),
             "refer": {
                 "min_confidence": self.min_confidence,
@@ -161,6 +175,20 @@ def _min_confidence(probs: np.ndarray, labels: np.ndarray, refer_cfg: dict[str, 
     return 0.0, "none"
 
 
+def fit_tta(
+    state: TrustState, val: dict[str, np.ndarray], bounds: tuple[float, float] = (0.05, 20.0)
+) -> None:
+    """Fit the TTA temperatures in place from val["fine_logits_views"] / ["coarse_logits_views"] [V, N, C]."""
+    labels = np.asarray(val["labels"], dtype=np.int64)
+    if val.get("fine_logits_views") is not None:
+        state.temperature_fine_tta = fit_temperature_tta(val["fine_logits_views"], labels, bounds)
+    if val.get("coarse_logits_views") is not None:
+        views = np.asarray(val["coarse_logits_views"])
+        clab = val.get("coarse_labels")
+        clab = coarse_from_fine(labels, np.asarray(val["fine_logits"]).shape[1]) if clab is None else clab
+        state.temperature_coarse_tta = fit_temperature_tta(views, clab, bounds)
+
+
 def fit_trust(
     val: dict[str, np.ndarray],
     train_embeddings: np.ndarray | None,
@@ -173,6 +201,8 @@ def fit_trust(
     val: fine_logits [N,C], coarse_logits [N,2], embedding [N,D], labels [N] (fine class index), optional
     coarse_labels [N] (else derived from fine labels in taxonomy order); train_*: embeddings for the
     class means / kNN bank (falls back to val when None). cfg overrides trust.yaml sections.
+    Optional fine_logits_views / coarse_logits_views [V,N,C] (logits of the TTA views, identity first)
+    also fit the TTA temperatures (TrustState.tta_probs); without them TTA reuses the single-view T.
     """
     cfg = _cfg(cfg)
     c_cal, c_ood = cfg["calibration"], cfg["ood"]
@@ -237,6 +267,7 @@ def fit_trust(
     state.min_confidence, rule = _min_confidence(probs, labels, cfg["refer"])
     refer = selective.refer_decision(probs, val_scores, state)
     info["refer"] = {"rule": rule, **selective.selective_summary(probs, labels, refer)}
+    fit_tta(state, val, bounds)
     if cam_weight is not None:
         state.cam_weight = np.asarray(cam_weight, dtype=np.float32)
     return state

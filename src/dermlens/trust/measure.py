@@ -24,8 +24,8 @@ from dermlens.preprocess import Preprocessing, load_rgb
 from dermlens.settings import data_root
 from dermlens.trust import cam as camlib
 from dermlens.trust import ood, probes, selective, tta
-from dermlens.trust.calibration import ece, nll, reliability, softmax
-from dermlens.trust.fit import TrustState, coarse_from_fine, fit_trust, trust_config
+from dermlens.trust.calibration import ece, mean_softmax, nll, reliability, softmax
+from dermlens.trust.fit import TrustState, coarse_from_fine, fit_trust, fit_tta, trust_config
 
 OUTPUTS = ("fine_logits", "coarse_logits", "embedding", "feature_map")
 
@@ -203,42 +203,67 @@ def _ood(model: BundleModel, state: TrustState, test_out: dict, test_images: np.
     return res
 
 
+def _view_logits(model: BundleModel, images: np.ndarray, meta: np.ndarray) -> dict[str, np.ndarray]:
+    """Fine and coarse logits of every TTA view, [V, N, C] each."""
+    outs = [model.run(v, meta, outputs=("fine_logits", "coarse_logits")) for v in tta.tta_views(images)]
+    return {k: np.stack([o[k] for o in outs]) for k in ("fine_logits", "coarse_logits")}
+
+
 def _tta(
     model: BundleModel,
     state: TrustState,
+    views: dict[str, dict[str, np.ndarray]],
+    labels: dict[str, np.ndarray],
     images: np.ndarray,
-    meta: np.ndarray,
-    labels: np.ndarray,
-    single: dict[str, np.ndarray],
     bins: int,
 ) -> dict[str, Any]:
-    """Balanced accuracy, accuracy and ECE on one split without and with 4-view TTA, and the time cost."""
+    """Balanced accuracy, accuracy, ECE without and with 4-view TTA on val and test, and the time cost.
+
+    With TTA, per-view probabilities use the state's TTA temperature (fitted here on val if it has none)."""
+    fitted_here = state.temperature_fine_tta is None
+    if fitted_here:
+        fit_tta(
+            state,
+            {
+                "labels": labels["val"],
+                "fine_logits": views["val"]["fine_logits"][0],
+                "fine_logits_views": views["val"]["fine_logits"],
+                "coarse_logits_views": views["val"]["coarse_logits"],
+            },
+        )
     t0 = time.perf_counter()
-    model.run(images[:64], meta[:64], outputs=("fine_logits",))
-    t1 = time.perf_counter()
-    views = [
-        softmax(model.run(v, meta, outputs=("fine_logits",))["fine_logits"], state.temperature_fine)
-        for v in tta.tta_views(images)
-    ]
-    p_tta = tta.average_probs(views)
-    p_one = softmax(single["fine_logits"], state.temperature_fine)
-    n = len(labels)
-    t_per = (t1 - t0) / min(64, n)
-    return {
-        "n": n,
+    model.run(images[:64], None, outputs=("fine_logits",))
+    t_per = (time.perf_counter() - t0) / min(64, len(images))
+    res: dict[str, Any] = {
         "views": list(tta.VIEWS),
-        "balanced_accuracy": {
-            "single": balanced_accuracy(p_one.argmax(1), labels),
-            "tta": balanced_accuracy(p_tta.argmax(1), labels),
-        },
-        "accuracy": {
-            "single": float((p_one.argmax(1) == labels).mean()),
-            "tta": float((p_tta.argmax(1) == labels).mean()),
-        },
-        "ece": {"single": ece(p_one, labels, bins), "tta": ece(p_tta, labels, bins)},
+        "temperature_fine_tta": state.temperature_fine_tta,
+        "temperature_coarse_tta": state.temperature_coarse_tta,
+        "tta_temperature_source": "fitted here on val" if fitted_here else "bundle trust.npz",
         "seconds_per_image": {"single": t_per, "tta": t_per * len(tta.VIEWS)},
         "cost_factor": len(tta.VIEWS),
     }
+    for split, v in views.items():
+        y = labels[split]
+        p_one = softmax(v["fine_logits"][0], state.temperature_fine)
+        p_same_t = mean_softmax(v["fine_logits"], state.temperature_fine)
+        p_tta = state.tta_probs(v["fine_logits"])
+        res[split] = {
+            "n": len(y),
+            "balanced_accuracy": {
+                "single": balanced_accuracy(p_one.argmax(1), y),
+                "tta": balanced_accuracy(p_tta.argmax(1), y),
+            },
+            "accuracy": {
+                "single": float((p_one.argmax(1) == y).mean()),
+                "tta": float((p_tta.argmax(1) == y).mean()),
+            },
+            "ece": {
+                "single": ece(p_one, y, bins),
+                "tta_single_view_T": ece(p_same_t, y, bins),
+                "tta": ece(p_tta, y, bins),
+            },
+        }
+    return res
 
 
 def _mask(image_id: str, row: pd.Series) -> np.ndarray | None:
@@ -404,7 +429,8 @@ def measure(
         "refer_rule": selective.selective_summary(p_test, lab["test"], refer),
     }
     if do_tta:
-        report["tta_val"] = _tta(model, state, imgs["val"], meta["val"], lab["val"], outs["val"], bins)
+        views = {s: _view_logits(model, imgs[s], meta[s]) for s in ("val", "test")}
+        report["tta"] = _tta(model, state, views, lab, imgs["val"], bins)
     cam_df = _subset(df, "test", n_cam, seed)
     report["cam_test"] = _cam(
         model,
@@ -415,6 +441,8 @@ def measure(
         float(cfg["cam"]["pointing_tolerance"]),
         out_dir,
     )
+    if "refit here" in report["trust_state"]:
+        state.save(out_dir / TRUST)  # again: now with the TTA temperatures
     (out_dir / "trust_report.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
     (out_dir / "trust_report.md").write_text(markdown(report))
     return report
@@ -482,18 +510,30 @@ def markdown(r: dict[str, Any]) -> str:
         "Risk at coverage: " + ", ".join(f"{k}: {_f(v)}" for k, v in s["risk_at_coverage"].items()),
         "",
     ]
-    if "tta_val" in r:
-        t = r["tta_val"]
+    if "tta" in r:
+        t = r["tta"]
         lines += [
-            "## Test-time augmentation (val, 4 views: identity, hflip, vflip, rot180)",
+            "## Test-time augmentation (4 views: identity, hflip, vflip, rot180)",
             "",
-            f"n={t['n']}. Balanced accuracy {_f(t['balanced_accuracy']['single'])} -> "
-            f"{_f(t['balanced_accuracy']['tta'])}; accuracy {_f(t['accuracy']['single'])} -> "
-            f"{_f(t['accuracy']['tta'])}; ECE {_f(t['ece']['single'])} -> {_f(t['ece']['tta'])}. "
             f"Cost x{t['cost_factor']} ({t['seconds_per_image']['single'] * 1000:.1f} ms -> "
-            f"{t['seconds_per_image']['tta'] * 1000:.1f} ms per image, 1 CPU thread).",
+            f"{t['seconds_per_image']['tta'] * 1000:.1f} ms per image, 1 CPU thread). TTA temperature "
+            f"{_f(t['temperature_fine_tta'])} ({t['tta_temperature_source']}).",
             "",
+            "| split | n | bal. acc single | bal. acc TTA | acc single | acc TTA | ECE single "
+            "| ECE TTA (same T) | ECE TTA (TTA T) |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
+        for split in ("val", "test"):
+            v = t[split]
+            cells = [v["balanced_accuracy"]["single"], v["balanced_accuracy"]["tta"], v["accuracy"]["single"]]
+            cells += [
+                v["accuracy"]["tta"],
+                v["ece"]["single"],
+                v["ece"]["tta_single_view_T"],
+                v["ece"]["tta"],
+            ]
+            lines.append(f"| {split} | {v['n']} | " + " | ".join(_f(x) for x in cells) + " |")
+        lines.append("")
     c = r["cam_test"]
     lines += ["## Class activation maps vs lesion masks (test, predicted class)", ""]
     if "skipped" in c:
