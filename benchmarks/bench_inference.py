@@ -1,0 +1,103 @@
+"""Inference throughput: onnxruntime fp32 and int8 (the runtime's sessions) against PyTorch eager fp32.
+
+Same model (the bundle's; PyTorch loads its model.pt), same real HAM10000 images at the model input size,
+same batch and thread count. Usage:
+
+    .venv/bin/python benchmarks/bench_inference.py [--bundle DIR] [--threads 2] [--batch 32] [--seconds 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+
+def measure(fn: Callable[[], object], batch: int, seconds: float, warmup: int = 2) -> float:
+    """Images/s of repeated fn() calls after warm-up, over at least `seconds`: best of 3 windows."""
+    for _ in range(warmup):
+        fn()
+    rates = []
+    for _ in range(3):
+        n, start = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - start) < seconds / 3 or n < 2:
+            fn()
+            n += 1
+        rates.append(n * batch / elapsed)
+    return max(rates)
+
+
+def main() -> None:
+    import onnxruntime as ort
+    import torch
+
+    from dermlens.bundle import ONNX_FP32, ONNX_INT8, TORCH_WEIGHTS, read_card, release_dir
+    from dermlens.metadata import META_DIM
+    from dermlens.model.export import load_checkpoint
+    from dermlens.preprocess import load_rgb
+    from dermlens.serve.runtime import OnnxModel
+    from dermlens.settings import data_root
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bundle", type=Path, default=None, help="model bundle (default: the packaged release)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--seconds", type=float, default=10.0, help="timed seconds per engine")
+    ap.add_argument(
+        "--spin", action="store_true", help="let onnxruntime threads spin-wait (off in the runtime)"
+    )
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = ap.parse_args()
+
+    bundle = args.bundle or release_dir()
+    card = read_card(bundle)
+    prep = card.preprocessing
+    paths = sorted((data_root() / "ham10000" / "images").glob("*.jpg"))[: args.batch]
+    images = np.stack([prep.resize(load_rgb(p)) for p in paths])
+    x = prep.normalize(images)
+    meta = np.zeros((len(x), META_DIM), np.float32)
+
+    torch.set_num_threads(args.threads)
+    net = load_checkpoint(bundle / TORCH_WEIGHTS).net.eval()
+    xt, mt = torch.from_numpy(x), torch.from_numpy(meta) if net.uses_metadata else None
+    xt_cl, net_cl = xt.contiguous(memory_format=torch.channels_last), None
+
+    def eager() -> object:
+        with torch.inference_mode():
+            return net(xt, mt)
+
+    def eager_cl() -> object:
+        with torch.inference_mode():
+            return net_cl(xt_cl, mt)
+
+    results: dict[str, float] = {"pytorch_eager_fp32": measure(eager, len(x), args.seconds)}
+    import copy
+
+    net_cl = copy.deepcopy(net).to(memory_format=torch.channels_last)
+    results["pytorch_eager_fp32_channels_last"] = measure(eager_cl, len(x), args.seconds)
+    for name, file in (("onnxruntime_fp32", ONNX_FP32), ("onnxruntime_int8", ONNX_INT8)):
+        model = OnnxModel(bundle / file, threads=args.threads, spin=args.spin)
+        results[name] = measure(lambda m=model: m.run(x, meta, feature_map=False), len(x), args.seconds)
+
+    base = results["pytorch_eager_fp32"]
+    print(
+        f"dermlens inference benchmark: model {card.name} {card.version}, input {prep.height}x{prep.width}, "
+        f"batch {len(x)}, {args.threads} threads, onnxruntime {ort.__version__} (spin={args.spin}), "
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}"
+    )
+    for name, rate in results.items():
+        print(f"  {name:34s} {rate:8.1f} img/s   {rate / base:5.2f}x eager")
+    print(f"  int8 / fp32 onnxruntime: {results['onnxruntime_int8'] / results['onnxruntime_fp32']:.2f}x")
+    if args.json:
+        args.json.write_text(
+            json.dumps({"threads": args.threads, "batch": len(x), "img_per_s": results}, indent=2)
+        )
+
+
+if __name__ == "__main__":
+    main()

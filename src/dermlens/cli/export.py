@@ -1,0 +1,54 @@
+"""`dermlens export`: a trained run -> a model bundle (ONNX fp32 + int8, trust statistics, card)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def export(
+    out: Annotated[Path, typer.Option("--out", "-o", help="bundle folder to write")],
+    run: Annotated[
+        Path | None, typer.Option("--run", help="training run folder (uses checkpoints/best.ckpt)")
+    ] = None,
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option("--checkpoint", help="a .ckpt from `dermlens train`, or a bundle's model.pt"),
+    ] = None,
+    manifest: Annotated[
+        Path,
+        typer.Option("--manifest", help="prepared data folder (manifest.csv + cache) for val/train outputs"),
+    ] = Path("work/ham10000"),
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="YAML overriding configs/export.yaml sections")
+    ] = None,
+    threads: Annotated[int, typer.Option(help="torch threads for the parity check (0 = all cores)")] = 0,
+) -> None:
+    """Export a model to ONNX (fp32 + int8), fit calibration/OOD/refer on val, and write card.json."""
+    import torch
+
+    from dermlens.bundle import BundleError
+    from dermlens.data.manifest import DataError
+    from dermlens.model.export import ExportError, export_bundle, export_config, find_checkpoint
+
+    if (run is None) == (checkpoint is None):
+        typer.echo("error: give exactly one of --run RUN_DIR or --checkpoint CKPT", err=True)
+        raise typer.Exit(2)
+    if threads > 0:
+        torch.set_num_threads(threads)
+    try:
+        ckpt = checkpoint if checkpoint is not None else find_checkpoint(run)
+        card = export_bundle(
+            ckpt, manifest, out, export_config(config), log=lambda m: typer.echo(m, err=True)
+        )
+    except (ExportError, DataError, BundleError, FileNotFoundError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    val = card["metrics"]["val"]
+    typer.echo(
+        f"bundle {out} ({card['version']}): val balanced accuracy fp32 {val['fp32']['bal_acc']:.4f}, "
+        f"int8 {val['int8']['bal_acc']:.4f}; fp32 vs PyTorch max |dp| "
+        f"{card['export']['parity_fp32_vs_torch']['max_abs_prob_diff']:.1e}"
+    )

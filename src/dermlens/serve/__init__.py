@@ -1,0 +1,1 @@
+"""Serving: torch-free onnxruntime predictor, batch prediction, HTTP API."""
