@@ -10,6 +10,7 @@ from dermlens.cli import export as export_cli
 from dermlens.cli import predict as predict_cli
 from dermlens.cli import records as records_cli
 from dermlens.cli import serve as serve_cli
+from dermlens.cli import train as train_cli
 
 app = typer.Typer(
     name="dermlens",
@@ -23,6 +24,7 @@ app.command("export")(export_cli.export)
 app.command("predict")(predict_cli.predict)
 app.command("serve")(serve_cli.serve)
 app.add_typer(records_cli.app, name="records")
+app.command("train")(train_cli.train)
 
 
 @app.command()

@@ -1,0 +1,45 @@
+"""`dermlens train`: train a model from a YAML config with dotted overrides."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+
+def train(
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="key=value overrides, e.g. trainer.max_epochs=3")
+    ] = None,
+    config: Annotated[
+        str | None, typer.Option("--config", "-c", help="YAML config (default configs/train.yaml)")
+    ] = None,
+    resume: Annotated[
+        bool | None,
+        typer.Option("--resume/--no-resume", help="resume from last.ckpt (default: if it exists)"),
+    ] = None,
+) -> None:
+    """Train a classifier; writes runs/<name>/ with config, logs, checkpoints, metrics and val outputs."""
+    from dermlens.train.config import ConfigError, load_config
+    from dermlens.train.datamodule import DataSetupError
+
+    try:
+        cfg = load_config(config, overrides or [])
+        from dermlens.train.engine import train as run
+
+        metrics = run(cfg, resume=resume)
+    except (ConfigError, DataSetupError, FileNotFoundError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    except Exception as e:  # noqa: BLE001 - user-facing one-line message for known failure types
+        from dermlens.model.weights import WeightsError
+
+        if isinstance(e, WeightsError):
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+        raise
+    if metrics:
+        typer.echo(
+            f"val balanced accuracy {metrics['bal_acc']:.4f}, macro AUC {metrics['macro_auc']:.4f} "
+            f"(best epoch {metrics['best_epoch']}); run folder written"
+        )

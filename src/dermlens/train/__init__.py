@@ -1,0 +1,1 @@
+"""Training: config, augmentation, losses, sampling, Lightning data/module, engine, feature-proxy ablation."""

@@ -1,0 +1,220 @@
+"""Run a training from a config: run folder, Lightning trainer, resume, final val metrics and outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dermlens.train.config import dump_config
+
+LAST, BEST = "last.ckpt", "best.ckpt"
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """`auto` -> bf16-mixed on CPU, bf16-mixed/16-mixed on CUDA depending on hardware support."""
+    if precision != "auto":
+        return precision
+    if accelerator in ("cpu",) or not torch.cuda.is_available():
+        return "bf16-mixed"
+    return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+
+
+def run_dir_for(cfg: dict) -> Path:
+    """trainer.run_dir, else runs/<trainer.name>."""
+    t = cfg["trainer"]
+    return Path(t.get("run_dir") or Path("runs") / str(t.get("name") or "default")).expanduser()
+
+
+def hardware() -> dict:
+    """A short description of the machine the run used."""
+    info = {
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    if torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
+
+
+def _callbacks(cfg: dict, ckpt_dir: Path) -> list:
+    from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+
+    t = cfg["trainer"]
+    cbs = [
+        ModelCheckpoint(
+            dirpath=ckpt_dir,
+            filename="best",
+            monitor="val/bal_acc",
+            mode="max",
+            save_last=True,
+            save_top_k=1,
+            enable_version_counter=False,
+        ),
+        LearningRateMonitor(logging_interval="step"),
+    ]
+    if t.get("time_budget_min"):
+        from dermlens.train.budget import TimeBudget
+
+        cbs.append(TimeBudget(float(t["time_budget_min"])))
+    if int(t.get("patience", 0) or 0) > 0:
+        cbs.append(EarlyStopping(monitor="val/bal_acc", mode="max", patience=int(t["patience"])))
+    if t.get("progress", "rich") == "rich":
+        from lightning.pytorch.callbacks import RichProgressBar
+
+        cbs.append(RichProgressBar(leave=True))
+    else:
+        from lightning.pytorch.callbacks import TQDMProgressBar
+
+        cbs.append(TQDMProgressBar(refresh_rate=10))
+    return cbs
+
+
+def build_trainer(cfg: dict, run_dir: Path):
+    """A Lightning Trainer configured from the `trainer:` section (CPU, one GPU or DDP via torchrun)."""
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    t = cfg["trainer"]
+    accelerator = str(t.get("accelerator", "auto"))
+    return L.Trainer(
+        default_root_dir=run_dir,
+        accelerator=accelerator,
+        devices=t.get("devices", "auto"),
+        strategy=t.get("strategy", "auto"),
+        num_nodes=int(t.get("num_nodes", 1)),
+        precision=resolve_precision(str(t.get("precision", "auto")), accelerator),
+        max_epochs=int(t["max_epochs"]),
+        max_time=t.get("max_time"),
+        accumulate_grad_batches=int(t.get("accumulate_grad_batches", 1)),
+        gradient_clip_val=t.get("gradient_clip_val"),
+        limit_train_batches=t.get("limit_train_batches") or 1.0,
+        limit_val_batches=t.get("limit_val_batches") or 1.0,
+        callbacks=_callbacks(cfg, run_dir / "checkpoints"),
+        logger=[
+            CSVLogger(run_dir, name="logs", version="csv"),
+            TensorBoardLogger(run_dir, name="logs", version="tb"),
+        ],
+        log_every_n_steps=int(t.get("log_every_n_steps", 10)),
+        use_distributed_sampler=False,
+        num_sanity_val_steps=0,
+        deterministic=False,
+        enable_model_summary=False,
+    )
+
+
+@torch.no_grad()
+def predict_split(module, loader) -> dict[str, np.ndarray]:
+    """Fine/coarse logits and embeddings over a loader with the module's evaluation network."""
+    net = module.eval_net().eval()
+    fine, coarse, emb = [], [], []
+    use_bf16 = next(net.parameters()).device.type == "cpu"
+    for image, meta, _, _ in loader:
+        x = module.prepare(image.to(module.device))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+            f, c, e, _ = net.forward_all(x, meta.to(module.device))
+        fine.append(f.float().cpu())
+        coarse.append(c.float().cpu())
+        emb.append(e.float().cpu())
+    return {
+        "fine_logits": torch.cat(fine).numpy(),
+        "coarse_logits": torch.cat(coarse).numpy(),
+        "embedding": torch.cat(emb).numpy(),
+    }
+
+
+def val_metrics(out: dict, fine: np.ndarray, coarse: np.ndarray, classes: tuple[str, ...]) -> dict:
+    """Balanced accuracy, macro AUC, per-class recall and losses from validation outputs."""
+    from scipy.special import softmax
+    from sklearn.metrics import balanced_accuracy_score, log_loss, recall_score, roc_auc_score
+
+    p = softmax(out["fine_logits"], axis=1)
+    pc = softmax(out["coarse_logits"], axis=1)
+    pred = p.argmax(1)
+    labels = list(range(len(classes)))
+    recall = recall_score(fine, pred, labels=labels, average=None, zero_division=0)
+    return {
+        "n": int(len(fine)),
+        "bal_acc": float(balanced_accuracy_score(fine, pred)),
+        "macro_auc": float(roc_auc_score(fine, p, multi_class="ovr", average="macro", labels=labels)),
+        "accuracy": float((pred == fine).mean()),
+        "per_class_recall": {c: float(r) for c, r in zip(classes, recall, strict=True)},
+        "loss": float(log_loss(fine, p, labels=labels)),
+        "coarse_auc": float(roc_auc_score(coarse, pc[:, 1])) if len(set(coarse)) == 2 else None,
+        "coarse_loss": float(log_loss(coarse, pc, labels=[0, 1])),
+    }
+
+
+def finish(run_dir: Path, dm, module_cls, ckpt: Path, cfg: dict, seconds: float) -> dict:
+    """Evaluate the best checkpoint on val; write metrics_val.json, val_outputs.npz and model.pt."""
+    module = module_cls.load_from_checkpoint(ckpt, map_location="cpu", weights_only=False)
+    module.eval()
+    out = predict_split(module, dm.val_dataloader())
+    metrics = val_metrics(out, dm.val.fine, dm.val.coarse, dm.classes)
+    epoch = torch.load(ckpt, map_location="cpu", weights_only=False).get("epoch")
+    metrics.update(
+        {
+            "checkpoint": str(ckpt),
+            "best_epoch": epoch,
+            "train_seconds": round(seconds, 1),
+            "hardware": hardware(),
+            "classes": list(dm.classes),
+            "arch": cfg["model"]["arch"],
+            "uses_metadata": bool(cfg["model"].get("metadata", False)),
+        }
+    )
+    (run_dir / "metrics_val.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    np.savez(
+        run_dir / "val_outputs.npz",
+        **out,
+        fine_labels=dm.val.fine,
+        coarse_labels=dm.val.coarse,
+        image_ids=dm.val.image_ids,
+        classes=np.array(dm.classes),
+    )
+    state = {k: v.float() if v.is_floating_point() else v for k, v in module.eval_net().state_dict().items()}
+    torch.save(state, run_dir / "model.pt")
+    return metrics
+
+
+def train(cfg: dict, resume: bool | None = None) -> dict | None:
+    """Train from a resolved config; resumes from checkpoints/last.ckpt when present (or when resume=True)."""
+    import lightning as L
+
+    from dermlens.train.datamodule import DermDataModule
+    from dermlens.train.module import DermModule
+
+    t = cfg["trainer"]
+    threads = int(t.get("threads", 0) or 0)
+    torch.set_num_threads(threads if threads > 0 else (os.cpu_count() or 1))
+    L.seed_everything(int(cfg.get("seed", 42)), workers=True, verbose=False)
+    run_dir = run_dir_for(cfg)
+    ckpt_dir = run_dir / "checkpoints"
+    last = ckpt_dir / LAST
+    if resume and not last.is_file():
+        raise FileNotFoundError(f"--resume given but {last} does not exist")
+    ckpt_path = str(last) if last.is_file() and resume is not False else None
+    dm = DermDataModule(cfg)
+    module = DermModule(cfg, list(dm.classes), dm.class_counts().tolist(), dm.prep.to_dict())
+    trainer = build_trainer(cfg, run_dir)
+    if trainer.is_global_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, run_dir / "config.yaml")
+    start = time.time()
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    seconds = time.time() - start
+    if not trainer.is_global_zero:
+        return None
+    times = run_dir / "train_seconds.json"
+    prior = json.loads(times.read_text())["seconds"] if times.is_file() and ckpt_path else 0.0
+    times.write_text(json.dumps({"seconds": prior + seconds}))
+    best = ckpt_dir / BEST
+    dm.trainer = None
+    return finish(run_dir, dm, DermModule, best if best.is_file() else last, cfg, prior + seconds)

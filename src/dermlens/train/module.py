@@ -1,0 +1,162 @@
+"""LightningModule: two-level loss, AdamW with per-step warm-up + cosine, optional EMA, val balanced acc."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import numpy as np
+import torch
+from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC
+
+from dermlens.data.taxonomy import MALIGNANT as _MAL
+from dermlens.model.network import DermNet, build_network
+from dermlens.preprocess import Preprocessing
+from dermlens.train.augment import TorchNormalize
+from dermlens.train.losses import build_loss
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """LR multiplier: linear warm-up to 1, then cosine decay to min_ratio at `total` steps."""
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def cosine_at(progress: float, min_ratio: float) -> float:
+    """Cosine decay from 1 to min_ratio as progress goes 0 -> 1."""
+    t = min(1.0, max(0.0, progress))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+class DermModule(L.LightningModule):
+    """Trains a DermNet on (image uint8, meta, fine, coarse) batches."""
+
+    def __init__(self, cfg: dict, classes: list[str], counts: list[int], prep: dict) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        prep = Preprocessing.from_dict(prep)
+        self.cfg, self.classes = cfg, tuple(classes)
+        self.net: DermNet = build_network(cfg["model"], len(classes))
+        self.normalize = TorchNormalize(prep)
+        self.channels_last = bool(cfg["model"].get("channels_last", True))
+        if self.channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        counts = np.asarray(counts)
+        coarse_counts = np.array(
+            [
+                counts[[i for i, c in enumerate(classes) if c not in _MAL]].sum(),
+                counts[[i for i, c in enumerate(classes) if c in _MAL]].sum(),
+            ]
+        )
+        self.fine_loss = build_loss(cfg["loss"], counts)
+        self.coarse_loss = build_loss(cfg["loss"], coarse_counts)
+        self.coarse_weight = float(cfg["loss"].get("coarse_weight", 0.5))
+        decay = float(cfg["optim"].get("ema", 0.0) or 0.0)
+        self.ema = None
+        if decay > 0:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(self.net, decay=decay, use_warmup=True)
+            self.ema.requires_grad_(False)
+        n = len(classes)
+        self.val_bal_acc = MulticlassAccuracy(num_classes=n, average="macro")
+        self.val_auc = MulticlassAUROC(num_classes=n, average="macro")
+        self.val_coarse_auc = MulticlassAUROC(num_classes=2, average="macro")
+
+    # -- helpers -------------------------------------------------------------------------------
+    def prepare(self, image: torch.Tensor) -> torch.Tensor:
+        x = self.normalize(image)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def eval_net(self) -> DermNet:
+        """The network used for validation and export: the EMA copy when EMA is on."""
+        return self.ema.module if self.ema is not None else self.net
+
+    def forward(self, image: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.net(self.prepare(image), meta)
+
+    def _loss(self, fine, coarse, y, yc) -> torch.Tensor:
+        return self.fine_loss(fine, y) + self.coarse_weight * self.coarse_loss(coarse, yc)
+
+    # -- freezing ------------------------------------------------------------------------------
+    def _frozen_now(self) -> bool:
+        return self.current_epoch < int(self.cfg["trainer"].get("freeze_epochs", 0) or 0)
+
+    def on_train_epoch_start(self) -> None:
+        blocks = int(self.cfg["trainer"].get("freeze_blocks", -1))
+        self.net.freeze_stages(blocks if self._frozen_now() else 0)
+        self.net.train()  # Lightning keeps per-module modes across epochs: undo last epoch's frozen-BN eval()
+        if self._frozen_now():  # keep frozen BatchNorm statistics fixed too
+            for m in self.net.backbone.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not any(
+                    p.requires_grad for p in m.parameters()
+                ):
+                    m.eval()
+
+    # -- steps ---------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        image, meta, y, yc = batch
+        fine, coarse = self(image, meta)
+        loss = self._loss(fine, coarse, y, yc)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update(self.net, step=self.global_step)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        image, meta, y, yc = batch
+        fine, coarse = self.eval_net()(self.prepare(image), meta)
+        fine, coarse = fine.float(), coarse.float()
+        loss = self._loss(fine, coarse, y, yc)
+        self.val_bal_acc.update(fine, y)
+        self.val_auc.update(fine.softmax(1), y)
+        self.val_coarse_auc.update(coarse.softmax(1), yc)
+        self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=len(y))
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/bal_acc", self.val_bal_acc.compute(), prog_bar=True, sync_dist=False)
+        self.log("val/auc", self.val_auc.compute(), prog_bar=True)
+        self.log("val/coarse_auc", self.val_coarse_auc.compute())
+        for m in (self.val_bal_acc, self.val_auc, self.val_coarse_auc):
+            m.reset()
+
+    def _time_budget(self):
+        from dermlens.train.budget import TimeBudget
+
+        cbs = [c for c in self.trainer.callbacks if isinstance(c, TimeBudget)] if self._trainer else []
+        return cbs[0] if cbs else None
+
+    # -- optimisation --------------------------------------------------------------------------
+    def configure_optimizers(self):
+        o = self.cfg["optim"]
+        head = list(self.net.head.parameters())
+        back = list(self.net.backbone.parameters())
+        wd = float(o.get("weight_decay", 1e-4))
+        groups = [
+            {"params": back, "lr": float(o.get("backbone_lr", o["lr"])), "weight_decay": wd},
+            {"params": head, "lr": float(o["lr"]), "weight_decay": wd},
+        ]
+        opt = torch.optim.AdamW(groups)
+        total = int(self.trainer.estimated_stepping_batches)
+        warmup = int(float(o.get("warmup_epochs", 0.5)) * total / max(1, self.trainer.max_epochs))
+        min_ratio = float(o.get("min_lr_ratio", 0.01))
+        budget = self._time_budget()
+        if budget is None:
+            sched = torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda s: warmup_cosine(s, warmup, total, min_ratio)
+            )
+        else:  # cosine over wall-clock progress: adapts to the machine's (shared) speed
+
+            def time_lambda(s: int) -> float:
+                return (
+                    warmup_cosine(s, warmup, total, min_ratio)
+                    if s < warmup
+                    else cosine_at(budget.progress(), min_ratio)
+                )
+
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, time_lambda)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
