@@ -148,6 +148,11 @@ function render(r) {
 async function analyze() {
   if (!state.model || !state.file) return;
   resetResult();
+  const limit = state.model.limits.max_upload_bytes;
+  if (state.file.size > limit) {
+    showError(`This file is ${(state.file.size / 1e6).toFixed(1)} MB; the server accepts up to ${(limit / 1e6).toFixed(1)} MB.`);
+    return;
+  }
   show($("busy"), true);
   $("analyze").disabled = true;
   const form = new FormData();
