@@ -134,6 +134,9 @@ class TrustState:
         arrays = {
             k: (v.astype(np.float16) if k == "knn_bank" else v.astype(np.float32)) for k, v in arrays.items()
         }
+        if "precision" in arrays:  # symmetric: store the upper triangle only (half the file)
+            p = arrays.pop("precision")
+            arrays["precision_triu"] = p[np.triu_indices(p.shape[0])]
         with open(path, "wb") as fh:
             np.savez_compressed(fh, header=np.array(json.dumps(header, default=float)), **arrays)
         return path
@@ -144,9 +147,19 @@ class TrustState:
         with np.load(Path(path), allow_pickle=False) as z:
             header = json.loads(str(z["header"]))
             arrays = {k: np.array(z[k]) for k in cls._ARRAYS if k in z.files}
+            if "precision_triu" in z.files:
+                arrays["precision"] = _unpack_symmetric(np.array(z["precision_triu"]))
         header.pop("version", None)
         known = {k: v for k, v in header.items() if k in cls.__dataclass_fields__}
         return cls(**known, **arrays)
+
+
+def _unpack_symmetric(triu: np.ndarray) -> np.ndarray:
+    """Rebuild a symmetric [D, D] matrix from its packed upper triangle (row-major, diagonal included)."""
+    d = int(round((np.sqrt(8 * len(triu) + 1) - 1) / 2))
+    m = np.zeros((d, d), dtype=triu.dtype)
+    m[np.triu_indices(d)] = triu
+    return m + np.triu(m, 1).T
 
 
 def coarse_from_fine(labels: np.ndarray, n_classes: int) -> np.ndarray:
