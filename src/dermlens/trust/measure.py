@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from dermlens.bundle import TRUST, read_card
-from dermlens.metadata import encode_rows
+from dermlens.metadata import encode_metadata, encode_rows
 from dermlens.preprocess import Preprocessing, load_rgb
 from dermlens.settings import data_root
 from dermlens.trust import cam as camlib
@@ -133,6 +133,11 @@ def _meta(df: pd.DataFrame) -> np.ndarray:
     return encode_rows(list(df["age"]), list(df["sex"]), list(df["site"]))
 
 
+def _no_meta(n: int) -> np.ndarray:
+    """Metadata rows with every field missing, as the runtime encodes an upload without metadata."""
+    return np.repeat(encode_metadata()[None], n, axis=0)
+
+
 def balanced_accuracy(pred: np.ndarray, labels: np.ndarray) -> float:
     """Mean per-class recall over the classes present in labels."""
     return float(np.mean([(pred[labels == c] == c).mean() for c in np.unique(labels)]))
@@ -180,7 +185,7 @@ def _ood(model: BundleModel, state: TrustState, test_out: dict, test_images: np.
     }
     far: dict[str, list[np.ndarray]] = {m: [] for m in methods}
     for name, imgs in sets.items():
-        out = model.run(imgs)
+        out = model.run(imgs, _no_meta(len(imgs)))
         row: dict[str, Any] = {"n": len(imgs)}
         for m in methods:
             s = state.score(m, out["fine_logits"], out["embedding"])
