@@ -143,6 +143,14 @@ def balanced_accuracy(pred: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean([(pred[labels == c] == c).mean() for c in np.unique(labels)]))
 
 
+def ece_ci(probs: np.ndarray, labels: np.ndarray, bins: int, n_boot: int = 200, seed: int = 0) -> list[float]:
+    """95% bootstrap interval (image resampling) of the top-label ECE."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(labels), size=(n_boot, len(labels)))
+    vals = [ece(probs[i], labels[i], bins) for i in idx]
+    return [float(np.quantile(vals, 0.025)), float(np.quantile(vals, 0.975))]
+
+
 def _calibration(
     out: dict[str, np.ndarray], labels: np.ndarray, state: TrustState, bins: int
 ) -> dict[str, Any]:
@@ -153,6 +161,7 @@ def _calibration(
         "fine": {
             "ece_before": ece(softmax(fine), labels, bins),
             "ece_after": ece(softmax(fine, state.temperature_fine), labels, bins),
+            "ece_after_ci95": ece_ci(softmax(fine, state.temperature_fine), labels, bins),
             "nll_before": nll(fine, labels),
             "nll_after": nll(fine, labels, state.temperature_fine),
             "accuracy": float((fine.argmax(1) == labels).mean()),
@@ -477,6 +486,23 @@ def markdown(r: dict[str, Any]) -> str:
                 f"| {s} | {c['n']} | {head} | {_f(h['ece_before'])} | {_f(h['ece_after'])} | "
                 f"{_f(h['nll_before'])} | {_f(h['nll_after'])} |"
             )
+    t = r["calibration"]["test"]["fine"]
+    lo, hi = t["ece_after_ci95"]
+    lines += [
+        "",
+        f"Test fine-head ECE after scaling {_f(t['ece_after'])} (95% bootstrap interval {_f(lo)}-{_f(hi)}). "
+        f"Test accuracy {_f(t['accuracy'])}, balanced accuracy {_f(t['balanced_accuracy'])}.",
+        "",
+    ]
+    rel = r["reliability_test"]
+    lines += ["Reliability (test, fine head, calibrated): confidence bin: n, mean confidence, accuracy", ""]
+    lines += [
+        f"- {lo:.2f}-{hi:.2f}: {n}, {_f(c)}, {_f(a)}"
+        for lo, hi, n, c, a in zip(
+            rel["lower"], rel["upper"], rel["count"], rel["confidence"], rel["accuracy"], strict=True
+        )
+        if n
+    ]
     o = r["ood"]
     methods = list(o["thresholds"])
     lines += [
