@@ -6,6 +6,7 @@ import typer
 
 from dermlens import DISCLAIMER, __version__
 from dermlens.cli import data
+from dermlens.cli import evaluate as evaluate_cli
 from dermlens.cli import export as export_cli
 from dermlens.cli import predict as predict_cli
 from dermlens.cli import records as records_cli
@@ -20,6 +21,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(data.app, name="data")
+app.command("evaluate")(evaluate_cli.evaluate)
 app.command("export")(export_cli.export)
 app.command("predict")(predict_cli.predict)
 app.command("serve")(serve_cli.serve)
