@@ -60,15 +60,15 @@ def load_in_order(
     """Copy tensors positionally onto model.state_dict(), checking every shape; returns the count."""
     src = [(k, v) for k, v in source.items() if k not in drop]
     dst = model.state_dict()
-    if len(src) != len(dst):
-        raise WeightsError(f"weights have {len(src)} tensors but the model expects {len(dst)}")
     new = {}
-    for (sk, sv), (dk, dv) in zip(src, dst.items(), strict=True):
+    for (sk, sv), (dk, dv) in zip(src, dst.items(), strict=False):
         if tuple(sv.shape) != tuple(dv.shape):
             raise WeightsError(
                 f"shape mismatch: weights {sk} {tuple(sv.shape)} vs model {dk} {tuple(dv.shape)}"
             )
         new[dk] = sv.to(dv.dtype)
+    if len(src) != len(dst):
+        raise WeightsError(f"weights have {len(src)} tensors but the model expects {len(dst)}")
     model.load_state_dict(new, strict=True)
     return len(new)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from importlib import resources
 from pathlib import Path
@@ -49,6 +50,9 @@ def apply_override(cfg: dict, item: str) -> dict:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as e:
         raise ConfigError(f"cannot parse value in override {item!r}: {e}") from e
+    if isinstance(value, str):  # YAML 1.1 reads "2e-4" as a string
+        with contextlib.suppress(ValueError):
+            value = float(value)
     node[parts[-1]] = value
     return cfg
 

@@ -176,7 +176,7 @@ def finish(run_dir: Path, dm, module_cls, ckpt: Path, cfg: dict, seconds: float)
         **out,
         fine_labels=dm.val.fine,
         coarse_labels=dm.val.coarse,
-        image_ids=dm.val.image_ids,
+        image_ids=np.asarray(dm.val.image_ids, dtype=str),
         classes=np.array(dm.classes),
     )
     state = {k: v.float() if v.is_floating_point() else v for k, v in module.eval_net().state_dict().items()}
