@@ -34,7 +34,7 @@ def test_torchrun_two_process_ddp(tiny_dir: Path, tmp_path: Path) -> None:
         f"data.dir={tiny_dir}", f"trainer.run_dir={run}", "preprocess.height=64", "preprocess.width=80",
         "data.batch_size=8", "trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.threads=1",
         "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", "sampler.name=sqrt",
-        "trainer.patience=0",
+        "trainer.patience=0", "trainer.freeze_epochs=1", "model.metadata=true",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)

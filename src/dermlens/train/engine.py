@@ -77,6 +77,17 @@ def _callbacks(cfg: dict, ckpt_dir: Path) -> list:
     return cbs
 
 
+def resolve_strategy(t: dict) -> str:
+    """DDP needs find_unused_parameters while early blocks are frozen (freeze_epochs > 0)."""
+    strategy = str(t.get("strategy", "auto"))
+    devices = t.get("devices", "auto")
+    multi = int(os.environ.get("WORLD_SIZE", "1")) > 1 or (isinstance(devices, int) and devices > 1)
+    multi = multi or (devices == "auto" and torch.cuda.device_count() > 1)
+    if int(t.get("freeze_epochs", 0) or 0) > 0 and strategy in ("auto", "ddp") and multi:
+        return "ddp_find_unused_parameters_true"
+    return strategy
+
+
 def build_trainer(cfg: dict, run_dir: Path):
     """A Lightning Trainer configured from the `trainer:` section (CPU, one GPU or DDP via torchrun)."""
     import lightning as L
@@ -88,7 +99,7 @@ def build_trainer(cfg: dict, run_dir: Path):
         default_root_dir=run_dir,
         accelerator=accelerator,
         devices=t.get("devices", "auto"),
-        strategy=t.get("strategy", "auto"),
+        strategy=resolve_strategy(t),
         num_nodes=int(t.get("num_nodes", 1)),
         precision=resolve_precision(str(t.get("precision", "auto")), accelerator),
         max_epochs=int(t["max_epochs"]),
