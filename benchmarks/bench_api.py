@@ -8,11 +8,17 @@ shows what HTTP, multipart parsing, queueing and the durable record add.
     .venv/bin/python benchmarks/bench_api.py [--requests 400] [--clients 8] [--model DIR] [--precision int8]
 """
 
+# ruff: noqa: E402
 from __future__ import annotations
+
+import os
+
+# As `dermlens serve` does: one BLAS thread, so the in-process baseline is measured like the server.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 
 import argparse
 import io
-import os
 import socket
 import subprocess
 import sys

@@ -396,12 +396,12 @@ def create_app(
     _install_error_handlers(app)
     bearer = HTTPBearer(auto_error=False, description="Needed only when the server sets an API token")
 
-    def service() -> Service:
+    async def service() -> Service:
         if "service" not in state:
             raise ApiError(503, "model_unavailable", "the model is not loaded")
         return state["service"]
 
-    def authorize(cred: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+    async def authorize(cred: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
         header = f"{cred.scheme} {cred.credentials}" if cred else None
         if not token_ok(settings.api_token, header):
             raise ApiError(

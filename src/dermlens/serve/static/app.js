@@ -106,6 +106,13 @@ function className(code) {
   return c ? c.name : code;
 }
 
+function oodText(score) {
+  if (score === null || score === undefined) return "";
+  const thr = state.model.card.ood && state.model.card.ood.threshold;
+  const fmt = (v) => (Math.abs(v) >= 100 ? v.toFixed(0) : v.toPrecision(3));
+  return ` · OOD score ${fmt(score)}` + (typeof thr === "number" ? ` (refused above ${fmt(thr)})` : "");
+}
+
 function render(r) {
   const refused = r.ood.flagged;
   show($("ood-warning"), refused);
@@ -139,7 +146,7 @@ function render(r) {
   const t = r.timing_ms.total;
   $("meta-line").textContent =
     `Model ${r.model_name} v${r.model_version}` +
-    (r.ood.score !== null ? ` · OOD score ${r.ood.score.toFixed(3)}` : "") +
+    oodText(r.ood.score) +
     (t !== undefined ? ` · ${Math.round(t)} ms` : "") +
     ` · record ${r.record_id.slice(0, 8)}`;
   show($("result"), true);
