@@ -111,6 +111,8 @@ def test_short_run_lowers_loss_and_writes_run_folder(tiny_dir: Path, tmp_path: P
     for name in ("config.yaml", "metrics_val.json", "val_outputs.npz", "model.pt", "checkpoints/best.ckpt"):
         assert (run / name).is_file(), name
     assert any((run / "logs" / "tb").glob("events.*"))
+    last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["epoch"] == 2  # last.ckpt is written every epoch, whatever val/bal_acc did
     out = np.load(run / "val_outputs.npz")
     n = len(out["image_ids"])
     assert out["fine_logits"].shape == (n, 7) and out["coarse_logits"].shape == (n, 2)
@@ -138,3 +140,4 @@ def test_resume_restores_model_optimizer_and_epoch(tiny_dir: Path, tmp_path: Pat
     opt_steps = {int(s["step"]) for s in second["optimizer_states"][0]["state"].values()}
     assert opt_steps == {8}  # AdamW moments continued from the first run, not restarted
     assert second["lr_schedulers"][0]["last_epoch"] == 8
+    assert (run / "logs" / "csv" / "metrics.part1.csv").is_file()  # first session's CSV log kept

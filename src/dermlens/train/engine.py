@@ -54,9 +54,12 @@ def _callbacks(cfg: dict, ckpt_dir: Path) -> list:
             filename="best",
             monitor="val/bal_acc",
             mode="max",
-            save_last=True,
             save_top_k=1,
             enable_version_counter=False,
+        ),
+        # Lightning 2.6 writes save_last only when the monitored checkpoint improves: keep our own every epoch
+        ModelCheckpoint(
+            dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1, enable_version_counter=False
         ),
         LearningRateMonitor(logging_interval="step"),
     ]
@@ -88,6 +91,14 @@ def resolve_strategy(t: dict) -> str:
     return strategy
 
 
+def _keep_csv_history(csv_dir: Path) -> None:
+    """CSVLogger deletes an existing metrics.csv; on resume keep it as metrics.partN.csv."""
+    old = csv_dir / "metrics.csv"
+    if old.is_file() and int(os.environ.get("RANK", "0")) == 0:
+        n = len(list(csv_dir.glob("metrics.part*.csv"))) + 1
+        old.rename(csv_dir / f"metrics.part{n}.csv")
+
+
 def build_trainer(cfg: dict, run_dir: Path):
     """A Lightning Trainer configured from the `trainer:` section (CPU, one GPU or DDP via torchrun)."""
     import lightning as L
@@ -95,6 +106,7 @@ def build_trainer(cfg: dict, run_dir: Path):
 
     t = cfg["trainer"]
     accelerator = str(t.get("accelerator", "auto"))
+    _keep_csv_history(run_dir / "logs" / "csv")
     return L.Trainer(
         default_root_dir=run_dir,
         accelerator=accelerator,
