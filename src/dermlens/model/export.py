@@ -225,18 +225,23 @@ def export_onnx(net: DermNet, path: str | Path, prep: Preprocessing, opset: int 
 # ---- int8 ------------------------------------------------------------------------------------------------
 
 
-def calibration_reader(images: np.ndarray, meta: np.ndarray, prep: Preprocessing, batch_size: int = 16):
-    """An onnxruntime CalibrationDataReader over uint8 NxHxWx3 images (normalized like training)."""
+def calibration_reader(images: np.ndarray, meta: np.ndarray, prep: Preprocessing, batch_size: int = 10):
+    """An onnxruntime CalibrationDataReader over uint8 NxHxWx3 images (normalized like training).
+
+    Every batch has the same size (a remainder is dropped): histogram calibrators stack batches.
+    """
     from onnxruntime.quantization import CalibrationDataReader
+
+    stop = len(images) - len(images) % batch_size if len(images) >= batch_size else len(images)
 
     class _Reader(CalibrationDataReader):
         def __init__(self) -> None:
             self.start = 0
 
         def get_next(self) -> dict[str, np.ndarray] | None:
-            if self.start >= len(images):
+            if self.start >= stop:
                 return None
-            s, self.start = self.start, self.start + batch_size
+            s, self.start = self.start, min(self.start + batch_size, stop)
             return {"image": prep.normalize(np.asarray(images[s : self.start])), "meta": meta[s : self.start]}
 
         def rewind(self) -> None:
@@ -264,12 +269,12 @@ def quantize_int8(
         "entropy": CalibrationMethod.Entropy,
         "percentile": CalibrationMethod.Percentile,
     }[str(cfg.get("calibrate_method", "minmax")).lower()]
-    exclude = set(cfg.get("exclude") or [])  # op types (Gemm) or node names (/conv_head/Conv)
+    exclude = [str(e) for e in cfg.get("exclude") or []]  # op types, node names, or name prefixes ending in /
     with tempfile.TemporaryDirectory(prefix="dermlens-quant-") as tmp:
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
         graph = onnx.load(str(pre)).graph
-        names = [n.name for n in graph.node if n.op_type in exclude or n.name in exclude]
+        names = [n.name for n in graph.node if _excluded(n.name, n.op_type, exclude)]
         inputs = {i.name for i in graph.input}
         reader = calibration_reader(images, meta, prep)
         if "meta" not in inputs:
@@ -288,12 +293,51 @@ def quantize_int8(
                 weight_type=QuantType.QInt8,
                 calibrate_method=method,
                 nodes_to_exclude=names,
-                extra_options={"CalibTensorRangeSymmetric": False},
+                extra_options={"CalibTensorRangeSymmetric": False, **(cfg.get("extra_options") or {})},
             )
         finally:
             root.setLevel(level)
     _restore_meta_input(Path(out_path), fp32_path)
     return Path(out_path)
+
+
+def _excluded(name: str, op_type: str, patterns: list[str]) -> bool:
+    """A node matches an op type (Gemm), its exact name, or a name prefix ending in '/' (/head/)."""
+    return any(op_type == p or name == p or (p.endswith("/") and name.startswith(p)) for p in patterns)
+
+
+def quantize_checked(
+    fp32_path: Path,
+    out_path: Path,
+    calibration: tuple[np.ndarray, np.ndarray],
+    val: SplitImages,
+    prep: Preprocessing,
+    cfg: dict[str, Any],
+    fp32_bal_acc: float,
+    log: Callable[[str], None] = print,
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Quantize with cfg['exclude'], then with each cumulative cfg['fallbacks'] exclusion (more layers kept
+    in fp32) until val balanced accuracy is within cfg['max_drop'] of fp32; keeps the first that is (else
+    the closest). Returns the int8 val outputs and what was tried."""
+    base = list(cfg.get("exclude") or [])
+    candidates = [base]
+    for extra in cfg.get("fallbacks") or []:
+        candidates.append(candidates[-1] + list(extra))
+    tried, best = [], None
+    for exclude in candidates:
+        quantize_int8(fp32_path, out_path, *calibration, prep, {**cfg, "exclude": exclude})
+        outs = OnnxModel(out_path).run_images(val.images, prep, val.meta)
+        bal = classification_metrics(outs["fine_logits"], val.labels, outs["fine_logits"].shape[1])["bal_acc"]
+        tried.append({"exclude": exclude, "bal_acc": bal, "size_bytes": out_path.stat().st_size})
+        log(f"int8 excluding {exclude}: val balanced accuracy {bal:.4f} (fp32 {fp32_bal_acc:.4f})")
+        if best is None or abs(bal - fp32_bal_acc) < abs(best[1] - fp32_bal_acc):
+            best = (exclude, bal, out_path.read_bytes(), outs)
+        if abs(bal - fp32_bal_acc) <= float(cfg.get("max_drop", 0.01)):
+            break
+    assert best is not None
+    if best[0] is not tried[-1]["exclude"]:  # an earlier candidate was closer: restore it
+        out_path.write_bytes(best[2])
+    return best[3], {"exclude": best[0], "tried": tried}
 
 
 class _DropMeta:
@@ -500,15 +544,20 @@ def export_bundle(
     pick = np.sort(
         rng.choice(len(train.labels), min(int(q["calibration_images"]), len(train.labels)), replace=False)
     )
-    quantize_int8(out / ONNX_FP32, out / ONNX_INT8, train.images[pick], train.meta[pick], prep, q)
-    int8_out = OnnxModel(out / ONNX_INT8).run_images(val.images, prep, val.meta, bs)
-    log(f"wrote {out / ONNX_INT8} (calibrated on {len(pick)} train images)")
-
     n = len(classes)
-    m32, m8 = (
-        classification_metrics(val_out["fine_logits"], val.labels, n),
-        classification_metrics(int8_out["fine_logits"], val.labels, n),
+    m32 = classification_metrics(val_out["fine_logits"], val.labels, n)
+    int8_out, q_info = quantize_checked(
+        out / ONNX_FP32,
+        out / ONNX_INT8,
+        (train.images[pick], train.meta[pick]),
+        val,
+        prep,
+        q,
+        m32["bal_acc"],
+        log,
     )
+    log(f"wrote {out / ONNX_INT8} (calibrated on {len(pick)} train images)")
+    m8 = classification_metrics(int8_out["fine_logits"], val.labels, n)
     int8_scores = state.ood_score(int8_out["fine_logits"], int8_out["embedding"])
     m8 |= {
         "top1_agreement_with_fp32": float(
@@ -555,7 +604,7 @@ def export_bundle(
             "opset": int(cfg["opset"]),
             "inputs": {"image": ["batch", 3, "height", "width"], "meta": ["batch", META_DIM]},
             "outputs": list(OUTPUTS),
-            "int8": {**q, "calibration_images": int(len(pick)), "calibration_split": "train"},
+            "int8": {**q, **q_info, "calibration_images": int(len(pick)), "calibration_split": "train"},
             "parity_fp32_vs_torch": parity,
             "files": {f: _sha256(out / f) for f in (ONNX_FP32, ONNX_INT8, TRUST, TORCH_WEIGHTS)},
         },

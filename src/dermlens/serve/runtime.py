@@ -222,7 +222,13 @@ class Predictor:
         cam: bool = False,
         tta: bool | None = None,
     ) -> dict[str, Any]:
-        """Score decoded RGB uint8 images (any size); returns numpy arrays per key (see module docs)."""
+        """Score decoded RGB uint8 HxWx3 images of any size (meta: dicts of age/sex/site, or None).
+
+        Returns numpy arrays: probs [N,C] (calibrated), probs_uncalibrated, coarse_probs [N,2], malignant [N]
+        (calibrated coarse head), top [N] class index, confidence [N], ood_score [N] (higher = less like
+        dermoscopy), ood, low_confidence and refer [N] bool, embedding [N,D]; plus cam (list of [h,w]
+        heat maps in 0..1 for the top class) when cam=True. tta=None follows the card.
+        """
         from dermlens.trust import selective
         from dermlens.trust.calibration import softmax
 
