@@ -45,8 +45,19 @@ class ModelCard:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelCard:
-        known = {"name", "version", "architecture", "classes", "preprocessing", "uses_metadata",
-                 "coarse_classes", "temperature", "ood", "refer", "tta"}
+        known = {
+            "name",
+            "version",
+            "architecture",
+            "classes",
+            "preprocessing",
+            "uses_metadata",
+            "coarse_classes",
+            "temperature",
+            "ood",
+            "refer",
+            "tta",
+        }
         return cls(
             name=d["name"],
             version=d["version"],
