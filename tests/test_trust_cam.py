@@ -9,9 +9,10 @@ import pytest
 from PIL import Image
 
 from dermlens.bundle import release_dir
+from dermlens.preprocess import load_rgb
 from dermlens.settings import data_root
 from dermlens.trust.cam import cam, dilated_fraction, heat_in_mask, jet, overlay_png, pointing_hit, upsample
-from dermlens.trust.measure import ham_reference
+from dermlens.trust.measure import ham_sample
 
 IMAGE_ID = "ISIC_0024306"
 
@@ -19,7 +20,7 @@ IMAGE_ID = "ISIC_0024306"
 @pytest.fixture(scope="module")
 def lesion() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(model-size RGB, its ImageNet-backbone feature map [D,h,w], its lesion mask) for one HAM image."""
-    from dermlens.preprocess import Preprocessing, load_rgb
+    from dermlens.preprocess import Preprocessing
     from dermlens.trust.measure import imagenet_features
 
     prep = Preprocessing.default()
@@ -85,7 +86,8 @@ def test_release_bundle_cam_from_onnx() -> None:
     pred = Predictor.load(bundle, precision="fp32", threads=1)
     if pred.trust.cam_weight is None:
         pytest.fail("release trust.npz has no cam_weight")
-    images = ham_reference(2, 40)["images"][:3]
+    prep = pred.prep
+    images = np.stack([prep.resize(load_rgb(p)) for p in ham_sample(1, skip=40)["image_path"][:3]])
     out = pred.predict_arrays(list(images), cam=True)
     for heat, rgb in zip(out["cam"], images, strict=True):
         assert heat.ndim == 2 and heat.min() >= 0 and heat.max() <= 1
