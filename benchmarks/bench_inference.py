@@ -3,12 +3,13 @@
 Same model (the bundle's; PyTorch loads its model.pt), same real HAM10000 images at the model input size,
 same batch and thread count. Usage:
 
-    .venv/bin/python benchmarks/bench_inference.py [--bundle DIR] [--threads 2] [--batch 32] [--seconds 10]
+    .venv/bin/python benchmarks/bench_inference.py [--bundle DIR] [--threads 2] [--batch 32] [--seconds 12]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import time
@@ -18,18 +19,27 @@ from pathlib import Path
 import numpy as np
 
 
-def measure(fn: Callable[[], object], batch: int, seconds: float, warmup: int = 2) -> float:
-    """Images/s of repeated fn() calls after warm-up, over at least `seconds`: best of 3 windows."""
-    for _ in range(warmup):
+def window(fn: Callable[[], object], batch: int, seconds: float) -> float:
+    """Images/s of repeated fn() calls over at least `seconds` (and two calls)."""
+    n, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds or n < 2:
         fn()
-    rates = []
-    for _ in range(3):
-        n, start = 0, time.perf_counter()
-        while (elapsed := time.perf_counter() - start) < seconds / 3 or n < 2:
-            fn()
-            n += 1
-        rates.append(n * batch / elapsed)
-    return max(rates)
+        n += 1
+    return n * batch / elapsed
+
+
+def measure_all(
+    engines: dict[str, Callable[[], object]], batch: int, seconds: float, rounds: int
+) -> dict[str, float]:
+    """Round-robin timing windows, best window per engine: fair when other jobs share the machine."""
+    for fn in engines.values():  # warm-up
+        fn()
+        fn()
+    best = dict.fromkeys(engines, 0.0)
+    for _ in range(rounds):
+        for name, fn in engines.items():
+            best[name] = max(best[name], window(fn, batch, seconds / rounds))
+    return best
 
 
 def main() -> None:
@@ -47,7 +57,10 @@ def main() -> None:
     ap.add_argument("--bundle", type=Path, default=None, help="model bundle (default: the packaged release)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--seconds", type=float, default=10.0, help="timed seconds per engine")
+    ap.add_argument("--seconds", type=float, default=12.0, help="timed seconds per engine")
+    ap.add_argument(
+        "--rounds", type=int, default=4, help="round-robin timing windows per engine (best is kept)"
+    )
     ap.add_argument(
         "--spin", action="store_true", help="let onnxruntime threads spin-wait (off in the runtime)"
     )
@@ -65,7 +78,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     net = load_checkpoint(bundle / TORCH_WEIGHTS).net.eval()
     xt, mt = torch.from_numpy(x), torch.from_numpy(meta) if net.uses_metadata else None
-    xt_cl, net_cl = xt.contiguous(memory_format=torch.channels_last), None
+    xt_cl = xt.contiguous(memory_format=torch.channels_last)
+    net_cl = copy.deepcopy(net).to(memory_format=torch.channels_last)
 
     def eager() -> object:
         with torch.inference_mode():
@@ -75,15 +89,14 @@ def main() -> None:
         with torch.inference_mode():
             return net_cl(xt_cl, mt)
 
-    results: dict[str, float] = {"pytorch_eager_fp32": measure(eager, len(x), args.seconds)}
-    import copy
-
-    net_cl = copy.deepcopy(net).to(memory_format=torch.channels_last)
-    results["pytorch_eager_fp32_channels_last"] = measure(eager_cl, len(x), args.seconds)
+    engines: dict[str, Callable[[], object]] = {
+        "pytorch_eager_fp32": eager,
+        "pytorch_eager_fp32_channels_last": eager_cl,
+    }
     for name, file in (("onnxruntime_fp32", ONNX_FP32), ("onnxruntime_int8", ONNX_INT8)):
         model = OnnxModel(bundle / file, threads=args.threads, spin=args.spin)
-        results[name] = measure(lambda m=model: m.run(x, meta, feature_map=False), len(x), args.seconds)
-
+        engines[name] = lambda m=model: m.run(x, meta, feature_map=False)
+    results = measure_all(engines, len(x), args.seconds, args.rounds)
     base = results["pytorch_eager_fp32"]
     print(
         f"dermlens inference benchmark: model {card.name} {card.version}, input {prep.height}x{prep.width}, "
