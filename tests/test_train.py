@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -141,3 +142,5 @@ def test_resume_restores_model_optimizer_and_epoch(tiny_dir: Path, tmp_path: Pat
     assert opt_steps == {8}  # AdamW moments continued from the first run, not restarted
     assert second["lr_schedulers"][0]["last_epoch"] == 8
     assert (run / "logs" / "csv" / "metrics.part1.csv").is_file()  # first session's CSV log kept
+    times = json.loads((run / "train_seconds.json").read_text())
+    assert times["seconds"] > times["this_session"]  # training time summed over both sessions

@@ -1,4 +1,4 @@
-"""Wall-clock training budget: drives a time-based cosine schedule and stops at an epoch boundary in time."""
+"""Training clock (survives resume) and wall-clock budget driving a time-based cosine schedule."""
 
 from __future__ import annotations
 
@@ -7,11 +7,10 @@ import time
 import lightning as L
 
 
-class TimeBudget(L.Callback):
-    """Tracks training time (survives resume via checkpoint state) and stops before the budget runs out."""
+class TrainClock(L.Callback):
+    """Training time summed over sessions: its state is saved in every checkpoint."""
 
-    def __init__(self, minutes: float) -> None:
-        self.budget = float(minutes) * 60.0
+    def __init__(self) -> None:
         self.offset = 0.0
         self.start: float | None = None
         self.epoch_start: float | None = None
@@ -20,10 +19,6 @@ class TimeBudget(L.Callback):
     def elapsed(self) -> float:
         return self.offset + (time.time() - self.start if self.start is not None else 0.0)
 
-    def progress(self) -> float:
-        """Fraction of the budget used, 0..1."""
-        return min(1.0, self.elapsed() / self.budget)
-
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.start = time.time()
 
@@ -31,11 +26,8 @@ class TimeBudget(L.Callback):
         self.epoch_start = time.time()
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or self.epoch_start is None:
-            return
-        self.longest_epoch = max(self.longest_epoch, time.time() - self.epoch_start)
-        if self.elapsed() + 0.9 * self.longest_epoch > self.budget:
-            trainer.should_stop = True
+        if not trainer.sanity_checking and self.epoch_start is not None:
+            self.longest_epoch = max(self.longest_epoch, time.time() - self.epoch_start)
 
     def state_dict(self) -> dict:
         return {"elapsed": self.elapsed(), "longest_epoch": self.longest_epoch}
@@ -43,3 +35,20 @@ class TimeBudget(L.Callback):
     def load_state_dict(self, state: dict) -> None:
         self.offset = float(state.get("elapsed", 0.0))
         self.longest_epoch = float(state.get("longest_epoch", 0.0))
+
+
+class TimeBudget(TrainClock):
+    """A TrainClock that stops at the last epoch boundary that fits in the budget."""
+
+    def __init__(self, minutes: float) -> None:
+        super().__init__()
+        self.budget = float(minutes) * 60.0
+
+    def progress(self) -> float:
+        """Fraction of the budget used, 0..1."""
+        return min(1.0, self.elapsed() / self.budget)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not trainer.sanity_checking and self.elapsed() + 0.9 * self.longest_epoch > self.budget:
+            trainer.should_stop = True

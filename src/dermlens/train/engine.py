@@ -63,10 +63,9 @@ def _callbacks(cfg: dict, ckpt_dir: Path) -> list:
         ),
         LearningRateMonitor(logging_interval="step"),
     ]
-    if t.get("time_budget_min"):
-        from dermlens.train.budget import TimeBudget
+    from dermlens.train.budget import TimeBudget, TrainClock
 
-        cbs.append(TimeBudget(float(t["time_budget_min"])))
+    cbs.append(TimeBudget(float(t["time_budget_min"])) if t.get("time_budget_min") else TrainClock())
     if int(t.get("patience", 0) or 0) > 0:
         cbs.append(EarlyStopping(monitor="val/bal_acc", mode="max", patience=int(t["patience"])))
     if t.get("progress", "rich") == "rich":
@@ -235,9 +234,11 @@ def train(cfg: dict, resume: bool | None = None) -> dict | None:
     seconds = time.time() - start
     if not trainer.is_global_zero:
         return None
-    times = run_dir / "train_seconds.json"
-    prior = json.loads(times.read_text())["seconds"] if times.is_file() and ckpt_path else 0.0
-    times.write_text(json.dumps({"seconds": prior + seconds}))
+    from dermlens.train.budget import TrainClock
+
+    clock = next(c for c in trainer.callbacks if isinstance(c, TrainClock))
+    total = clock.elapsed() if clock.start is not None else seconds  # summed over resumed sessions
+    (run_dir / "train_seconds.json").write_text(json.dumps({"seconds": total, "this_session": seconds}))
     best = ckpt_dir / BEST
     dm.trainer = None
-    return finish(run_dir, dm, DermModule, best if best.is_file() else last, cfg, prior + seconds)
+    return finish(run_dir, dm, DermModule, best if best.is_file() else last, cfg, total)
