@@ -361,3 +361,56 @@ def evaluate(
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=2) from None
     _print_summary(result, [p for p in paths if p is not None])
+
+
+def external(
+    manifest: Annotated[Path, typer.Option(help="Prepared ISIC 2017 manifest.csv.")],
+    out: Annotated[Path, typer.Option(help="Output folder for external.json.")],
+    split: Annotated[str, typer.Option(help="Split of the manifest to score, or 'all'.")] = "all",
+    model: Annotated[Path | None, typer.Option(help="Model bundle (default: the packaged model).")] = None,
+    n_bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the CIs.")] = 1000,
+) -> None:
+    """External validity on ISIC 2017: melanoma-vs-rest AUC and 3 classes (mel, SK->bkl, nevus->nv)."""
+    import json
+
+    import numpy as np
+    import pandas as pd
+
+    from dermlens.evaluate.external import isic2017_scores
+    from dermlens.preprocess import load_rgb
+    from dermlens.serve.runtime import Predictor
+
+    try:
+        rows = pd.read_csv(manifest)
+    except OSError as e:
+        raise typer.BadParameter(f"cannot read {manifest}: {e}") from e
+    if split != "all":
+        rows = rows[rows["split"] == split]
+    if rows.empty:
+        typer.secho(f"error: no rows in {manifest} for split {split!r}", fg="red", err=True)
+        raise typer.Exit(2)
+    predictor = Predictor.load(model)
+    probs = []
+    for start in range(0, len(rows), 64):
+        batch = rows.iloc[start : start + 64]
+        images = [load_rgb(p) for p in batch["image_path"]]
+        meta = [{"age": r.age, "sex": r.sex, "site": None} for r in batch.itertuples()]
+        probs.append(predictor.predict_arrays(images, meta)["probs"])
+        typer.echo(f"predicted {min(start + 64, len(rows))}/{len(rows)}", err=True)
+    dx = rows["diagnosis"].tolist()
+    scores = isic2017_scores(np.concatenate(probs), predictor.classes, dx, n_bootstrap)
+    scores.update({"split": split, "model_version": predictor.card.version, "disclaimer": DISCLAIMER})
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "external.json").write_text(json.dumps(scores, indent=2) + "\n")
+    tc = scores["three_class"]
+    typer.echo(
+        f"ISIC 2017 [{split}] melanoma AUC {_fmt(scores['melanoma_auc'])}; "
+        f"3-class balanced accuracy {_fmt(tc['balanced_accuracy'])}; "
+        f"SK AUC {_fmt(tc['seborrheic_keratosis_auc'])}"
+    )
+    typer.echo(f"wrote {out / 'external.json'}\n{DISCLAIMER}")
+
+
+def _fmt(m: dict) -> str:
+    return f"{m['value']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
+

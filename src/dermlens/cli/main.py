@@ -22,6 +22,7 @@ app = typer.Typer(
 )
 app.add_typer(data.app, name="data")
 app.command("evaluate")(evaluate_cli.evaluate)
+app.command("external")(evaluate_cli.external)
 app.command("export")(export_cli.export)
 app.command("predict")(predict_cli.predict)
 app.command("serve")(serve_cli.serve)
