@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -60,12 +61,19 @@ class TrustState:
         if method == "mahalanobis":
             if self.class_means is None or self.precision is None:
                 raise ValueError("this TrustState has no Mahalanobis statistics")
-            return ood.mahalanobis_score(embedding, self.class_means, self.precision, self.normalize)
+            return ood.mahalanobis_score(
+                embedding, self.class_means, self.precision, self.normalize, self._mahalanobis_terms
+            )
         if method == "knn":
             if self.knn_bank is None:
                 raise ValueError("this TrustState has no kNN bank")
             return ood.knn_score(embedding, self.knn_bank, self.knn_k)
         raise ValueError(f"unknown OOD method {method!r}; choose from {ood.METHODS}")
+
+    @cached_property
+    def _mahalanobis_terms(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Constants of the Mahalanobis score, computed once per loaded state."""
+        return ood.mahalanobis_terms(self.class_means, self.precision)
 
     def tta_probs(self, view_logits: np.ndarray, head: str = "fine") -> np.ndarray:
         """Average of calibrated per-view probabilities, view_logits [V, N, C], with the TTA temperature."""

@@ -66,16 +66,27 @@ def fit_gaussian(
     return means, precision, alpha
 
 
+def mahalanobis_terms(means: np.ndarray, precision: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-model constants of the Mahalanobis score: finite class means, means @ precision, m P m."""
+    m = np.asarray(means, dtype=np.float64)
+    m = m[np.isfinite(m).all(axis=1)]
+    mp = m @ precision
+    return m, mp, (mp * m).sum(axis=1)
+
+
 def mahalanobis_score(
-    embedding: np.ndarray, means: np.ndarray, precision: np.ndarray, normalize: bool = True
+    embedding: np.ndarray,
+    means: np.ndarray,
+    precision: np.ndarray,
+    normalize: bool = True,
+    terms: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
-    """Minimum over classes of the squared Mahalanobis distance (Lee et al. 2018), tied covariance."""
+    """Minimum over classes of the squared Mahalanobis distance (Lee et al. 2018), tied covariance.
+
+    Pass ``terms`` from :func:`mahalanobis_terms` to skip recomputing the per-model constants."""
     x = l2_normalize(embedding) if normalize else np.asarray(embedding, dtype=np.float64)
-    means = np.asarray(means, dtype=np.float64)
-    ok = np.isfinite(means).all(axis=1)
-    m = means[ok]
-    xp = x @ precision
-    d = (xp * x).sum(axis=1)[:, None] - 2.0 * xp @ m.T + ((m @ precision) * m).sum(axis=1)[None, :]
+    _, mp, mpm = terms if terms is not None else mahalanobis_terms(means, precision)
+    d = ((x @ precision) * x).sum(axis=1)[:, None] - 2.0 * x @ mp.T + mpm[None, :]
     return d.min(axis=1)
 
 
@@ -127,6 +138,7 @@ __all__ = [
     "ledoit_wolf_shrinkage",
     "log_softmax",
     "mahalanobis_score",
+    "mahalanobis_terms",
     "msp_score",
     "threshold_for_keep",
 ]
