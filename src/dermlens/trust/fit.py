@@ -4,7 +4,7 @@ CAM weights) and fit_trust(), the one call the export step makes. Loading and ap
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
@@ -136,7 +136,8 @@ class TrustState:
         """Write trust.npz (arrays + a JSON header); returns the path."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        header = {k: v for k, v in self.__dict__.items() if k not in self._ARRAYS}
+        names = [f.name for f in fields(self) if f.name not in self._ARRAYS]
+        header = {k: getattr(self, k) for k in names}
         header["version"] = STATE_VERSION
         arrays = {k: getattr(self, k) for k in self._ARRAYS if getattr(self, k) is not None}
         arrays = {
