@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import struct
 import threading
 import zlib
@@ -16,20 +15,12 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from bundles import bundle_dir  # tests/bundles.py
 from dermlens import DISCLAIMER
-from dermlens.bundle import release_dir
 from dermlens.data.taxonomy import FINE_NAMES, SITES
 from dermlens.serve.api import BackgroundServer, create_app
 from dermlens.serve.records import RecordStore
 from dermlens.serve.settings import load_settings
-
-
-def bundle_dir() -> Path:
-    """$DERMLENS_TEST_BUNDLE or the packaged release bundle; skip, saying why, while it does not exist."""
-    path = Path(os.environ.get("DERMLENS_TEST_BUNDLE") or release_dir())
-    if not (path / "card.json").is_file():
-        pytest.skip(f"no model bundle at {path} yet (the release bundle is committed by the export step)")
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
+from bundles import bundle_dir  # tests/bundles.py
 from dermlens.bundle import CARD, ONNX_FP32, ONNX_INT8, TORCH_WEIGHTS, TRUST, read_card
 from dermlens.data.taxonomy import HAM_CLASSES
 from dermlens.metadata import META_DIM, encode_rows
@@ -23,7 +24,6 @@ from dermlens.model.export import (
 )
 from dermlens.preprocess import Preprocessing, load_rgb
 from dermlens.serve.runtime import OUTPUTS, OnnxModel
-from test_runtime import bundle_dir  # sibling test module (tests/ is on sys.path)
 
 MAX_FILE_BYTES = 30 * 1024 * 1024
 

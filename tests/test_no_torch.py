@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from test_runtime import bundle_dir  # sibling test module (tests/ is on sys.path)
+from bundles import bundle_dir  # tests/bundles.py
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

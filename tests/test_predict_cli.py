@@ -13,10 +13,10 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from bundles import bundle_dir  # tests/bundles.py
 from dermlens import DISCLAIMER
 from dermlens.data.taxonomy import HAM_CLASSES
 from dermlens.evaluate.isic_csv import read_predictions
-from test_runtime import bundle_dir  # sibling test module (tests/ is on sys.path)
 
 ISIC_HEADER = "image,MEL,NV,BCC,AKIEC,BKL,DF,VASC"
 

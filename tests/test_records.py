@@ -13,25 +13,16 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
-import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 from typer.testing import CliRunner
 
-from dermlens.bundle import release_dir
+from bundles import bundle_dir  # tests/bundles.py
 from dermlens.cli.records import app as records_app
 from dermlens.serve.records import NewRecord, RecordStore, export_csv
 from dermlens.serve.settings import load_settings
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def bundle_dir() -> Path:
-    """$DERMLENS_TEST_BUNDLE or the packaged release bundle; skip, saying why, while it does not exist."""
-    path = Path(os.environ.get("DERMLENS_TEST_BUNDLE") or release_dir())
-    if not (path / "card.json").is_file():
-        pytest.skip(f"no model bundle at {path} yet (the release bundle is committed by the export step)")
-    return path
 
 
 def new_record(**kw) -> NewRecord:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
 import threading
 from pathlib import Path
 
@@ -11,17 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dermlens.bundle import BundleError, release_dir
+from bundles import bundle_dir  # tests/bundles.py
+from dermlens.bundle import BundleError
 from dermlens.data.taxonomy import HAM_CLASSES
 from dermlens.preprocess import ImageDecodeError, load_rgb
-
-
-def bundle_dir() -> Path:
-    """$DERMLENS_TEST_BUNDLE or the packaged release bundle; skip, saying why, while it does not exist."""
-    path = Path(os.environ.get("DERMLENS_TEST_BUNDLE") or release_dir())
-    if not (path / "card.json").is_file():
-        pytest.skip(f"no model bundle at {path} yet (the release bundle is committed by the export step)")
-    return path
 
 
 @pytest.fixture(scope="module")

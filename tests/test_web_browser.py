@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bundles import bundle_dir  # tests/bundles.py
 from dermlens import DISCLAIMER
-from dermlens.bundle import release_dir
 from dermlens.data.taxonomy import FINE_NAMES, SITES
 
 pytestmark = pytest.mark.slow
@@ -29,14 +29,6 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
-
-
-def bundle_dir() -> Path:
-    """$DERMLENS_TEST_BUNDLE or the packaged release bundle; skip, saying why, while it does not exist."""
-    path = Path(os.environ.get("DERMLENS_TEST_BUNDLE") or release_dir())
-    if not (path / "card.json").is_file():
-        pytest.skip(f"no model bundle at {path} yet (the release bundle is committed by the export step)")
-    return path
 
 
 def photos() -> list[tuple[str, np.ndarray]]:
