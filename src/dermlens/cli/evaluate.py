@@ -107,14 +107,42 @@ def _from_csv(
     return out
 
 
-def _from_model(manifest: Path, split: str, model: Path | None, cfg) -> _Inputs:
-    """Run the serve runtime's Predictor on a manifest split (labelled images only)."""
+def _predict_rows(predictor, rows, batch_size: int) -> dict:
+    """Predict every manifest row (image plus age/sex/site where present) in batches -> stacked arrays."""
     import math
 
     import numpy as np
 
-    from dermlens.data.manifest import read_manifest
     from dermlens.preprocess import load_rgb
+
+    def text(v: object) -> str | None:
+        return v if isinstance(v, str) else None
+
+    parts: dict[str, list] = {}
+    for start in range(0, len(rows), batch_size):
+        batch = rows.iloc[start : start + batch_size]
+        images = [load_rgb(p) for p in batch["image_path"]]
+        meta = [
+            {
+                "age": None
+                if r.age is None or (isinstance(r.age, float) and math.isnan(r.age))
+                else float(r.age),
+                "sex": text(r.sex),
+                "site": text(getattr(r, "site", None)),
+            }
+            for r in batch.itertuples()
+        ]
+        for k, v in predictor.predict_arrays(images, meta).items():
+            parts.setdefault(k, []).append(np.asarray(v))
+        typer.echo(f"predicted {min(start + batch_size, len(rows))}/{len(rows)}", err=True)
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def _from_model(manifest: Path, split: str, model: Path | None, cfg) -> _Inputs:
+    """Run the serve runtime's Predictor on a manifest split (labelled images only)."""
+    import numpy as np
+
+    from dermlens.data.manifest import read_manifest
 
     try:
         from dermlens.serve.runtime import Predictor
@@ -137,24 +165,7 @@ def _from_model(manifest: Path, split: str, model: Path | None, cfg) -> _Inputs:
         )
     if labelled.empty:
         raise EvaluationInputError(f"{manifest}: no labelled images in split {split!r}")
-    parts: dict[str, list] = {}
-    for start in range(0, len(labelled), cfg.batch_size):
-        batch = labelled.iloc[start : start + cfg.batch_size]
-        images = [load_rgb(p) for p in batch["image_path"]]
-        meta = [
-            {
-                "age": None
-                if r.age is None or (isinstance(r.age, float) and math.isnan(r.age))
-                else float(r.age),
-                "sex": r.sex if isinstance(r.sex, str) else None,
-                "site": r.site if isinstance(r.site, str) else None,
-            }
-            for r in batch.itertuples()
-        ]
-        for k, v in predictor.predict_arrays(images, meta).items():
-            parts.setdefault(k, []).append(np.asarray(v))
-        typer.echo(f"predicted {min(start + cfg.batch_size, len(labelled))}/{len(labelled)}", err=True)
-    arr = {k: np.concatenate(v) for k, v in parts.items()}
+    arr = _predict_rows(predictor, labelled, cfg.batch_size)
     truth = np.array([classes.index(c) for c in labelled["diagnosis"]])
     group_col = "group_id" if "group_id" in labelled.columns else "lesion_id"
     return _Inputs(
@@ -373,11 +384,10 @@ def external(
     """External validity on ISIC 2017: melanoma-vs-rest AUC and 3 classes (mel, SK->bkl, nevus->nv)."""
     import json
 
-    import numpy as np
     import pandas as pd
 
+    from dermlens.evaluate import EvaluateConfig
     from dermlens.evaluate.external import isic2017_scores
-    from dermlens.preprocess import load_rgb
     from dermlens.serve.runtime import Predictor
 
     try:
@@ -390,15 +400,8 @@ def external(
         typer.secho(f"error: no rows in {manifest} for split {split!r}", fg="red", err=True)
         raise typer.Exit(2)
     predictor = Predictor.load(model)
-    probs = []
-    for start in range(0, len(rows), 64):
-        batch = rows.iloc[start : start + 64]
-        images = [load_rgb(p) for p in batch["image_path"]]
-        meta = [{"age": r.age, "sex": r.sex, "site": None} for r in batch.itertuples()]
-        probs.append(predictor.predict_arrays(images, meta)["probs"])
-        typer.echo(f"predicted {min(start + 64, len(rows))}/{len(rows)}", err=True)
-    dx = rows["diagnosis"].tolist()
-    scores = isic2017_scores(np.concatenate(probs), predictor.classes, dx, n_bootstrap)
+    probs = _predict_rows(predictor, rows, EvaluateConfig.load().batch_size)["probs"]
+    scores = isic2017_scores(probs, predictor.classes, rows["diagnosis"].tolist(), n_bootstrap)
     scores.update({"split": split, "model_version": predictor.card.version, "disclaimer": DISCLAIMER})
     out.mkdir(parents=True, exist_ok=True)
     (out / "external.json").write_text(json.dumps(scores, indent=2) + "\n")
