@@ -110,7 +110,7 @@ def test_api_stores_image_bytes_when_configured(tmp_path, ham_root):
     predictor = Predictor.load(bundle_dir(), threads=1)
     settings = load_settings(records={"url": f"sqlite:///{tmp_path / 'r.db'}", "store_images": True})
     image = sorted((ham_root / "images").glob("*.jpg"))[0]
-    with TestClient(create_app(settings, predictor=predictor)) as client:
+    with TestClient(create_app(settings, predictor=predictor), base_url="http://localhost") as client:
         r = client.post("/predict", files={"file": (image.name, image.read_bytes())}).json()
     row = RecordStore(settings.records.url).get(r["record_id"])
     assert Path(row.image_path).read_bytes() == image.read_bytes()
