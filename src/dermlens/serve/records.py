@@ -152,7 +152,10 @@ def make_engine(url: str | None = None, lock_timeout_s: float = 2.0) -> Engine:
             engine = create_engine(url, connect_args=args)
             event.listen(engine, "connect", _sqlite_pragmas(lock_timeout_s))
             return engine
-        return create_engine(url, pool_pre_ping=True, pool_timeout=lock_timeout_s)
+        args = {}
+        if parsed.get_backend_name() == "postgresql":  # wait (bounded) for locks, then fail: 503
+            args = {"options": f"-c lock_timeout={int(lock_timeout_s * 1000)}", "connect_timeout": 10}
+        return create_engine(url, pool_pre_ping=True, pool_timeout=lock_timeout_s, connect_args=args)
     except ArgumentError as e:
         raise RecordsConfigError(f"records URL {url!r} is not a valid SQLAlchemy URL") from e
     except ImportError as e:
