@@ -161,7 +161,7 @@ class DermDataModule(L.LightningDataModule):
         df = df.assign(split=np.where(known, "train", "-"))
         if holdout:
             held = holdout_rows(df, float(holdout), seed)
-            df.loc[held if not keep_rest else df.index.difference(held), "split"] = "-"
+            df.loc[held if keep_rest else df.index.difference(held), "split"] = "-"
         part = SplitData(df, "train", self.classes, None, seed)
         if len(part) == 0:
             raise DataSetupError(f"{data_dir} has no train rows with one of the classes {self.classes}")
