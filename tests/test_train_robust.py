@@ -121,3 +121,16 @@ def test_run_with_dropout_and_external_val_logs_and_says_why(tiny_dir: Path, tmp
     assert log["ext/bal_acc3"].dropna().between(0, 1).all()
     assert "Finished all 1 epochs" in capsys.readouterr().out
     assert metrics["precision"] in ("bf16-mixed", "32-true")
+
+
+def test_finished_run_is_not_retrained(tiny_dir: Path, tmp_path: Path, capsys) -> None:
+    from dermlens.train.engine import FINISHED, train
+
+    run = tmp_path / "run"
+    args = ("trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=2")
+    first = train(tiny_cfg(tiny_dir, run, *args))
+    assert (run / FINISHED).is_file()
+    stamp = (run / "checkpoints" / "last.ckpt").stat().st_mtime_ns
+    again = train(tiny_cfg(tiny_dir, run, *args))
+    assert "already finished" in capsys.readouterr().out and again == first
+    assert (run / "checkpoints" / "last.ckpt").stat().st_mtime_ns == stamp
