@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import SMALL
 from dermlens.metadata import META_BLOCKS, encode_metadata, mark_missing, missing_vector
 from dermlens.preprocess import Preprocessing, load_rgb, shades_of_gray
 from dermlens.train.config import ConfigError, check_arch, load_config
@@ -134,3 +135,19 @@ def test_finished_run_is_not_retrained(tiny_dir: Path, tmp_path: Path, capsys) -
     again = train(tiny_cfg(tiny_dir, run, *args))
     assert "already finished" in capsys.readouterr().out and again == first
     assert (run / "checkpoints" / "last.ckpt").stat().st_mtime_ns == stamp
+
+
+def test_data_holdout_materialises_the_training_holdout(tiny_dir: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from dermlens.cli.main import app
+    from dermlens.data.manifest import read_manifest
+    from dermlens.train.datamodule import DermDataModule
+
+    out = tmp_path / "holdout"
+    r = CliRunner().invoke(app, ["data", "holdout", str(tiny_dir), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    held = read_manifest(out)
+    dm = DermDataModule(tiny_cfg(tiny_dir, tmp_path / "run", f"data.external_val={tiny_dir}"))
+    assert set(held.loc[held["split"] == "train", "image_id"]) == set(dm.external[1].image_ids)
+    assert (out / "cache" / SMALL.cache_name).is_file()
