@@ -8,6 +8,7 @@ full, 503 with Retry-After.
 """
 
 import base64
+import dataclasses
 import hashlib
 import hmac
 import logging
@@ -277,6 +278,8 @@ class Service:
         self.settings, self.predictor, self.store = settings, predictor, store
         self.limiter = anyio.CapacityLimiter(settings.inference.max_concurrent)
         self.memory = MemoryBudget(settings.limits.memory_budget_bytes)
+        # Model-size resize only: colour constancy (if any) is applied once, by predict_arrays.
+        self.geometry = dataclasses.replace(predictor.prep, color_constancy="none")
         b = settings.inference.batching
         self.batcher = (
             DynamicBatcher(predictor, b.max_batch, b.max_wait_ms, b.max_queue) if b.enabled else None
@@ -306,8 +309,8 @@ class Service:
         except ImageDecodeError as e:
             raise decode_error(e) from e
         size, decode_ms = (int(rgb.shape[1]), int(rgb.shape[0])), (time.perf_counter() - t0) * 1000.0
-        if self.batcher is not None and not cam:
-            return self.predictor.prep.resize(rgb), size, False
+        if self.batcher is not None and not cam:  # shrink now (memory); predict_arrays does the rest
+            return self.geometry.resize(rgb), size, False
         r = self.predictor.predict_image(rgb, meta, cam)
         r.timing_ms = {"decode": decode_ms, **r.timing_ms}
         return r, size, True
