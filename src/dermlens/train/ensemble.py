@@ -359,11 +359,17 @@ def data_dir_of(members: list[Member]) -> Path:
     return Path(members[0].cfg["data"]["dir"]).expanduser()
 
 
-def build_ensemble(recipe: dict[str, Any], bundle: str | Path | None = None, log: Log = print) -> dict:
-    """Members (trained or skipped) -> OOF stacker when asked -> one exported bundle; returns a summary."""
+def build_ensemble(
+    recipe: dict[str, Any],
+    bundle: str | Path | None = None,
+    log: Log = print,
+    members: list[Member] | None = None,
+) -> dict:
+    """Members (trained, resumed or skipped; given `members` are taken as trained) -> OOF stacker -> one
+    exported bundle; returns a summary (also written to OUT/ensemble.json)."""
     from dermlens.model.export import export_bundle
 
-    members = train_members(recipe, log)
+    members = members if members is not None else train_members(recipe, log)
     out = Path(recipe["out"])
     bundle = Path(bundle) if bundle is not None else out / "bundle"
     stacker = None

@@ -23,8 +23,8 @@ from dermlens.train.ensemble import (
     config_hash,
     finished,
     merge_sections,
-    plan_members,
     read_yaml,
+    train_members,
 )
 
 Log = Callable[[str], None]
@@ -103,9 +103,10 @@ def build_release(recipe: dict[str, Any], log: Log = print) -> dict[str, Any]:
     out = Path(recipe["out"])
     out.mkdir(parents=True, exist_ok=True)
     ens = recipe["ensemble"]
-    members = plan_members(ens)
+    log("stage members: training (each resumes from last.ckpt; finished members are skipped)")
+    members = train_members(ens, log)
     ens_key = _key([[config_hash(m.cfg) for m in members], ens["combine"], ens["features"], ens["stack"]])
-    ensemble = run_stage(out, "ensemble", ens_key, lambda: build_ensemble(ens, log=log), log)
+    ensemble = run_stage(out, "ensemble", ens_key, lambda: build_ensemble(ens, log=log, members=members), log)
 
     dis = recipe["distill"]
     log("stage student: training (resumes from last.ckpt; skipped when finished)")
