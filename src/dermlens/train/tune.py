@@ -147,7 +147,8 @@ def requeue_interrupted(study: Any, log: Log) -> int:
     n = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
-        study.enqueue_trial(t.params, user_attrs={"resumes_trial": t.number})
+        params = {**t.system_attrs.get("fixed_params", {}), **t.params}  # enqueued + sampled so far
+        study.enqueue_trial(params, user_attrs={"resumes_trial": t.number})
         log(f"trial {t.number} was interrupted: queued again with the same parameters (resumes its run)")
         n += 1
     return n
@@ -181,6 +182,8 @@ def run_study(cfg: dict[str, Any], log: Log = print) -> dict[str, Any]:
     from optuna.trial import TrialState
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.disable_default_handler()  # its handler keeps the stderr of the first caller: propagate
+    optuna.logging.enable_propagation()
     out = Path(cfg["out"])
     study = open_study(cfg, out)
     requeue_interrupted(study, log)
@@ -221,11 +224,11 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     """A GitHub markdown table of the trial rows, best first."""
     if not rows:
         return "(no trials)\n"
-    cols = [c for c in rows[0] if c != "run_dir"]
+    cols = [c for c in dict.fromkeys(k for r in rows for k in r) if c != "run_dir"]
     key = lambda r: -(r["val_bal_acc"] if isinstance(r["val_bal_acc"], float) else -math.inf)  # noqa: E731
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in sorted(rows, key=key):
-        cells = [f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols]
+        cells = [f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
