@@ -40,7 +40,8 @@ def tune(
     where = Path(summary["storage"]).parent
     if best:
         typer.echo(
-            f"best trial {best['trial']}: val balanced accuracy {best['val_bal_acc']:.4f} {best['params']}; "
+            f"best trial {best['trial']}: {summary['objective']} {best['value']:.4f} "
+            f"(val balanced accuracy {best.get('val_bal_acc') or float('nan'):.4f}) {best['params']}; "
             f"table {where / 'results.md'}"
         )
     else:

@@ -106,19 +106,30 @@ class DistillDataModule(DermDataModule):
 
     def __init__(self, cfg: dict) -> None:
         super().__init__(cfg)
-        path = Path(cfg["distill"]["teacher_logits"])
+        paths = [Path(p) for p in cfg["distill"]["teacher_logits"]]
+        parts = [self.train, *(part for _, part in self.extra)]  # the training ConcatDataset's order
+        if len(paths) != len(parts):
+            raise DistillError(f"{len(paths)} teacher logit files for {len(parts)} training sources")
+        pairs = [self._aligned(p, part.image_ids) for p, part in zip(paths, parts, strict=True)]
+        self.teacher_fine = np.concatenate([f for f, _ in pairs])
+        self.teacher_coarse = np.concatenate([c for _, c in pairs])
+
+    def _aligned(self, path: Path, image_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A teacher file's fine and coarse logits in the order of one training source's images."""
         with np.load(path) as z:
             pos = {str(i): n for n, i in enumerate(z["image_ids"])}
             if tuple(str(c) for c in z["classes"]) != tuple(self.classes):
                 raise DistillError(
-                    f"teacher classes {list(z['classes'])} differ from the data's {self.classes}"
+                    f"teacher classes {list(z['classes'])} differ from the data's {list(self.classes)}"
                 )
-            missing = [i for i in self.train.image_ids if i not in pos]
+            missing = [i for i in image_ids if i not in pos]
             if missing:
                 raise DistillError(f"{path} has no teacher logits for {len(missing)} training images")
-            idx = np.array([pos[i] for i in self.train.image_ids])
-            self.teacher_fine = np.asarray(z["fine_logits"][idx], np.float32)
-            self.teacher_coarse = np.asarray(z["coarse_logits"][idx], np.float32)
+            idx = np.array([pos[i] for i in image_ids], dtype=np.int64)
+            return (
+                np.asarray(z["fine_logits"][idx], np.float32),
+                np.asarray(z["coarse_logits"][idx], np.float32),
+            )
 
     def train_dataloader(self) -> DataLoader:
         base = super().train_dataloader()
@@ -175,14 +186,23 @@ def distill(dcfg: dict[str, Any], extra: list[str] | None = None, log: Log = pri
         raise DistillError("no teacher bundle: pass --teacher BUNDLE_DIR (e.g. an ensemble bundle)")
     cfg = student_config(dcfg, extra)
     run_dir = run_dir_for(cfg)
-    data_dir = Path(cfg["data"]["dir"]).expanduser()
-    logits = teacher_logits(dcfg["teacher"], data_dir, run_dir / TEACHER_FILE, ("train",), log)
-    with np.load(logits) as z:
+    sources = [cfg["data"]["dir"], *(cfg["data"].get("extra_train") or [])]
+    files = [
+        teacher_logits(
+            dcfg["teacher"],
+            Path(d).expanduser(),
+            run_dir / (TEACHER_FILE if i == 0 else f"teacher_{i}.npz"),
+            ("train",),
+            log,
+        )
+        for i, d in enumerate(sources)
+    ]
+    with np.load(files[0]) as z:
         version = str(z["teacher_version"])
     cfg["distill"] = {
         "teacher": str(dcfg["teacher"]),
         "teacher_version": version,
-        "teacher_logits": str(logits),
+        "teacher_logits": [str(f) for f in files],
         "alpha": float(dcfg["alpha"]),
         "temperature": float(dcfg["temperature"]),
     }

@@ -130,10 +130,28 @@ def finished(run_dir: Path, cfg: dict[str, Any] | None = None) -> dict[str, Any]
     return done
 
 
+def monitored_best(run_dir: Path, monitor: str) -> float | None:
+    """Best (max) logged value of the monitored metric over all sessions' CSV logs of a run."""
+    import pandas as pd
+
+    best = None
+    for f in sorted((Path(run_dir) / "logs" / "csv").glob("metrics*.csv")):
+        df = pd.read_csv(f)
+        if monitor in df.columns and df[monitor].notna().any():
+            v = float(df[monitor].max())
+            best = v if best is None else max(best, v)
+    return best
+
+
 def mark_finished(run_dir: Path, cfg: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
-    """Write done.json: the config hash and the run's validation metrics."""
+    """Write done.json: the config hash, the run's validation metrics and its best monitored value."""
     keys = ("bal_acc", "macro_auc", "accuracy", "n", "best_epoch", "train_seconds", "arch")
-    done = {"config_hash": config_hash(cfg), "metrics": {k: metrics.get(k) for k in keys}}
+    monitor = str(cfg["trainer"].get("monitor") or "val/bal_acc")
+    done = {
+        "config_hash": config_hash(cfg),
+        "metrics": {k: metrics.get(k) for k in keys},
+        "monitor": {"name": monitor, "best": monitored_best(run_dir, monitor)},
+    }
     (Path(run_dir) / DONE).write_text(json.dumps(done, indent=2) + "\n")
     return done
 

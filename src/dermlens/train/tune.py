@@ -1,5 +1,8 @@
 """Hyper-parameter search: an Optuna study over named config keys, pruned on val balanced accuracy.
 
+The objective is the best value of the trials' `trainer.monitor` (val/bal_acc by default; val/select
+averages it with the external validation set's balanced accuracy when data.external_val is set).
+
 The search space is YAML (config key -> distribution). Trials are ordinary training runs (one folder per
 parameter set, so an interrupted trial resumes from its last.ckpt and a finished one is never retrained);
 the study lives in SQLite, so rerunning the same command continues it. Results: a table (CSV, markdown,
@@ -63,6 +66,12 @@ def check_space(cfg: dict[str, Any]) -> None:
                 raise ConfigError(f"space key {key!r}: {dist['type']} needs `low:` < `high:`")
             sample = dist["low"]
         apply_override(copy.deepcopy(base), f"{key}={json.dumps(sample)}")  # raises on unknown keys
+
+
+def monitor_of(cfg: dict[str, Any]) -> str:
+    """The metric the study maximizes: the trials' trainer.monitor."""
+    base = load_config(cfg.get("base_config"), list(cfg.get("overrides") or []))
+    return str(base["trainer"].get("monitor") or MONITOR)
 
 
 def suggest(trial: Any, space: dict[str, Any]) -> dict[str, Any]:
@@ -165,13 +174,16 @@ def objective_for(cfg: dict[str, Any], out: Path, log: Log) -> Callable[[Any], f
         run_dir = Path(tcfg["trainer"]["run_dir"])
         trial.set_user_attr("run_dir", str(run_dir))
         log(f"trial {trial.number}: {json.dumps(params, default=str)}")
+        monitor = str(tcfg["trainer"].get("monitor") or MONITOR)
         done = finished(run_dir, tcfg)
         if done is not None:
             log(f"trial {trial.number}: the same parameters finished in {run_dir}, result reused")
-            return float(done["metrics"]["bal_acc"])
-        cb = PyTorchLightningPruningCallback(trial, monitor=MONITOR)
-        done = train_run(tcfg, log, callbacks=[cb])
-        return float(done["metrics"]["bal_acc"])
+        else:
+            cb = PyTorchLightningPruningCallback(trial, monitor=monitor)
+            done = train_run(tcfg, log, callbacks=[cb])
+        trial.set_user_attr("val_bal_acc", done["metrics"]["bal_acc"])
+        best = (done.get("monitor") or {}).get("best")
+        return float(best if best is not None else done["metrics"]["bal_acc"])
 
     return objective
 
@@ -210,7 +222,8 @@ def trial_rows(study: Any) -> list[dict[str, Any]]:
             {
                 "trial": t.number,
                 "state": t.state.name,
-                "val_bal_acc": t.value,
+                "value": t.value,
+                "val_bal_acc": t.user_attrs.get("val_bal_acc"),
                 "epochs_reported": len(t.intermediate_values),
                 "seconds": round(secs, 1) if secs is not None else None,
                 **{f"param:{k}": v for k, v in t.params.items()},
@@ -225,7 +238,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "(no trials)\n"
     cols = [c for c in dict.fromkeys(k for r in rows for k in r) if c != "run_dir"]
-    key = lambda r: -(r["val_bal_acc"] if isinstance(r["val_bal_acc"], float) else -math.inf)  # noqa: E731
+    key = lambda r: -(r["value"] if isinstance(r["value"], float) else -math.inf)  # noqa: E731
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in sorted(rows, key=key):
         cells = [f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols]
@@ -273,13 +286,13 @@ def write_results(study: Any, cfg: dict[str, Any], out: Path, log: Log) -> dict[
     summary = {
         "study": cfg["study"],
         "storage": str(out / "study.db"),
-        "direction": "maximize val balanced accuracy",
+        "objective": f"best {monitor_of(cfg)}",
         "proxy_overrides": list(cfg.get("overrides") or []),
         "base_config": cfg.get("base_config"),
         "space": cfg["space"],
         "counts": {s.name: len(study.get_trials(deepcopy=False, states=(s,))) for s in TrialState},
         "best": (
-            {"trial": best.number, "val_bal_acc": best.value, "params": best.params, **best.user_attrs}
+            {"trial": best.number, "value": best.value, "params": best.params, **best.user_attrs}
             if best
             else None
         ),
@@ -288,7 +301,7 @@ def write_results(study: Any, cfg: dict[str, Any], out: Path, log: Log) -> dict[
     }
     summary["plots"] = write_plots(study, out, log)
     best_line = (
-        f"best: trial {best.number}, val balanced accuracy {best.value:.4f}, {json.dumps(best.params)}\n"
+        f"best: trial {best.number}, {summary['objective']} {best.value:.4f}, {json.dumps(best.params)}\n"
         if best
         else "no finished trial yet\n"
     )
