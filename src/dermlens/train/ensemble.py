@@ -373,6 +373,14 @@ def ensemble_export_config(recipe: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
+def record_in_card(bundle: Path, info: dict[str, Any]) -> None:
+    """Add an `ensemble` section (members, folds, stacker, whether val was seen) to the bundle's card.json."""
+    path = Path(bundle) / "card.json"
+    card = json.loads(path.read_text())
+    card["ensemble"] = info
+    path.write_text(json.dumps(card, indent=2, default=float) + "\n")
+
+
 def data_dir_of(members: list[Member]) -> Path:
     return Path(members[0].cfg["data"]["dir"]).expanduser()
 
@@ -401,6 +409,8 @@ def build_ensemble(
     )
     model = build_ensemble_model(members, recipe, stacker)
     card = export_bundle(None, data_dir, bundle, ensemble_export_config(recipe), log, loaded=model)
+    seen = bool(recipe.get("folds")) and recipe.get("fold_pool") == "train+val"
+    record_in_card(bundle, {**model.info, "combine": recipe.get("combine"), "val_seen_in_training": seen})
     summary = {
         "bundle": str(bundle),
         "version": card["version"],
@@ -409,7 +419,7 @@ def build_ensemble(
         "members": {m.name: finished(m.run_dir)["metrics"] for m in members},
         "stacker": stacker.info,
         "val": card["metrics"]["val"],
-        "val_seen_in_training": bool(recipe.get("folds")) and recipe.get("fold_pool") == "train+val",
+        "val_seen_in_training": seen,
     }
     (out / "ensemble.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
     return summary

@@ -95,11 +95,28 @@ def choose(ens: dict[str, Any], student: dict[str, Any], max_drop: float) -> dic
     }
 
 
+def cpu_model() -> str:
+    """The processor's model name (Linux /proc/cpuinfo), else the platform's machine type."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
 def build_release(recipe: dict[str, Any], log: Log = print) -> dict[str, Any]:
     """members -> ensemble -> distil -> export; returns (and writes OUT/release_build.json) the summary."""
+    import os
+    import time
+
     from dermlens.model.export import export_bundle, export_config, find_checkpoint
     from dermlens.train.distill import distill, student_config
 
+    start = time.time()
     out = Path(recipe["out"])
     out.mkdir(parents=True, exist_ok=True)
     ens = recipe["ensemble"]
@@ -131,6 +148,9 @@ def build_release(recipe: dict[str, Any], log: Log = print) -> dict[str, Any]:
         "ensemble": {**ensemble, "size_bytes": bundle_size(Path(ensemble["bundle"]))},
         "student": {**student, "train": done["metrics"], "size_bytes": bundle_size(sbundle)},
         "choice": choose(ensemble, student, float(recipe["choose"]["max_drop"])),
+        "this_invocation_seconds": round(time.time() - start, 1),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
     }
     (out / "release_build.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
     log(

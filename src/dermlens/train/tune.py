@@ -305,6 +305,14 @@ def write_results(study: Any, cfg: dict[str, Any], out: Path, log: Log) -> dict[
         if best
         else "no finished trial yet\n"
     )
-    (out / "results.md").write_text(f"# Study {cfg['study']}\n\n{best_line}\n{markdown_table(rows)}")
+    confirm = (
+        "confirm the winner with a full run (without the proxy overrides):\n\n    dermlens train --config "
+        f"{cfg.get('base_config')} " + " ".join(f"{k}={json.dumps(v)}" for k, v in best.params.items()) + "\n"
+        if best
+        else ""
+    )
+    (out / "results.md").write_text(
+        f"# Study {cfg['study']}\n\n{best_line}\n{confirm}\n{markdown_table(rows)}"
+    )
     (out / "results.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary
