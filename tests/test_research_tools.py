@@ -219,7 +219,7 @@ def test_distilled_student_learns_and_exports(build: dict) -> None:
 def test_release_build_resumes_and_never_retrains(build: dict) -> None:
     members = build["out"] / "ensemble" / "members"
     ckpts = {p: p.stat().st_mtime_ns for p in build["out"].rglob("*.ckpt")}
-    (members / "lite0-fold1" / "done.json").unlink()  # as if killed after its last epoch was saved
+    (members / "lite0-fold1" / "finished.json").unlink()  # as if killed after its last epoch was saved
     code, output = run_cli("release", "build", "--recipe", str(build["recipe"]))
     assert code == 0, output
     assert "lite0-fold0: finished earlier" in output and f"resuming from {members / 'lite0-fold1'}" in output
@@ -230,7 +230,7 @@ def test_release_build_resumes_and_never_retrains(build: dict) -> None:
     )
     assert last["epoch"] == 0 and last["global_step"] == 3  # nothing trained again
     assert {p: p.stat().st_mtime_ns for p in build["out"].rglob("*.ckpt")} == ckpts
-    assert (members / "lite0-fold1" / "done.json").is_file()
+    assert (members / "lite0-fold1" / "finished.json").is_file()
 
 
 def test_tune_resumes_from_sqlite(small_dir: Path, tmp_path: Path) -> None:
@@ -261,7 +261,7 @@ def test_tune_resumes_from_sqlite(small_dir: Path, tmp_path: Path) -> None:
     assert (
         first["counts"]["COMPLETE"] == 1 and first["trials"][0]["epochs_reported"] == 2
     )  # reported per epoch
-    done0 = Path(first["trials"][0]["run_dir"]) / "done.json"
+    done0 = Path(first["trials"][0]["run_dir"]) / "finished.json"
     stamp = done0.stat().st_mtime_ns
     db = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'tune' / 'study.db'}")
     db.enqueue_trial({"optim.lr": 1e-3, "model.dropout": 0.3})

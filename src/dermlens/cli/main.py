@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from dermlens import DISCLAIMER, __version__
+from dermlens.cli import bundle as bundle_cli
 from dermlens.cli import data
 from dermlens.cli import distill as distill_cli
 from dermlens.cli import ensemble as ensemble_cli
@@ -24,6 +25,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+app.add_typer(bundle_cli.app, name="bundle")
 app.add_typer(data.app, name="data")
 app.command("evaluate")(evaluate_cli.evaluate)
 app.command("external")(evaluate_cli.external)

@@ -17,6 +17,7 @@ from torch.utils.data import (
     SequentialSampler,
 )
 
+from dermlens.data.splits import holdout_rows
 from dermlens.data.taxonomy import COARSE_CLASSES, UNKNOWN, coarse_label, label_space
 from dermlens.metadata import META_BLOCKS, META_DIM, encode_rows, mark_missing
 from dermlens.preprocess import Preprocessing
@@ -91,19 +92,6 @@ def drop_metadata(meta: np.ndarray, p_field: float, p_all: float, rng) -> np.nda
     return mark_missing(meta, drop) if drop else meta
 
 
-def holdout_rows(df: pd.DataFrame, fraction: float, seed: int) -> pd.Index:
-    """A seeded share of the `train` rows, stratified by diagnosis and whole lesion groups kept together."""
-    rows = df[df["split"] == "train"]
-    key = rows["group_id"] if "group_id" in rows else rows["image_id"]
-    groups = rows.assign(_g=key.astype(str)).drop_duplicates("_g")
-    rng = np.random.default_rng(seed)
-    chosen = []
-    for _, g in groups.groupby("diagnosis", sort=True):
-        n = int(round(fraction * len(g)))
-        chosen += list(g["_g"].to_numpy()[rng.permutation(len(g))[:n]])
-    return rows.index[key.astype(str).isin(set(chosen))]
-
-
 class CacheDataset(Dataset):
     """(uint8 3xHxW image, meta, fine, coarse) from the memmap cache, with optional metadata dropout."""
 
@@ -163,7 +151,7 @@ class DermDataModule(L.LightningDataModule):
         df = df.assign(split=np.where(known, "train", "-"))
         if holdout:
             held = holdout_rows(df, float(holdout), seed)
-            df.loc[held if not keep_rest else df.index.difference(held), "split"] = "-"
+            df.loc[held if keep_rest else df.index.difference(held), "split"] = "-"
         part = SplitData(df, "train", self.classes, None, seed)
         if len(part) == 0:
             raise DataSetupError(f"{data_dir} has no train rows with one of the classes {self.classes}")

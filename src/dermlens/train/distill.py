@@ -178,7 +178,7 @@ def student_config(dcfg: dict[str, Any], extra: list[str] | None = None) -> dict
 
 
 def distill(dcfg: dict[str, Any], extra: list[str] | None = None, log: Log = print) -> dict[str, Any]:
-    """Teacher logits (once) -> student training (resumable; skipped when finished); returns done.json."""
+    """Teacher logits (once) -> student training (resumable; skipped when finished); returns its summary."""
     from dermlens.train.engine import run_dir_for
     from dermlens.train.ensemble import train_run
 

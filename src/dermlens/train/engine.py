@@ -14,6 +14,7 @@ import torch
 from dermlens.train.config import dump_config
 
 LAST, BEST = "last.ckpt", "best.ckpt"
+FINISHED = "finished.json"  # written when a run has finished and its final validation pass is done
 
 
 def cpu_has_native_bf16() -> bool:
@@ -225,6 +226,13 @@ def finish(
     return metrics
 
 
+def config_hash(cfg: dict) -> str:
+    """Identity of a resolved config: a finished run is skipped only when it is asked for again unchanged."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def stop_reason(trainer, clock) -> str:
     """One line saying why training stopped."""
     from dermlens.train.budget import TimeBudget
@@ -274,6 +282,10 @@ def train(
     torch.set_num_threads(threads if threads > 0 else (os.cpu_count() or 1))
     L.seed_everything(int(cfg.get("seed", 42)), workers=True, verbose=False)
     run_dir = run_dir_for(cfg)
+    done = run_dir / FINISHED
+    if resume is None and done.is_file() and json.loads(done.read_text()).get("config") == config_hash(cfg):
+        print(f"{run_dir} already finished with this config; pass --resume to train it further.", flush=True)
+        return json.loads((run_dir / "metrics_val.json").read_text())
     ckpt_dir = run_dir / "checkpoints"
     last = ckpt_dir / LAST
     if resume and not last.is_file():
@@ -300,4 +312,7 @@ def train(
     dm.trainer = None
     ckpt = best if best.is_file() else last
     print(f"Evaluating {ckpt.name} on the validation split ({len(dm.val)} images)...", flush=True)
-    return finish(run_dir, dm, module_cls, ckpt, cfg, total, str(trainer.precision))
+    metrics = finish(run_dir, dm, module_cls, ckpt, cfg, total, str(trainer.precision))
+    record = {"reason": stop_reason(trainer, clock), "checkpoint": str(ckpt), "config": config_hash(cfg)}
+    done.write_text(json.dumps(record) + "\n")
+    return metrics

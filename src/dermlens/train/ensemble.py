@@ -2,13 +2,12 @@
 by averaging or by a stacked logistic regression fitted on out-of-fold predictions, export ONE bundle.
 
 Every member is an ordinary `dermlens train` run (resumes from last.ckpt; a finished member, marked by
-done.json, is never retrained). The combined network is model.ensemble.EnsembleNet, exported by the
-ordinary export step, so `predict`, `serve` and `evaluate` take the bundle like any other.
+the engine's finished.json, is never retrained). The combined network is model.ensemble.EnsembleNet,
+exported by the ordinary export step, so `predict`, `serve` and `evaluate` take the bundle like any other.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,7 +20,6 @@ import yaml
 
 from dermlens.train.config import ConfigError, load_config
 
-DONE = "done.json"
 Log = Callable[[str], None]
 
 
@@ -108,26 +106,10 @@ def plan_members(recipe: dict[str, Any]) -> list[Member]:
 
 
 def config_hash(cfg: dict[str, Any]) -> str:
-    """Hash of what determines a member's model (display/thread settings left out)."""
-    keep = json.loads(json.dumps(cfg, default=str))
-    for k in ("progress", "threads", "log_every_n_steps"):
-        keep.get("trainer", {}).pop(k, None)
-    keep.get("data", {}).pop("num_workers", None)
-    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+    """The engine's identity of a resolved config (what its finished.json records)."""
+    from dermlens.train.engine import config_hash as engine_hash
 
-
-def finished(run_dir: Path, cfg: dict[str, Any] | None = None) -> dict[str, Any] | None:
-    """The done.json of a finished run (None if unfinished); an error if it finished with another config."""
-    path = Path(run_dir) / DONE
-    if not path.is_file():
-        return None
-    done = json.loads(path.read_text())
-    if cfg is not None and done.get("config_hash") != config_hash(cfg):
-        raise EnsembleError(
-            f"{run_dir} finished with a different config: delete the folder to retrain it, "
-            "or restore the recipe it was trained with"
-        )
-    return done
+    return engine_hash(cfg)
 
 
 def monitored_best(run_dir: Path, monitor: str) -> float | None:
@@ -143,21 +125,31 @@ def monitored_best(run_dir: Path, monitor: str) -> float | None:
     return best
 
 
-def mark_finished(run_dir: Path, cfg: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
-    """Write done.json: the config hash, the run's validation metrics and its best monitored value."""
+def finished(run_dir: Path, cfg: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """A finished run's summary (the engine's finished.json + metrics_val.json), None while unfinished or
+    (when cfg is given) when it finished with another config: the engine then resumes it from last.ckpt."""
+    from dermlens.train.engine import FINISHED
+
+    path = Path(run_dir) / FINISHED
+    if not path.is_file() or not (Path(run_dir) / "metrics_val.json").is_file():
+        return None
+    record = json.loads(path.read_text())
+    if cfg is not None and record.get("config") != config_hash(cfg):
+        return None
+    metrics = json.loads((Path(run_dir) / "metrics_val.json").read_text())
     keys = ("bal_acc", "macro_auc", "accuracy", "n", "best_epoch", "train_seconds", "arch")
-    monitor = str(cfg["trainer"].get("monitor") or "val/bal_acc")
-    done = {
-        "config_hash": config_hash(cfg),
+    monitor = str((cfg or {}).get("trainer", {}).get("monitor") or "val/bal_acc")
+    return {
+        "config_hash": record.get("config"),
+        "reason": record.get("reason"),
         "metrics": {k: metrics.get(k) for k in keys},
         "monitor": {"name": monitor, "best": monitored_best(run_dir, monitor)},
     }
-    (Path(run_dir) / DONE).write_text(json.dumps(done, indent=2) + "\n")
-    return done
 
 
 def train_run(cfg: dict[str, Any], log: Log = print, **engine_kwargs: Any) -> dict[str, Any]:
-    """Train one run unless done.json says it finished (then nothing is trained); resumes from last.ckpt."""
+    """Train one run with the engine: skipped when it finished with this config, else resumed from
+    last.ckpt when there is one. Returns finished()'s summary."""
     from dermlens.train.engine import LAST, run_dir_for, train
 
     run_dir = run_dir_for(cfg)
@@ -167,11 +159,12 @@ def train_run(cfg: dict[str, Any], log: Log = print, **engine_kwargs: Any) -> di
         return done
     last = run_dir / "checkpoints" / LAST
     log(f"{run_dir}: {'resuming from ' + str(last) if last.is_file() else 'training'}")
-    metrics = train(cfg, **engine_kwargs)
-    if metrics is None:  # not rank 0 under DDP
+    if train(cfg, **engine_kwargs) is None:  # not rank 0 under DDP
         return {}
-    done = mark_finished(run_dir, cfg, metrics)
-    log(f"{run_dir}: done, val balanced accuracy {metrics['bal_acc']:.4f}")
+    done = finished(run_dir, cfg)
+    if done is None:
+        raise EnsembleError(f"{run_dir} did not record a finished run")
+    log(f"{run_dir}: done, val balanced accuracy {done['metrics']['bal_acc']:.4f}")
     return done
 
 

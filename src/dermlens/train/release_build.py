@@ -2,7 +2,7 @@
 student bundle -> a summary that says which to ship.
 
 Every stage can be interrupted and the same command rerun: training runs resume from last.ckpt and a
-finished run (done.json) is never retrained; the ensemble and export stages leave a marker in
+finished run (finished.json) is never retrained; the ensemble and export stages leave a marker in
 OUT/stages/<stage>.json keyed by their inputs and are skipped while their inputs are unchanged.
 """
 
