@@ -1,7 +1,8 @@
 """Model-input preprocessing shared by training, the cache, export and the torch-free runtime.
 
 Needs only numpy and Pillow. Decoding accepts JPEG/PNG/BMP/TIFF/WebP in any mode and bit depth,
-applies EXIF orientation, and guards against decompression bombs.
+applies EXIF orientation, and guards against decompression bombs. DICOM colour photographs are handed
+to dermlens.dicom (the `dicom` extra).
 """
 
 from __future__ import annotations
@@ -78,11 +79,26 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _is_dicom(source: str | Path | bytes) -> bool:
+    """DICOM Part 10 files carry "DICM" at byte 128 (whatever their name)."""
+    if isinstance(source, bytes):
+        return source[128:132] == b"DICM"
+    try:
+        with open(source, "rb") as fh:
+            return fh.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
 def load_rgb(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode a file path or bytes into an HxWx3 uint8 RGB array, EXIF orientation applied."""
+    """Decode a file path or bytes (image or DICOM photograph) into an HxWx3 uint8 RGB array."""
     name = "<upload>" if isinstance(source, bytes) else str(source)
     if isinstance(source, bytes) and not source:
         raise ImageDecodeError(f"{name}: empty file")
+    if _is_dicom(source):
+        from dermlens.dicom import decode  # needs the `dicom` extra; says so when missing
+
+        return decode(source, max_pixels, name)
     try:
         fh = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")  # noqa: SIM115
     except OSError as e:
