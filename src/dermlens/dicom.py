@@ -64,8 +64,10 @@ def read_dataset(source: str | Path | bytes, pixels: bool = True, name: str | No
         raise DicomError(f"{name}: not a readable DICOM file ({e})") from e
 
 
-def check_photograph(ds: Any, name: str, max_pixels: int | None = None) -> None:
-    """Refuse anything but a single-frame 8-bit colour photograph within the pixel limit."""
+def check_photograph(ds: Any, name: str, max_pixels: int | None = None, pixels: bool = True) -> None:
+    """Refuse anything but a single-frame 8-bit colour photograph within the pixel limit.
+
+    pixels=False checks a header read without its pixel data."""
     frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     modality = getattr(ds, "Modality", "?")
     if frames > 1:
@@ -84,7 +86,7 @@ def check_photograph(ds: Any, name: str, max_pixels: int | None = None) -> None:
     if bits != 8:
         raise DicomError(f"{name}: {bits}-bit colour DICOM; dermlens reads 8-bit colour photographs")
     rows, cols = int(getattr(ds, "Rows", 0) or 0), int(getattr(ds, "Columns", 0) or 0)
-    if not rows or not cols or "PixelData" not in ds:
+    if not rows or not cols or (pixels and "PixelData" not in ds):
         raise DicomError(f"{name}: DICOM file holds no image pixels")
     if max_pixels is not None and rows * cols > max_pixels:
         raise DicomError(f"{name}: {cols}x{rows} exceeds the {max_pixels:,}-pixel limit")
@@ -118,6 +120,13 @@ def _pixels(ds: Any) -> np.ndarray:
     if syntax in PILLOW_SYNTAXES:
         ds.pixel_array_options(decoding_plugin="pillow")
     return ds.pixel_array
+
+
+def header_size(data: bytes, max_pixels: int | None = None) -> tuple[int, int]:
+    """(width, height) of a DICOM photograph from its header alone; refuses non-photographs."""
+    ds = read_dataset(data, pixels=False)
+    check_photograph(ds, "<upload>", max_pixels, pixels=False)
+    return int(ds.Columns), int(ds.Rows)
 
 
 def parse_age(value: object) -> float | None:

@@ -31,6 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dermlens import DISCLAIMER, __version__
 from dermlens.data.taxonomy import FINE_NAMES, SEXES, SITES, coarse_label, sex_value, site_general
+from dermlens.dicom import DicomError, header_size, is_dicom_bytes, merge_meta, read_dataset, read_meta
 from dermlens.preprocess import ImageDecodeError
 from dermlens.serve import schemas
 from dermlens.serve.records import NewRecord, RecordStore
@@ -38,7 +39,7 @@ from dermlens.serve.settings import ServeSettings, load_settings
 
 log = logging.getLogger("dermlens.serve")
 STATIC_DIR = Path(__file__).resolve().parent / "static"
-PREDICT_FIELDS = frozenset({"file", "age", "sex", "site", "cam"})
+PREDICT_FIELDS = frozenset({"file", "age", "sex", "site", "cam", "dicom_sr"})
 BATCH_FIELDS = frozenset({"files", "age", "sex", "site", "cam"})
 _MISSING = {"", "unknown", "none", "null", "nan", "n/a", "na"}
 _FORM_OVERHEAD = 64 * 1024
@@ -182,6 +183,8 @@ def image_header(data: bytes, max_pixels: int) -> tuple[int, int]:
     """(width, height) from the image header, without decoding pixels; rejects non-images and bombs."""
     if not data:
         raise ApiError(400, "empty_file", "the uploaded file is empty")
+    if is_dicom_bytes(data):
+        return _dicom_call(header_size, data, max_pixels)
     try:
         with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
@@ -196,6 +199,38 @@ def image_header(data: bytes, max_pixels: int) -> tuple[int, int]:
             413, "image_too_large", f"{width}x{height} image exceeds the {max_pixels:,}-pixel limit"
         )
     return width, height
+
+
+def _dicom_call(fn: Any, *args: Any) -> Any:
+    """Run a dermlens.dicom function on an upload; its errors become 4xx (415 if the extra is missing)."""
+    try:
+        return fn(*args)
+    except DicomError as e:
+        message = str(e).replace("<upload>: ", "", 1)
+        if "dermlens[dicom]" in message and "needs" in message:
+            raise ApiError(415, "dicom_unsupported", message) from e
+        raise ApiError(400, "unsupported_dicom", message) from e
+
+
+def dicom_sr_payload(up: "Upload", r: Any, card: Any, site: str | None) -> str:
+    """The prediction as a DICOM Structured Report referencing the uploaded DICOM image (base64)."""
+    from dermlens.serve.dicom_sr import SrPrediction, sr_bytes
+
+    pred = SrPrediction(
+        fine=r.fine,
+        top=r.top,
+        confidence=r.confidence,
+        p_malignant=r.p_malignant,
+        ood_score=r.ood_score,
+        ood=r.ood,
+        refer=r.refer,
+        refer_reason=r.refer_reason,
+        model_name=card.name,
+        model_version=r.model_version,
+        precision=r.precision,
+    )
+    source = _dicom_call(read_dataset, up.data, False)
+    return base64.b64encode(_dicom_call(sr_bytes, source, pred, site)).decode("ascii")
 
 
 # ---------------------------------------------------------------------------------------------- results
@@ -261,14 +296,21 @@ class Service:
         )
         return row
 
-    async def predict(self, up: Upload, age, sex, site, cam: bool) -> schemas.Prediction:
+    async def predict(self, up: Upload, age, sex, site, cam: bool, sr: bool = False) -> schemas.Prediction:
         """Score, then commit the record, then answer: an acknowledged prediction is on disk."""
         t0 = time.perf_counter()
         meta = {"age": age, "sex": sex, "site": site}
+        dicom = is_dicom_bytes(up.data)
+        if sr and not dicom:
+            raise ApiError(422, "dicom_sr_needs_dicom", "dicom_sr=true needs a DICOM upload to reference")
+        if dicom:  # age/sex/site from the tags where the form leaves them empty
+            meta = await anyio.to_thread.run_sync(lambda: merge_meta(meta, _dicom_call(read_meta, up.data)))
         r, width, height = await anyio.to_thread.run_sync(self._infer, up, meta, cam, limiter=self.limiter)
         t1 = time.perf_counter()
         row = await anyio.to_thread.run_sync(self._record, up, meta, r, (width, height), t0)
         t2 = time.perf_counter()
+        card = self.predictor.card
+        sr_b64 = await anyio.to_thread.run_sync(dicom_sr_payload, up, r, card, meta["site"]) if sr else None
         return schemas.Prediction(
             record_id=row.id,
             filename=up.filename,
@@ -286,6 +328,7 @@ class Service:
             precision=r.precision,
             timing_ms=timings(r.timing_ms, {"record": (t2 - t1) * 1000.0, "total": (t2 - t0) * 1000.0}),
             cam_png_base64=base64.b64encode(r.cam_png).decode("ascii") if cam and r.cam_png else None,
+            dicom_sr_base64=sr_b64,
             disclaimer=DISCLAIMER,
         )
 
@@ -438,16 +481,21 @@ def create_app(
     async def predict(
         request: Request,
         svc: Svc,
-        file: Annotated[UploadFile, File(description="The dermoscopic image (JPEG, PNG, BMP, TIFF, WebP)")],
+        file: Annotated[
+            UploadFile, File(description="The dermoscopic image (JPEG, PNG, BMP, TIFF, WebP, DICOM)")
+        ],
         age: AgeF = None,
         sex: SexF = None,
         site: SiteF = None,
         cam: CamF = False,
+        dicom_sr: Annotated[
+            bool, Form(description="DICOM uploads: also return a DICOM Structured Report (base64)")
+        ] = False,
     ) -> schemas.Prediction:
         await _check_fields(request, PREDICT_FIELDS)
         a, s, g = parse_age(age), parse_sex(sex), parse_site(site)
         (up,) = await _read_uploads([file], settings.limits.max_upload_bytes)
-        return await svc.predict(up, a, s, g, cam)
+        return await svc.predict(up, a, s, g, cam, dicom_sr)
 
     @app.post(
         "/predict/batch",
