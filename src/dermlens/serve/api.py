@@ -21,7 +21,7 @@ from typing import Annotated, Any
 import anyio
 from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from PIL import Image, UnidentifiedImageError
@@ -534,6 +534,29 @@ def create_app(
                 items.append(schemas.BatchItem(filename=up.filename, ok=False, error=e.body()))
         return schemas.BatchResponse(results=items, disclaimer=DISCLAIMER)
 
+    @app.get("/monitor", dependencies=auth, responses=ERROR_RESPONSES, tags=["service"])
+    async def monitor(
+        svc: Svc, last: int | None = None, since: str | None = None, format: str = "html"
+    ) -> Any:
+        """Drift of the stored predictions vs the model's reference (as `dermlens monitor`): HTML or JSON."""
+        try:
+            import matplotlib  # noqa: F401
+            import scipy  # noqa: F401
+
+            from dermlens.monitor.page import monitor_view
+            from dermlens.monitor.reference import MissingReference
+        except ImportError as e:
+            raise ApiError(503, "unavailable", "monitoring needs `pip install 'dermlens[monitor]'`") from e
+        try:
+            view = await run_in_threadpool(
+                monitor_view, svc.store, svc.predictor.bundle_dir, last, since, format == "json"
+            )
+        except (MissingReference, ValueError) as e:
+            raise ApiError(400 if isinstance(e, ValueError) else 503, "monitor_error", str(e)) from e
+        if format == "json":
+            return JSONResponse(view)
+        return HTMLResponse(view, headers=_MONITOR_HEADERS)
+
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", headers=_PAGE_HEADERS)
@@ -551,6 +574,14 @@ _PAGE_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-cache",
+}
+
+
+# The monitor report is one self-contained page: inline style, plots as data: URIs, no script.
+_MONITOR_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; img-src data:; style-src 'unsafe-inline'",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-store",
 }
 
 
