@@ -50,15 +50,16 @@ def predict(
         ),
     ] = None,
     ray: Annotated[
-        str | None,
+        bool,
         typer.Option(
             "--ray",
-            is_flag=False,
-            flag_value="local",
-            metavar="[ADDRESS]",
-            help="run on Ray Data (needs [ray]): alone, a local Ray instance on this machine's cores; "
-            "with ADDRESS (--ray=ray://host:10001 or auto), that cluster. Rows are ordered by image id.",
+            help="run on Ray Data (needs [ray]): a local Ray instance on this machine's cores, or the "
+            "cluster at --ray-address. Rows are ordered by image id.",
         ),
+    ] = False,
+    ray_address: Annotated[
+        str | None,
+        typer.Option("--ray-address", help="Ray cluster for --ray: auto, ray://HOST:10001 or HOST:6379"),
     ] = None,
 ) -> None:
     """Predict lesion classes; writes CSVs incrementally, lists unreadable files at the end (exit 1)."""
@@ -94,8 +95,8 @@ def predict(
     if metadata is not None and any(v is not None for v in (age, sex, site)):
         _echo_err("error: give either --metadata CSV or --age/--sex/--site, not both")
         raise typer.Exit(2)
-    ray, inputs = _ray_address(ray, inputs)
-    if ray is not None and (cam is not None or dicom_sr is not None):
+    ray_at = (ray_address or "local") if ray or ray_address else None
+    if ray_at is not None and (cam is not None or dicom_sr is not None):
         _echo_err("error: --ray writes the predictions CSVs only; drop --cam/--dicom-sr or --ray")
         raise typer.Exit(2)
     try:
@@ -123,8 +124,8 @@ def predict(
         f"model {predictor.card.name} {predictor.version} ({predictor.precision}), {len(items)} image(s)"
         + (f", {n_dicom} DICOM (metadata from tags where not given)" if n_dicom else "")
     )
-    if ray is not None:
-        _predict_on_ray(err, predictor, items, failures, ray, out, isic_csv, batch_size, tta, model)
+    if ray_at is not None:
+        _predict_on_ray(err, predictor, items, failures, ray_at, out, isic_csv, batch_size, tta)
         return
     sr_writer = _SrWriter(predictor, items, dicom_sr) if dicom_sr is not None else None
 
@@ -250,28 +251,16 @@ class _SrWriter:
         return self.failures
 
 
-def _ray_address(value: str | None, inputs: list[Path]) -> tuple[str | None, list[Path]]:
-    """`--ray IMAGES` (flag before a positional input) means a local instance and IMAGES is an input."""
-    if value is None or value in ("local", "auto") or "://" in value or ":" in value:
-        return value, inputs
-    if Path(value).exists():
-        return "local", [Path(value), *inputs]
-    return value, inputs
-
-
-def _predict_on_ray(err, predictor, items, failures, address, out, isic_csv, batch_size, tta, model) -> None:
+def _predict_on_ray(err, predictor, items, failures, address, out, isic_csv, batch_size, tta) -> None:
     """`dermlens predict --ray`: the same rows from Ray Data, written ordered by image id."""
     from dermlens.serve.batch import BatchInputError
+    from dermlens.serve.ray_batch import RayUnavailable, run_ray
 
-    try:
-        from dermlens.serve.ray_batch import RayUnavailable, run_ray
-    except ImportError as e:  # pragma: no cover - the module itself imports nothing optional
-        raise typer.Exit(2) from e
     if out is None and isic_csv is None:
         _echo_err("error: --ray writes CSV files: give --out and/or --isic-csv")
         raise typer.Exit(2)
     try:
-        summary = run_ray(predictor, items, address, out, isic_csv, batch_size, tta, model)
+        summary = run_ray(predictor, items, address, out, isic_csv, batch_size, tta)
     except (RayUnavailable, BatchInputError) as e:
         _echo_err(f"error: {e}")
         raise typer.Exit(2) from None
