@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import tempfile
 import time
 from functools import cache
@@ -74,6 +75,11 @@ def connect(address: str | None) -> tuple[Any, bool]:
     }
     try:
         if address in (None, "", "local"):
+            wait = str(int(cfg["start_timeout_s"]))
+            os.environ.setdefault(
+                "RAY_raylet_start_wait_time_s", wait
+            )  # read by the processes ray.init starts
+            os.environ.setdefault("RAY_agent_register_timeout_ms", wait + "000")
             ray.init(
                 num_cpus=int(cfg["local_cpus"] or cpu_count()),
                 include_dashboard=False,
