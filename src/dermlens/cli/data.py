@@ -381,7 +381,7 @@ def fetch(
         str | None, typer.Option(help="isic-cli executable. Default from configs/isic_archive.yaml (isic).")
     ] = None,
 ) -> None:
-    """Download ISIC Archive images and metadata with isic-cli (needs the network and `[isic]`).
+    """Download ISIC Archive images and metadata with isic-cli (needs the network and the isic extra).
 
     Then: dermlens data prepare --dataset isic-archive --root OUT.
     """

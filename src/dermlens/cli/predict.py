@@ -46,15 +46,16 @@ def predict(
     dicom_sr: Annotated[
         Path | None,
         typer.Option(
-            "--dicom-sr", help="folder for one DICOM Structured Report per DICOM input (needs [dicom])"
+            "--dicom-sr",
+            help="folder for one DICOM Structured Report per DICOM input (needs the dicom extra)",
         ),
     ] = None,
     ray: Annotated[
         bool,
         typer.Option(
             "--ray",
-            help="run on Ray Data (needs [ray]): a local Ray instance on this machine's cores, or the "
-            "cluster at --ray-address. Rows are ordered by image id.",
+            help="run on Ray Data (needs the ray extra): a local Ray instance on this machine's cores, or "
+            "the cluster at --ray-address. Rows are ordered by image id.",
         ),
     ] = False,
     ray_address: Annotated[
