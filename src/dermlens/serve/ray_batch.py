@@ -100,11 +100,12 @@ def bundle_files(predictor: Predictor) -> dict[str, bytes]:
     return {n: (predictor.bundle_dir / n).read_bytes() for n in names}
 
 
-def decode_row(row: dict[str, Any], height: int, width: int, resample: str, mean, std) -> dict[str, Any]:
+def decode_row(row: dict[str, Any], prep: dict[str, Any]) -> dict[str, Any]:
     """Read + decode + resize one image (a Ray task); a failure travels as `error`, not as an exception."""
     from dermlens.preprocess import ImageDecodeError, Preprocessing, load_rgb
 
-    prep = Preprocessing(height, width, resample, tuple(mean), tuple(std))
+    prep = Preprocessing.from_dict(prep)
+    height, width = prep.height, prep.width
     try:
         row["image"], row["error"] = prep.resize(load_rgb(row["path"])), ""
     except ImageDecodeError as e:
