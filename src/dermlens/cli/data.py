@@ -215,6 +215,11 @@ def prepare(
         )
     except (DataError, ValueError) as e:
         raise _fail(str(e), EXIT_USAGE) from None
+    except ModuleNotFoundError as e:
+        raise _fail(
+            f"data preparation needs {e.name}, which this install lacks: pip install 'dermlens[evaluate]'",
+            EXIT_USAGE,
+        ) from None
     except _Invalid as e:
         raise _fail(str(e), EXIT_INVALID) from None
 
@@ -468,3 +473,39 @@ def _missing_table(df):  # -> rich.table.Table
         k = int(df[c].isna().sum())
         t.add_row(c, str(k), f"{100 * k / len(df):.1f}%")
     return t
+
+
+@app.command("cache")
+def cache_cmd(
+    dir: Annotated[Path, typer.Argument(help="A prepared folder (with manifest.csv).")],
+    height: Annotated[
+        int | None, typer.Option(help="Model input height (default configs/preprocess.yaml).")
+    ] = None,
+    width: Annotated[
+        int | None, typer.Option(help="Model input width (default configs/preprocess.yaml).")
+    ] = None,
+    color_constancy: Annotated[
+        str | None,
+        typer.Option(metavar="none|shades_of_gray", help="Colour constancy applied after resizing."),
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Decode processes. Default from configs/data.yaml.")
+    ] = None,
+) -> None:
+    """Build another decoded-image cache for a prepared folder (another size or colour constancy)."""
+    from dermlens.data.cache import build_cache
+    from dermlens.data.manifest import read_manifest
+    from dermlens.preprocess import Preprocessing
+
+    manifest = dir / "manifest.csv"
+    if not manifest.is_file():
+        raise _fail(f"no manifest at {manifest}: run `dermlens data prepare` first", EXIT_USAGE)
+    over = {"height": height, "width": width, "color_constancy": color_constancy}
+    try:
+        prep = Preprocessing.from_dict(
+            {**Preprocessing.default().to_dict(), **{k: v for k, v in over.items() if v is not None}}
+        )
+    except ValueError as e:
+        raise _fail(str(e), EXIT_USAGE) from None
+    path = build_cache(read_manifest(dir), dir, prep, workers=workers)
+    typer.echo(f"Image cache: {path}")

@@ -107,8 +107,8 @@ def _from_csv(
     return out
 
 
-def _predict_rows(predictor, rows, batch_size: int) -> dict:
-    """Predict every manifest row (image plus age/sex/site where present) in batches -> stacked arrays."""
+def _predict_rows(predictor, rows, batch_size: int, use_metadata: bool = True) -> dict:
+    """Predict every manifest row (image plus age/sex/site where present, unless use_metadata is False)."""
     import math
 
     import numpy as np
@@ -132,13 +132,13 @@ def _predict_rows(predictor, rows, batch_size: int) -> dict:
             }
             for r in batch.itertuples()
         ]
-        for k, v in predictor.predict_arrays(images, meta).items():
+        for k, v in predictor.predict_arrays(images, meta if use_metadata else None).items():
             parts.setdefault(k, []).append(np.asarray(v))
         typer.echo(f"predicted {min(start + batch_size, len(rows))}/{len(rows)}", err=True)
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
-def _from_model(manifest: Path, split: str, model: Path | None, cfg) -> _Inputs:
+def _from_model(manifest: Path, split: str, model: Path | None, cfg, use_metadata: bool = True) -> _Inputs:
     """Run the serve runtime's Predictor on a manifest split (labelled images only)."""
     import numpy as np
 
@@ -165,7 +165,7 @@ def _from_model(manifest: Path, split: str, model: Path | None, cfg) -> _Inputs:
         )
     if labelled.empty:
         raise EvaluationInputError(f"{manifest}: no labelled images in split {split!r}")
-    arr = _predict_rows(predictor, labelled, cfg.batch_size)
+    arr = _predict_rows(predictor, labelled, cfg.batch_size, use_metadata)
     truth = np.array([classes.index(c) for c in labelled["diagnosis"]])
     group_col = "group_id" if "group_id" in labelled.columns else "lesion_id"
     return _Inputs(
@@ -179,9 +179,24 @@ def _from_model(manifest: Path, split: str, model: Path | None, cfg) -> _Inputs:
         refer=arr.get("refer"),
         image_paths=labelled["image_path"].astype(str).tolist(),
         train_counts=_train_counts(df),
-        source=f"model {model or 'release bundle'}, {manifest.name} split {split}",
+        source=f"model {model or 'release bundle'}, {manifest.name} split {split}"
+        + ("" if use_metadata else ", metadata withheld"),
         predictor=predictor,
     )
+
+
+def _provenance(inputs: _Inputs, manifest: Path | None, split: str, metadata: bool) -> dict:
+    """What produced these figures: model version, data, metadata condition and the machine."""
+    from dermlens.settings import machine
+
+    card = getattr(inputs.predictor, "card", None)
+    return {
+        "model_version": getattr(card, "version", None),
+        "manifest": str(manifest) if manifest else None,
+        "split": split if manifest else None,
+        "metadata": "given" if metadata else "withheld",
+        "machine": machine(),
+    }
 
 
 def _add_cams(items: list, predictor) -> None:
@@ -287,6 +302,10 @@ def evaluate(
         int | None, typer.Option("--n-bootstrap", min=1, help="Bootstrap resamples (default from config).")
     ] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Bootstrap seed.")] = None,
+    metadata: Annotated[
+        bool,
+        typer.Option("--metadata/--no-metadata", help="Model mode: give age/sex/site, or withhold them all."),
+    ] = True,
 ) -> None:
     """Evaluate predictions (or a model on a manifest split): metrics with lesion-level 95% bootstrap CIs.
 
@@ -328,7 +347,7 @@ def evaluate(
                 raise EvaluationInputError(
                     "give either --manifest (model mode) or --predictions/--truth, not both"
                 )
-            inputs = _from_model(manifest, split, model, cfg)
+            inputs = _from_model(manifest, split, model, cfg, metadata)
         elif predictions is not None and truth is not None:
             inputs = _from_csv(predictions, truth, groups, uncalibrated, image_dir, cfg)
         else:
@@ -367,6 +386,7 @@ def evaluate(
             gallery=gallery,
             source=inputs.source,
         )
+        result["provenance"] = _provenance(inputs, manifest, split, metadata)
         paths = write_outputs(out, result, report)
     except expected as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
@@ -380,6 +400,9 @@ def external(
     split: Annotated[str, typer.Option(help="Split of the manifest to score, or 'all'.")] = "all",
     model: Annotated[Path | None, typer.Option(help="Model bundle (default: the packaged model).")] = None,
     n_bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the CIs.")] = 1000,
+    metadata: Annotated[
+        bool, typer.Option("--metadata/--no-metadata", help="Give age/sex/site, or withhold them all.")
+    ] = True,
 ) -> None:
     """External validity on ISIC 2017: melanoma-vs-rest AUC and 3 classes (mel, SK->bkl, nevus->nv)."""
     import json
@@ -400,9 +423,19 @@ def external(
         typer.secho(f"error: no rows in {manifest} for split {split!r}", fg="red", err=True)
         raise typer.Exit(2)
     predictor = Predictor.load(model)
-    probs = _predict_rows(predictor, rows, EvaluateConfig.load().batch_size)["probs"]
+    from dermlens.settings import machine
+
+    probs = _predict_rows(predictor, rows, EvaluateConfig.load().batch_size, metadata)["probs"]
     scores = isic2017_scores(probs, predictor.classes, rows["diagnosis"].tolist(), n_bootstrap)
-    scores.update({"split": split, "model_version": predictor.card.version, "disclaimer": DISCLAIMER})
+    scores.update(
+        {
+            "split": split,
+            "model_version": predictor.card.version,
+            "metadata": "given" if metadata else "withheld",
+            "machine": machine(),
+            "disclaimer": DISCLAIMER,
+        }
+    )
     out.mkdir(parents=True, exist_ok=True)
     (out / "external.json").write_text(json.dumps(scores, indent=2) + "\n")
     tc = scores["three_class"]
