@@ -50,10 +50,14 @@ def main() -> None:
         t = time.perf_counter()
         single = run_batch(predictor, items, out_csv=tmp / "single.csv")
         single_s = time.perf_counter() - t
+        print(
+            f"single process: {single.done} images in {single_s:.1f} s ({single.done / single_s:.1f} img/s)"
+        )  # noqa: E501
 
         t = time.perf_counter()
         connect("local")  # started here so its start-up is timed apart from the run
         startup_s = time.perf_counter() - t
+        print(f"local Ray instance started in {startup_s:.1f} s")
         t = time.perf_counter()
         on_ray = run_ray(predictor, items, "local", out_csv=tmp / "ray.csv")
         ray_s = time.perf_counter() - t
