@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import SMALL
 from dermlens.metadata import META_BLOCKS, encode_metadata, mark_missing, missing_vector
 from dermlens.preprocess import Preprocessing, load_rgb, shades_of_gray
 from dermlens.train.config import ConfigError, check_arch, load_config
@@ -121,3 +122,32 @@ def test_run_with_dropout_and_external_val_logs_and_says_why(tiny_dir: Path, tmp
     assert log["ext/bal_acc3"].dropna().between(0, 1).all()
     assert "Finished all 1 epochs" in capsys.readouterr().out
     assert metrics["precision"] in ("bf16-mixed", "32-true")
+
+
+def test_finished_run_is_not_retrained(tiny_dir: Path, tmp_path: Path, capsys) -> None:
+    from dermlens.train.engine import FINISHED, train
+
+    run = tmp_path / "run"
+    args = ("trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=2")
+    first = train(tiny_cfg(tiny_dir, run, *args))
+    assert (run / FINISHED).is_file()
+    stamp = (run / "checkpoints" / "last.ckpt").stat().st_mtime_ns
+    again = train(tiny_cfg(tiny_dir, run, *args))
+    assert "already finished" in capsys.readouterr().out and again == first
+    assert (run / "checkpoints" / "last.ckpt").stat().st_mtime_ns == stamp
+
+
+def test_data_holdout_materialises_the_training_holdout(tiny_dir: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from dermlens.cli.main import app
+    from dermlens.data.manifest import read_manifest
+    from dermlens.train.datamodule import DermDataModule
+
+    out = tmp_path / "holdout"
+    r = CliRunner().invoke(app, ["data", "holdout", str(tiny_dir), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    held = read_manifest(out)
+    dm = DermDataModule(tiny_cfg(tiny_dir, tmp_path / "run", f"data.external_val={tiny_dir}"))
+    assert set(held.loc[held["split"] == "train", "image_id"]) == set(dm.external[1].image_ids)
+    assert (out / "cache" / SMALL.cache_name).is_file()

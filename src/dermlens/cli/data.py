@@ -509,3 +509,39 @@ def cache_cmd(
         raise _fail(str(e), EXIT_USAGE) from None
     path = build_cache(read_manifest(dir), dir, prep, workers=workers)
     typer.echo(f"Image cache: {path}")
+
+
+@app.command("holdout")
+def holdout_cmd(
+    dir: Annotated[Path, typer.Argument(help="A prepared folder (e.g. work/isic2017).")],
+    out: Annotated[
+        Path, typer.Option(help="New prepared folder: the hold-out rows become its `train` split.")
+    ],
+    fraction: Annotated[float, typer.Option(help="Share of the `train` rows held out.")] = 0.25,
+    seed: Annotated[int, typer.Option(help="Seed (training uses the config's `seed`, default 42).")] = 42,
+) -> None:
+    """Materialise the external hold-out that training used (`data.external_val`) as its own prepared folder.
+
+    The rows training held out of `dir`'s train split become the only `train` rows of OUT (every other row's
+    split is set to `-`), so trust fitting or evaluation can use exactly the images the model never saw.
+    """
+    import shutil
+
+    from dermlens.data.manifest import read_manifest, write_manifest
+    from dermlens.data.splits import holdout_rows
+
+    if not (dir / "manifest.csv").is_file():
+        raise _fail(f"no manifest at {dir / 'manifest.csv'}: run `dermlens data prepare` first", EXIT_USAGE)
+    df = read_manifest(dir)
+    held = holdout_rows(df, fraction, seed)
+    df["split"] = "-"
+    df.loc[held, "split"] = "train"
+    out.mkdir(parents=True, exist_ok=True)
+    write_manifest(df, out)
+    shutil.copy(dir / "splits.json", out / "splits.json")
+    (out / "cache").mkdir(exist_ok=True)
+    for cache in (dir / "cache").glob("images_*"):
+        target = out / "cache" / cache.name
+        if not target.exists():
+            target.symlink_to(cache.resolve())
+    typer.echo(f"{len(held)} held-out rows of {dir} are the train split of {out} (caches linked)")

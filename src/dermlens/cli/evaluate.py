@@ -138,7 +138,29 @@ def _predict_rows(predictor, rows, batch_size: int, use_metadata: bool = True) -
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
-def _from_model(manifest: Path, split: str, model: Path | None, cfg, use_metadata: bool = True) -> _Inputs:
+def _unseen(rows, seen_manifest: Path | None):
+    """Drop rows whose image is in the `train` split of another manifest (the model's training data)."""
+    if seen_manifest is None:
+        return rows
+    from dermlens.data.manifest import read_manifest
+
+    seen = read_manifest(seen_manifest)
+    trained = set(seen.loc[seen["split"] == "train", "image_id"].astype(str))
+    kept = rows[~rows["image_id"].astype(str).isin(trained)]
+    typer.echo(
+        f"note: {len(rows) - len(kept)} image(s) in the train split of {seen_manifest} left out", err=True
+    )
+    return kept
+
+
+def _from_model(
+    manifest: Path,
+    split: str,
+    model: Path | None,
+    cfg,
+    use_metadata: bool = True,
+    exclude_train_of: Path | None = None,
+) -> _Inputs:
     """Run the serve runtime's Predictor on a manifest split (labelled images only)."""
     import numpy as np
 
@@ -150,7 +172,7 @@ def _from_model(manifest: Path, split: str, model: Path | None, cfg, use_metadat
         raise EvaluationInputError(f"model mode needs the serve runtime (dermlens.serve.runtime): {e}") from e
 
     df = read_manifest(manifest)
-    rows = df[df["split"] == split]
+    rows = _unseen(df[df["split"] == split], exclude_train_of)
     if rows.empty:
         raise EvaluationInputError(
             f"{manifest}: no rows in split {split!r} (splits: {sorted(df['split'].unique())})"
@@ -306,6 +328,14 @@ def evaluate(
         bool,
         typer.Option("--metadata/--no-metadata", help="Model mode: give age/sex/site, or withhold them all."),
     ] = True,
+    exclude_train_of: Annotated[
+        Path | None,
+        typer.Option(
+            "--exclude-train-of",
+            help="Model mode: leave out images in the train split of this manifest (e.g. to score the "
+            "DermaMNIST test split only on images the model never trained on).",
+        ),
+    ] = None,
 ) -> None:
     """Evaluate predictions (or a model on a manifest split): metrics with lesion-level 95% bootstrap CIs.
 
@@ -347,7 +377,7 @@ def evaluate(
                 raise EvaluationInputError(
                     "give either --manifest (model mode) or --predictions/--truth, not both"
                 )
-            inputs = _from_model(manifest, split, model, cfg, metadata)
+            inputs = _from_model(manifest, split, model, cfg, metadata, exclude_train_of)
         elif predictions is not None and truth is not None:
             inputs = _from_csv(predictions, truth, groups, uncalibrated, image_dir, cfg)
         else:
@@ -387,6 +417,7 @@ def evaluate(
             source=inputs.source,
         )
         result["provenance"] = _provenance(inputs, manifest, split, metadata)
+        result["provenance"]["excluded_train_images_of"] = str(exclude_train_of) if exclude_train_of else None
         paths = write_outputs(out, result, report)
     except expected as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)

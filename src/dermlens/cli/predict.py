@@ -25,7 +25,9 @@ def predict(
     cam: Annotated[
         Path | None, typer.Option("--cam", help="folder for class-activation overlays (PNG)")
     ] = None,
-    age: Annotated[float | None, typer.Option(help="patient age in years, for every image")] = None,
+    age: Annotated[
+        str | None, typer.Option(help="patient age in years (plain decimal, 0-120), for every image")
+    ] = None,
     sex: Annotated[str | None, typer.Option(help="female | male, for every image")] = None,
     site: Annotated[
         str | None, typer.Option(help="anatomic site (e.g. 'upper extremity', 'back'), for every image")
@@ -100,6 +102,7 @@ def predict(
     if ray_at is not None and (cam is not None or dicom_sr is not None):
         _echo_err("error: --ray writes the predictions CSVs only; drop --cam/--dicom-sr or --ray")
         raise typer.Exit(2)
+    age, sex, site = _checked_meta(age, sex, site)
     try:
         predictor = Predictor.load(model, precision, threads or None)
         items, failures = collect_inputs(inputs)
@@ -180,6 +183,17 @@ def predict(
         raise typer.Exit(130)
     if failures:
         raise typer.Exit(1)
+
+
+def _checked_meta(age: str | None, sex: str | None, site: str | None) -> tuple:
+    """--age/--sex/--site through the API's own parser: bad values stop the run (exit 2), never ignored."""
+    from dermlens.serve.inputs import InputError, parse_age, parse_sex, parse_site
+
+    try:
+        return parse_age(age), parse_sex(sex), parse_site(site)
+    except InputError as e:
+        _echo_err(f"error: --{e.code.removeprefix('invalid_')}: {e}")
+        raise typer.Exit(2) from None
 
 
 def _show_failures(console, failures) -> None:

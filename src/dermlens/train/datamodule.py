@@ -17,10 +17,12 @@ from torch.utils.data import (
     SequentialSampler,
 )
 
+from dermlens.data.splits import holdout_rows
 from dermlens.data.taxonomy import COARSE_CLASSES, UNKNOWN, coarse_label, label_space
 from dermlens.metadata import META_BLOCKS, META_DIM, encode_rows, mark_missing
 from dermlens.preprocess import Preprocessing
 from dermlens.train.augment import eval_transform, to_chw, train_transform
+from dermlens.train.folds import fold_split
 from dermlens.train.sampling import DistributedWeightedSampler, sample_weights
 
 
@@ -90,19 +92,6 @@ def drop_metadata(meta: np.ndarray, p_field: float, p_all: float, rng) -> np.nda
     return mark_missing(meta, drop) if drop else meta
 
 
-def holdout_rows(df: pd.DataFrame, fraction: float, seed: int) -> pd.Index:
-    """A seeded share of the `train` rows, stratified by diagnosis and whole lesion groups kept together."""
-    rows = df[df["split"] == "train"]
-    key = rows["group_id"] if "group_id" in rows else rows["image_id"]
-    groups = rows.assign(_g=key.astype(str)).drop_duplicates("_g")
-    rng = np.random.default_rng(seed)
-    chosen = []
-    for _, g in groups.groupby("diagnosis", sort=True):
-        n = int(round(fraction * len(g)))
-        chosen += list(g["_g"].to_numpy()[rng.permutation(len(g))[:n]])
-    return rows.index[key.astype(str).isin(set(chosen))]
-
-
 class CacheDataset(Dataset):
     """(uint8 3xHxW image, meta, fine, coarse) from the memmap cache, with optional metadata dropout."""
 
@@ -136,6 +125,7 @@ class DermDataModule(L.LightningDataModule):
         self.dcfg = cfg["data"]
         self.prep = preprocessing_from(cfg)
         df, self.images = read_prepared(Path(self.dcfg["dir"]).expanduser(), self.prep)
+        df = fold_split(df, self.dcfg.get("val_fold"), str(self.dcfg.get("fold_pool") or "train+val"))
         self.classes = label_space(set(df["diagnosis"].astype(str)))
         seed = int(cfg.get("seed", 42))
         self.train = SplitData(df, "train", self.classes, self.dcfg.get("limit_train"), seed)

@@ -148,7 +148,11 @@ class DermModule(L.LightningModule):
             m.reset()
         select = bal_acc
         if self._ext:
-            ext = external_scores(self._ext, self.classes)
+            parts = self._ext
+            if self.trainer.world_size > 1:  # every rank scored a shard: score the whole set
+                probs, y = (torch.cat([t[i] for t in parts]).to(self.device) for i in (0, 1))
+                parts = [(self.all_gather(probs).flatten(0, 1).cpu(), self.all_gather(y).flatten(0, 1).cpu())]
+            ext = external_scores(parts, self.classes)
             for k, v in ext.items():
                 self.log(f"ext/{k}", v, prog_bar=k == "bal_acc3")
             select = (bal_acc + ext["bal_acc3"]) / 2 if "bal_acc3" in ext else bal_acc
