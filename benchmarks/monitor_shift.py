@@ -87,7 +87,8 @@ def run(n: int, db: Path, report_dir: Path | None = None) -> dict:
     predictor = Predictor.load(threads=1)
     url = f"sqlite:///{db}"
     ham, other = ham_test(n), isic2017(n)
-    with TestClient(create_app(load_settings(records={"url": url}), predictor=predictor)) as client:
+    app = create_app(load_settings(records={"url": url}), predictor=predictor)
+    with TestClient(app, base_url="http://localhost") as client:  # the allowed host
         t0 = datetime.now(UTC)
         record(client, ham)
         t1 = datetime.now(UTC)

@@ -211,7 +211,9 @@ def test_api_dicom_upload_and_sr(dicom_dir: Path, ham_rows: pd.DataFrame, tmp_pa
     settings = load_settings(records={"url": url})
     r = ham_rows.iloc[1]
     dcm = (dicom_dir / f"{r['image_id']}.dcm").read_bytes()
-    with TestClient(create_app(settings, predictor=predictor), raise_server_exceptions=False) as client:
+    with TestClient(
+        create_app(settings, predictor=predictor), base_url="http://localhost", raise_server_exceptions=False
+    ) as client:
         got = client.post(
             "/predict", files={"file": ("x.dcm", dcm, "application/dicom")}, data={"dicom_sr": "true"}
         )

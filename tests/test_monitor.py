@@ -34,7 +34,7 @@ def served(tmp_path_factory: pytest.TempPathFactory):
     url = f"sqlite:///{tmp_path_factory.mktemp('monitor') / 'records.db'}"
     settings = load_settings(records={"url": url}, api_token=TOKEN)
     predictor = Predictor.load(bundle_dir(), threads=1)
-    with TestClient(create_app(settings, predictor=predictor)) as client:
+    with TestClient(create_app(settings, predictor=predictor), base_url="http://localhost") as client:
         client.headers["Authorization"] = f"Bearer {TOKEN}"
         t0 = datetime.now(UTC)
         record(client, ham_test(N))
