@@ -2,6 +2,7 @@
 
 Needs only numpy and Pillow. Decoding accepts only the formats of configs/decode.yaml (JPEG/PNG/BMP/
 TIFF/WebP) in any mode and bit depth, applies EXIF orientation, and guards against decompression bombs.
+DICOM colour photographs (also allow-listed) are decoded by dermlens.dicom (the `dicom` extra).
 """
 
 from __future__ import annotations
@@ -155,6 +156,8 @@ def _open_checked(fh: BinaryIO, name: str, max_pixels: int, max_bytes: int | Non
     fh.seek(0)
     fmt = sniff_format(head)
     spec = decode_config()["formats"].get(fmt or "", {})
+    if spec.get("module") == "dermlens.dicom":  # DICOM: decoded by dermlens.dicom (the `dicom` extra)
+        return _dicom_image(fh, name, max_pixels, max_bytes)
     if "pillow" not in spec:  # (a format decoded by its own module adds its branch here)
         allowed = ", ".join(sorted({s.get("pillow", k) for k, s in decode_config()["formats"].items()}))
         raise _fail(name, "unsupported_format", f"not a supported image format ({allowed})")
@@ -169,6 +172,24 @@ def _open_checked(fh: BinaryIO, name: str, max_pixels: int, max_bytes: int | Non
             name, "image_too_large", f"decoding needs {need:,} bytes, over the {max_bytes:,}-byte limit"
         )
     return img
+
+
+def _dicom_image(fh: BinaryIO, name: str, max_pixels: int, max_bytes: int | None) -> Image.Image:
+    """A DICOM colour photograph as a PIL RGB image; DICOM's own refusals keep their one-line reason."""
+    from dermlens.dicom import DicomError, decode
+
+    try:
+        rgb = decode(fh.read(), max_pixels, name)
+    except DicomError as e:
+        reason = str(e).removeprefix(f"{name}: ")
+        code = "corrupt_image" if "corrupt" in reason or "not a readable" in reason else "unsupported_format"
+        raise _fail(name, code, reason) from e
+    need = rgb.shape[0] * rgb.shape[1] * 6
+    if max_bytes is not None and need > max_bytes:
+        raise _fail(
+            name, "image_too_large", f"decoding needs {need:,} bytes, over the {max_bytes:,}-byte limit"
+        )
+    return Image.fromarray(rgb, "RGB")
 
 
 def probe(source: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int | None = None) -> ImageInfo:

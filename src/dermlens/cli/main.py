@@ -11,6 +11,7 @@ from dermlens.cli import distill as distill_cli
 from dermlens.cli import ensemble as ensemble_cli
 from dermlens.cli import evaluate as evaluate_cli
 from dermlens.cli import export as export_cli
+from dermlens.cli import monitor as monitor_cli
 from dermlens.cli import predict as predict_cli
 from dermlens.cli import records as records_cli
 from dermlens.cli import release as release_cli
@@ -30,6 +31,8 @@ app.add_typer(data.app, name="data")
 app.command("evaluate")(evaluate_cli.evaluate)
 app.command("external")(evaluate_cli.external)
 app.command("export")(export_cli.export)
+app.command("monitor")(monitor_cli.monitor)
+app.command("monitor-reference")(monitor_cli.monitor_reference)
 app.command("predict")(predict_cli.predict)
 app.command("serve")(serve_cli.serve)
 app.add_typer(records_cli.app, name="records")

@@ -23,7 +23,7 @@ from typing import Annotated, Any
 import anyio
 from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
@@ -35,6 +35,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dermlens import DISCLAIMER, __version__
 from dermlens.data.taxonomy import FINE_NAMES, SEXES, SITES, coarse_label
+from dermlens.dicom import DicomError, is_dicom_bytes, merge_meta, read_dataset, read_meta
 from dermlens.preprocess import ImageDecodeError, load_rgb, probe
 from dermlens.serve import schemas
 from dermlens.serve.batching import DynamicBatcher, QueueFull
@@ -47,7 +48,7 @@ from dermlens.serve.settings import ServeSettings, load_settings, trusted_hosts
 
 log = logging.getLogger("dermlens.serve")
 STATIC_DIR = Path(__file__).resolve().parent / "static"
-PREDICT_FIELDS = frozenset({"file", "age", "sex", "site", "cam"})
+PREDICT_FIELDS = frozenset({"file", "age", "sex", "site", "cam", "dicom_sr"})
 BATCH_FIELDS = frozenset({"files", "age", "sex", "site", "cam"})
 _FORM_OVERHEAD = 64 * 1024
 MAX_MESSAGE_CHARS, MAX_DETAILS = 300, 10
@@ -214,6 +215,38 @@ def parse_sex(value: str | None) -> str | None:
 
 def parse_site(value: str | None) -> str | None:
     return _api_input(_parse_site, value)
+
+
+def _dicom_call(fn: Any, *args: Any) -> Any:
+    """Run a dermlens.dicom function on an upload; its errors become 4xx (415 if the extra is missing)."""
+    try:
+        return fn(*args)
+    except DicomError as e:
+        message = str(e).replace("<upload>: ", "", 1)
+        if "dermlens[dicom]" in message and "needs" in message:
+            raise ApiError(415, "dicom_unsupported", message) from e
+        raise ApiError(400, "unsupported_dicom", message) from e
+
+
+def dicom_sr_payload(up: "Upload", r: Any, card: Any, site: str | None) -> str:
+    """The prediction as a DICOM Structured Report referencing the uploaded DICOM image (base64)."""
+    from dermlens.serve.dicom_sr import SrPrediction, sr_bytes
+
+    pred = SrPrediction(
+        fine=r.fine,
+        top=r.top,
+        confidence=r.confidence,
+        p_malignant=r.p_malignant,
+        ood_score=r.ood_score,
+        ood=r.ood,
+        refer=r.refer,
+        refer_reason=r.refer_reason,
+        model_name=card.name,
+        model_version=r.model_version,
+        precision=r.precision,
+    )
+    source = _dicom_call(read_dataset, up.data, False)
+    return base64.b64encode(_dicom_call(sr_bytes, source, pred, site)).decode("ascii")
 
 
 def decode_error(e: ImageDecodeError) -> ApiError:
@@ -398,12 +431,23 @@ class Service:
             disclaimer=DISCLAIMER,
         )
 
-    async def predict(self, up: Upload, age, sex, site, cam: bool) -> schemas.Prediction:
+    async def predict(self, up: Upload, age, sex, site, cam: bool, sr: bool = False) -> schemas.Prediction:
         """Score, then commit the record, then answer: an acknowledged prediction is on disk."""
         meta = {"age": age, "sex": sex, "site": site}
+        dicom = is_dicom_bytes(up.data)
+        if sr and not dicom:
+            raise ApiError(422, "dicom_sr_needs_dicom", "dicom_sr=true needs a DICOM upload to reference")
+        if dicom:  # age/sex/site from the tags where the form leaves them empty
+            meta = await anyio.to_thread.run_sync(lambda: merge_meta(meta, _dicom_call(read_meta, up.data)))
         scored = await self.score(up, meta, cam)
         (row,) = await self.store_all([scored], meta)
-        return self.prediction(scored, row, meta, cam, time.perf_counter())
+        out = self.prediction(scored, row, meta, cam, time.perf_counter())
+        if sr:
+            card = self.predictor.card
+            out.dicom_sr_base64 = await anyio.to_thread.run_sync(
+                dicom_sr_payload, up, scored.result, card, meta["site"]
+            )
+        return out
 
     async def predict_many(
         self, uploads: list[UploadFile], age, sex, site, cam: bool
@@ -623,16 +667,21 @@ def create_app(
     async def predict(
         request: Request,
         svc: Svc,
-        file: Annotated[UploadFile, File(description="The dermoscopic image (JPEG, PNG, BMP, TIFF, WebP)")],
+        file: Annotated[
+            UploadFile, File(description="The dermoscopic image (JPEG, PNG, BMP, TIFF, WebP, DICOM)")
+        ],
         age: AgeF = None,
         sex: SexF = None,
         site: SiteF = None,
         cam: CamF = False,
+        dicom_sr: Annotated[
+            bool, Form(description="DICOM uploads: also return a DICOM Structured Report (base64)")
+        ] = False,
     ) -> schemas.Prediction:
         await _check_fields(request, PREDICT_FIELDS)
         a, s, g = parse_age(age), parse_sex(sex), parse_site(site)
         up = Upload(file.filename or None, await file.read(settings.limits.max_upload_bytes + 1), file)
-        return await svc.predict(up, a, s, g, cam)
+        return await svc.predict(up, a, s, g, cam, dicom_sr)
 
     @app.post(
         "/predict/batch",
@@ -662,6 +711,29 @@ def create_app(
         items = await svc.predict_many(files, a, s, g, cam)
         return schemas.BatchResponse(results=items, disclaimer=DISCLAIMER)
 
+    @app.get("/monitor", dependencies=auth, responses=ERROR_RESPONSES, tags=["service"])
+    async def monitor(
+        svc: Svc, last: int | None = None, since: str | None = None, format: str = "html"
+    ) -> Any:
+        """Drift of the stored predictions vs the model's reference (as `dermlens monitor`): HTML or JSON."""
+        try:
+            import matplotlib  # noqa: F401
+            import scipy  # noqa: F401
+
+            from dermlens.monitor.page import monitor_view
+            from dermlens.monitor.reference import MissingReference
+        except ImportError as e:
+            raise ApiError(503, "unavailable", "monitoring needs `pip install 'dermlens[monitor]'`") from e
+        try:
+            view = await run_in_threadpool(
+                monitor_view, svc.store, svc.predictor.bundle_dir, last, since, format == "json"
+            )
+        except (MissingReference, ValueError) as e:
+            raise ApiError(400 if isinstance(e, ValueError) else 503, "monitor_error", str(e)) from e
+        if format == "json":
+            return JSONResponse(view)
+        return HTMLResponse(view, headers=_MONITOR_HEADERS)
+
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", headers=_PAGE_HEADERS)
@@ -679,6 +751,14 @@ _PAGE_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-cache",
+}
+
+
+# The monitor report is one self-contained page: inline style, plots as data: URIs, no script.
+_MONITOR_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; img-src data:; style-src 'unsafe-inline'",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-store",
 }
 
 
