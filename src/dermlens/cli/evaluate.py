@@ -34,6 +34,8 @@ class _Inputs:
     train_counts: dict[str, int] | None = None
     source: str = ""
     predictor: object = None
+    frame: object = None  # model mode: the evaluated manifest rows (age/sex/site for the subgroup audit)
+    arrays: dict | None = None  # model mode: every Predictor output (incl. nometa_* without metadata)
 
 
 def _train_counts(side) -> dict[str, int] | None:
@@ -107,8 +109,9 @@ def _from_csv(
     return out
 
 
-def _predict_rows(predictor, rows, batch_size: int) -> dict:
-    """Predict every manifest row (image plus age/sex/site where present) in batches -> stacked arrays."""
+def _predict_rows(predictor, rows, batch_size: int, no_meta: bool = False) -> dict:
+    """Predict every manifest row (image plus age/sex/site where present) in batches -> stacked arrays;
+    with no_meta, also each image without metadata (keys prefixed 'nometa_'), decoded once."""
     import math
 
     import numpy as np
@@ -132,8 +135,15 @@ def _predict_rows(predictor, rows, batch_size: int) -> dict:
             }
             for r in batch.itertuples()
         ]
-        for k, v in predictor.predict_arrays(images, meta).items():
-            parts.setdefault(k, []).append(np.asarray(v))
+        outs = {"": predictor.predict_arrays(images, meta)}
+        if no_meta:
+            outs["nometa_"] = predictor.predict_arrays(images, None)
+        for prefix, res in outs.items():
+            for k, v in res.items():
+                if v is not None and k != "refer_codes":
+                    parts.setdefault(prefix + k, []).append(np.asarray(v))
+                elif k == "refer_codes":
+                    parts.setdefault(prefix + k, []).append(np.array(["|".join(c) for c in v], dtype=object))
         typer.echo(f"predicted {min(start + batch_size, len(rows))}/{len(rows)}", err=True)
     return {k: np.concatenate(v) for k, v in parts.items()}
 
@@ -165,7 +175,7 @@ def _from_model(manifest: Path, split: str, model: Path | None, cfg) -> _Inputs:
         )
     if labelled.empty:
         raise EvaluationInputError(f"{manifest}: no labelled images in split {split!r}")
-    arr = _predict_rows(predictor, labelled, cfg.batch_size)
+    arr = _predict_rows(predictor, labelled, cfg.batch_size, no_meta=True)
     truth = np.array([classes.index(c) for c in labelled["diagnosis"]])
     group_col = "group_id" if "group_id" in labelled.columns else "lesion_id"
     return _Inputs(
@@ -181,7 +191,77 @@ def _from_model(manifest: Path, split: str, model: Path | None, cfg) -> _Inputs:
         train_counts=_train_counts(df),
         source=f"model {model or 'release bundle'}, {manifest.name} split {split}",
         predictor=predictor,
+        frame=labelled.reset_index(drop=True),
+        arrays=arr,
     )
+
+
+def _condition_tables(name: str, arr: dict, truth, classes, groups, cfg) -> tuple[dict, dict]:
+    """ECE and conformal coverage of one evaluated set, with metadata and without (lesion-level CIs)."""
+    from dermlens.evaluate.audit import coverage_with_ci, ece_with_ci
+
+    ece, cov = {}, {}
+    for cond, prefix in (("meta", ""), ("no_meta", "nometa_")):
+        if f"{prefix}probs" not in arr:
+            continue
+        ece[f"{name}/{cond}"] = ece_with_ci(arr[f"{prefix}probs"], truth, groups, cfg)
+        sets = arr.get(f"{prefix}prediction_sets")
+        if sets is not None:
+            cov[f"{name}/{cond}"] = coverage_with_ci(sets, truth, classes, groups, cfg)
+    return ece, cov
+
+
+def _refer_table(arr: dict) -> dict:
+    """Share of images flagged by each refer reason, and referred at all."""
+    import numpy as np
+
+    keys = ("ood", "not_dermoscopy", "low_confidence", "set_too_large", "refer")
+    return {k: float(np.mean(arr[k])) for k in keys if k in arr}
+
+
+def _trust_block(inputs: _Inputs, external: Path | None, external_split: str, cfg) -> dict:
+    """Calibration per condition, conformal coverage / set sizes, refer reasons and the subgroup audit."""
+    import numpy as np
+
+    from dermlens.evaluate.audit import subgroup_audit
+
+    arr, classes = inputs.arrays, inputs.classes
+    split_name = inputs.source.rsplit(" ", 1)[-1]
+    ece, cov = _condition_tables(f"test:{split_name}", arr, inputs.truth, classes, inputs.groups, cfg)
+    block: dict = {
+        "calibration_conditions": ece,
+        "conformal": cov,
+        "conformal_alpha": getattr(inputs.predictor.trust, "conformal_alpha", None),
+        "refer_reasons": {f"test:{split_name}/meta": _refer_table(arr)},
+        "subgroups": subgroup_audit(
+            inputs.frame, arr["probs"], inputs.truth, classes, arr.get("refer"), inputs.groups, cfg
+        ),
+    }
+    if external is not None:
+        ext = _external_rows(external, external_split, classes)
+        ext_arr = _predict_rows(inputs.predictor, ext, cfg.batch_size, no_meta=True)
+        truth = np.array([classes.index(c) for c in ext["diagnosis"]])
+        name = f"external:{ext['dataset'].iloc[0] if 'dataset' in ext else external.name}/{external_split}"
+        e2, c2 = _condition_tables(name, ext_arr, truth, classes, None, cfg)
+        block["calibration_conditions"].update(e2)
+        block["conformal"].update(c2)
+        block["refer_reasons"][f"{name}/meta"] = _refer_table(ext_arr)
+        block["external_note"] = (
+            "External labels mapped to the model's classes (ISIC 2017: melanoma -> mel, seborrheic "
+            "keratosis -> bkl, nevus -> nv); rows with another or an unknown label are left out."
+        )
+    return block
+
+
+def _external_rows(manifest: Path, split: str, classes: tuple[str, ...]):
+    """Labelled rows of an external manifest split (diagnosis one of the model's classes)."""
+    from dermlens.data.manifest import read_manifest
+
+    df = read_manifest(manifest)
+    rows = df[(df["split"] == split) & df["diagnosis"].isin(classes)]
+    if rows.empty:
+        raise EvaluationInputError(f"{manifest}: no labelled rows in split {split!r}")
+    return rows.reset_index(drop=True)
 
 
 def _add_cams(items: list, predictor) -> None:
@@ -287,6 +367,17 @@ def evaluate(
         int | None, typer.Option("--n-bootstrap", min=1, help="Bootstrap resamples (default from config).")
     ] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Bootstrap seed.")] = None,
+    external: Annotated[
+        Path | None,
+        typer.Option(
+            "--external",
+            help="Model mode: a prepared external manifest (e.g. work/isic2017) whose --external-split is "
+            "also scored for calibration per condition and conformal coverage.",
+        ),
+    ] = None,
+    external_split: Annotated[
+        str, typer.Option("--external-split", help="Split of --external to score (its test split).")
+    ] = "test",
 ) -> None:
     """Evaluate predictions (or a model on a manifest split): metrics with lesion-level 95% bootstrap CIs.
 
@@ -301,7 +392,7 @@ def evaluate(
     import yaml
 
     from dermlens.bundle import BundleError
-    from dermlens.evaluate import EvaluateConfig, evaluate_arrays
+    from dermlens.evaluate import EvaluateConfig, evaluate_arrays, json_safe
     from dermlens.evaluate.isic_csv import PredictionFileError
     from dermlens.evaluate.report import ReportInputs, worst_misclassifications, write_outputs
     from dermlens.preprocess import ImageDecodeError
@@ -343,6 +434,10 @@ def evaluate(
             refer=inputs.refer,
             config=cfg,
         )
+        if inputs.arrays is not None:
+            result["trust"] = json_safe(_trust_block(inputs, external, external_split, cfg))
+        elif external is not None:
+            raise EvaluationInputError("--external needs model mode (--manifest)")
         gallery = (
             worst_misclassifications(
                 inputs.probs,

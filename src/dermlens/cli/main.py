@@ -12,6 +12,7 @@ from dermlens.cli import predict as predict_cli
 from dermlens.cli import records as records_cli
 from dermlens.cli import serve as serve_cli
 from dermlens.cli import train as train_cli
+from dermlens.cli import trust as trust_cli
 
 app = typer.Typer(
     name="dermlens",
@@ -28,6 +29,7 @@ app.command("predict")(predict_cli.predict)
 app.command("serve")(serve_cli.serve)
 app.add_typer(records_cli.app, name="records")
 app.command("train")(train_cli.train)
+app.add_typer(trust_cli.app, name="trust")
 
 
 @app.command()

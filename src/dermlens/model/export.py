@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from dermlens import DISCLAIMER, __version__
-from dermlens.bundle import CARD, ONNX_FP32, ONNX_INT8, TORCH_WEIGHTS, TRUST, ModelCard, write_card
+from dermlens.bundle import CARD, ONNX_FP32, ONNX_INT8, TORCH_WEIGHTS, TRUST, ModelCard, read_card, write_card
 from dermlens.data.taxonomy import COARSE_CLASSES, UNKNOWN, coarse_label
 from dermlens.metadata import META_DIM, encode_rows
 from dermlens.model.network import DermNet, build_network
@@ -489,6 +489,7 @@ def export_bundle(
     out_dir: str | Path,
     cfg: dict[str, Any] | None = None,
     log: Callable[[str], None] = print,
+    external: str | Path | None = None,
 ) -> dict[str, Any]:
     """Checkpoint + prepared data -> bundle (model.onnx, model.int8.onnx, trust.npz, model.pt, card.json)."""
     import onnxruntime as ort
@@ -614,4 +615,9 @@ def export_bundle(
     }
     write_card(out, card)
     log(f"wrote {out / CARD}")
+    if t.get("shift_fit", True):
+        from dermlens.trust.refit import refit_bundle
+
+        refit_bundle(out, data_dir, external or t.get("external_manifest"), log=log)
+        card = read_card(out)
     return card.to_dict()
