@@ -3,17 +3,18 @@ images scored by the packaged bundle (torch-free Predictor). The test split is h
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
-from bundles import bundle_dir
 from PIL import Image
 
+from bundles import bundle_dir
 from dermlens.evaluate import EvaluateConfig
 from dermlens.evaluate.audit import age_band, holm, subgroup_audit
 from dermlens.preprocess import load_rgb
 from dermlens.trust import clinical, conformal
-from dermlens.trust.refit import has_metadata
 
 ALPHA_TOL_Z = 3.0
 pytestmark = pytest.mark.slow  # scores ~560 real test images twice (~1 min on 2 cores)
@@ -187,7 +188,7 @@ def test_api_returns_set_and_reason_codes(predictor, test_rows: pd.DataFrame, tm
     Image.fromarray(view).save(jpg)
     with TestClient(create_app(settings, predictor=predictor)) as c:
         ok = c.post(
-            "/predict", files={"file": ("a.jpg", open(path, "rb").read(), "image/jpeg")}, data={"age": "60"}
+            "/predict", files={"file": ("a.jpg", Path(path).read_bytes(), "image/jpeg")}, data={"age": "60"}
         )
         clin = c.post("/predict", files={"file": ("v.jpg", jpg.read_bytes(), "image/jpeg")})
     assert ok.status_code == 200 and clin.status_code == 200, (ok.text, clin.text)
