@@ -200,3 +200,61 @@ def test_api_returns_set_and_reason_codes(predictor, test_rows: pd.DataFrame, tm
     cj = clin.json()
     assert "not_dermoscopy" in cj["refer"]["codes"] and cj["not_dermoscopy"]["flagged"]
     assert cj["prediction_set"]["condition"] == "no_meta"
+
+
+def test_trust_fit_cli_refits_a_bundle_copy(ham_small_prepared, tmp_path) -> None:
+    """`dermlens trust fit` on a bundle copy: trust.npz + card rewritten, checksum updated, loadable."""
+    import hashlib
+    import json
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from dermlens.cli.main import app
+    from dermlens.serve.runtime import Predictor
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(bundle_dir(), bundle, ignore=shutil.ignore_patterns("model.pt", "model.onnx"))
+    out = tmp_path / "fit.json"
+    res = CliRunner().invoke(
+        app,
+        ["trust", "fit", "--bundle", str(bundle), "--manifest", str(ham_small_prepared), "--out", str(out)],
+    )
+    assert res.exit_code == 0, res.output
+    card = json.loads((bundle / "card.json").read_text())
+    report = json.loads(out.read_text())
+    assert card["conformal"]["alpha"] == report["conformal"]["alpha"] == 0.1
+    assert set(card["calibration"]["conditions"]) == {"meta", "no_meta"}
+    assert (
+        card["export"]["files"]["trust.npz"]
+        == hashlib.sha256((bundle / "trust.npz").read_bytes()).hexdigest()
+    )
+    assert report["calibration"]["chosen"].endswith("|ham")  # no external manifest given
+    assert "cpu" in report and report["bundle_version"] == card["version"]
+    p = Predictor.load(bundle)
+    assert p.trust.clinical_weight is not None and p.trust.max_set_size == report["refer"]["max_set_size"]
+
+    bad = CliRunner().invoke(app, ["trust", "fit", "--bundle", str(tmp_path / "nope"), "--manifest", "x"])
+    assert bad.exit_code == 2 and "error:" in bad.output and "Traceback" not in bad.output
+
+
+def test_evaluate_report_has_trust_sections(ham_small_prepared, tmp_path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from dermlens.cli.main import app
+
+    out = tmp_path / "eval"
+    args = ["evaluate", "--manifest", str(ham_small_prepared), "--split", "test", "--n-bootstrap", "50"]
+    res = CliRunner().invoke(app, [*args, "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    m = json.loads((out / "metrics.json").read_text())
+    trust = m["trust"]
+    assert set(trust["calibration_conditions"]) == {"test:test/meta", "test:test/no_meta"}
+    assert trust["conformal"]["test:test/meta"]["n_images"] == m["n_images"]
+    sex_rows = [r for r in trust["subgroups"]["rows"] if r["attribute"] == "sex"]
+    assert sum(r["n_images"] for r in sex_rows) == m["n_images"]
+    html = (out / "report.html").read_text()
+    for sid in ("calibration-conditions", "conformal", "subgroups"):
+        assert f'<section id="{sid}">' in html
