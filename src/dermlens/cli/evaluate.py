@@ -204,6 +204,8 @@ def _condition_tables(name: str, arr: dict, truth, classes, groups, cfg) -> tupl
     for cond, prefix in (("meta", ""), ("no_meta", "nometa_")):
         if f"{prefix}probs" not in arr:
             continue
+        if cond == "meta" and "has_meta" in arr and not arr["has_meta"].any():
+            continue  # no image had metadata: the 'meta' pass equals the 'no_meta' one
         ece[f"{name}/{cond}"] = ece_with_ci(arr[f"{prefix}probs"], truth, groups, cfg)
         sets = arr.get(f"{prefix}prediction_sets")
         if sets is not None:
@@ -228,7 +230,12 @@ def _trust_block(inputs: _Inputs, external: Path | None, external_split: str, cf
     arr, classes = inputs.arrays, inputs.classes
     split_name = inputs.source.rsplit(" ", 1)[-1]
     ece, cov = _condition_tables(f"test:{split_name}", arr, inputs.truth, classes, inputs.groups, cfg)
+    from dermlens.trust.clinical_probe import cpu_name
+
     block: dict = {
+        "model_version": inputs.predictor.card.version,
+        "precision": inputs.predictor.precision,
+        "cpu": cpu_name(),
         "calibration_conditions": ece,
         "conformal": cov,
         "conformal_alpha": getattr(inputs.predictor.trust, "conformal_alpha", None),
@@ -245,7 +252,8 @@ def _trust_block(inputs: _Inputs, external: Path | None, external_split: str, cf
         e2, c2 = _condition_tables(name, ext_arr, truth, classes, None, cfg)
         block["calibration_conditions"].update(e2)
         block["conformal"].update(c2)
-        block["refer_reasons"][f"{name}/meta"] = _refer_table(ext_arr)
+        cond = "meta" if ext_arr["has_meta"].any() else "no_meta"
+        block["refer_reasons"][f"{name}/{cond}"] = _refer_table(ext_arr)
         block["external_note"] = (
             "External labels mapped to the model's classes (ISIC 2017: melanoma -> mel, seborrheic "
             "keratosis -> bkl, nevus -> nv); rows with another or an unknown label are left out."

@@ -52,7 +52,7 @@ def measure_not_dermoscopy(
     bundle: str | Path,
     manifest: str | Path,
     external: str | Path | None = None,
-    lofo_train: int = 1000,
+    lofo_train: int = 500,
     threads: int | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
@@ -64,18 +64,21 @@ def measure_not_dermoscopy(
     run = Runner(bundle, threads)
     classes = tuple(run.card.classes)
     test = load_rows(manifest, "test", classes, run.prep)
-    ind = _rates(state, run(test.images, test.meta))
+    test_out = run(test.images, test.meta)
+    ind = _rates(state, test_out)
     log(f"scored {ind['n']} in-distribution test images")
     probe: dict[str, np.ndarray] = {
-        f"test_{fam}": clinical.clinical_views(test.images, PROBE_SEED + i, fam)
+        f"test_{fam}": run.views(clinical.clinical_views(test.images, PROBE_SEED + i, fam))
         for i, fam in enumerate(clinical.FAMILIES)
     }
     probe.update(probes.probe_sets(run.prep, ("skimage_photos", "skimage_crops")))
     sets: dict[str, Any] = {}
     nd_scores: dict[str, np.ndarray] = {}
+    embeddings: dict[str, np.ndarray] = {}
     for name, imgs in probe.items():
-        r = _rates(state, run(imgs, no_meta(len(imgs))))
-        nd_scores[name] = r["nd_score"]
+        out = run(imgs, no_meta(len(imgs)))
+        r = _rates(state, out)
+        nd_scores[name], embeddings[name] = r["nd_score"], out["embedding"]
         sets[name] = {
             "n": r["n"],
             "auroc_not_dermoscopy": auroc(ind["nd_score"], r["nd_score"]),
@@ -104,7 +107,8 @@ def measure_not_dermoscopy(
         r = _rates(state, run(ext.images, ext.meta))
         result["external_dermoscopy_test"] = {k: v for k, v in r.items() if not k.endswith("_score")}
         log(f"external test: {r['refused_not_dermoscopy']:.3f} refused as not dermoscopy")
-    result["leave_one_family_out"] = _lofo(run, manifest, classes, test.images, lofo_train)
+    views = {fam: embeddings[f"test_{fam}"] for fam in clinical.FAMILIES}
+    result["leave_one_family_out"] = _lofo(run, manifest, classes, test_out["embedding"], views, lofo_train)
     return result
 
 
@@ -112,24 +116,19 @@ def _lofo(
     run: Runner,
     manifest: str | Path,
     classes: tuple[str, ...],
-    test_images: np.ndarray,
+    test_in: np.ndarray,
+    test_emb: dict[str, np.ndarray],
     n: int,
 ) -> dict[str, Any]:
-    """Head trained on one family's views only, AUROC on the held-out test views of every family."""
+    """Head trained on one family's views only, AUROC on the held-out test views of every family
+    (test embeddings: the in-distribution test images and their probe views, already computed)."""
     cfg = _cfg(None)["not_dermoscopy"]
     train = load_rows(manifest, "train", classes, run.prep, limit=n)
     z = no_meta(len(train.labels))
     emb_in = run(train.images, z)["embedding"]
-    test_emb = {
-        fam: run(clinical.clinical_views(test_images, PROBE_SEED + i, fam), no_meta(len(test_images)))[
-            "embedding"
-        ]
-        for i, fam in enumerate(clinical.FAMILIES)
-    }
-    test_in = run(test_images, no_meta(len(test_images)))["embedding"]
     out = {}
     for i, fam in enumerate(clinical.FAMILIES):
-        emb_out = run(clinical.clinical_views(train.images, 100 + i, fam), z)["embedding"]
+        emb_out = run(run.views(clinical.clinical_views(train.images, 100 + i, fam)), z)["embedding"]
         w, b = clinical.fit_head(emb_in, emb_out, float(cfg.get("C", 0.1)))
         s_in = clinical.score(test_in, w, b)
         out[f"trained_on_{fam}"] = {

@@ -136,15 +136,34 @@ def cross_validate(
     for s in np.unique(strata):
         sel = strata == s
         out[str(s)] = ece(probs[sel], labels[sel], ece_bins)
+        out[f"bal_acc:{s}"] = balanced_accuracy(probs[sel].argmax(1), labels[sel])
     return out
+
+
+def balanced_accuracy(pred: np.ndarray, labels: np.ndarray) -> float:
+    """Mean per-class recall over the classes present in labels."""
+    return float(np.mean([(pred[labels == c] == c).mean() for c in np.unique(labels)]))
 
 
 def choose(
     candidates: dict[str, Callable[[], dict[str, float]]],
+    base_bal_acc: dict[str, float] | None = None,
+    max_bal_acc_drop: float = 0.01,
 ) -> tuple[str, dict[str, dict[str, float]]]:
-    """The candidate whose worst out-of-fold ECE over strata is lowest; returns it and every table."""
+    """The candidate whose worst out-of-fold ECE over strata is lowest, among those whose out-of-fold
+    balanced accuracy stays within `max_bal_acc_drop` of `base_bal_acc` (uncalibrated argmax) in every
+    stratum given there; returns it and every table."""
     tables = {name: fn() for name, fn in candidates.items()}
-    best = min(tables, key=lambda n: (max(tables[n].values()), np.mean(list(tables[n].values()))))
+
+    def eces(n: str) -> list[float]:
+        return [v for k, v in tables[n].items() if not k.startswith("bal_acc:")]
+
+    def keeps_accuracy(n: str) -> bool:
+        base = base_bal_acc or {}
+        return all(tables[n][f"bal_acc:{s}"] >= b - max_bal_acc_drop for s, b in base.items())
+
+    allowed = [n for n in tables if keeps_accuracy(n)] or list(tables)
+    best = min(allowed, key=lambda n: (max(eces(n)), np.mean(eces(n))))
     return best, tables
 
 
