@@ -69,7 +69,7 @@ def load_rows(
     sub = df.iloc[idx].reset_index(drop=True)
     try:
         images = np.ascontiguousarray(open_cache(manifest, prep)[idx])
-    except (DataError, OSError, ValueError) as e:  # no cache for this preprocessing: decode the images instead
+    except (DataError, OSError, ValueError) as e:  # no cache for this preprocessing: decode instead
         from dermlens.preprocess import load_rgb
 
         print(f"note: {e}; decoding {len(idx)} images of {manifest} instead", file=sys.stderr)
