@@ -5,7 +5,7 @@ CORE_VENV ?= .venv-core
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test install lint
+.PHONY: serve test install lint release release-eval
 
 $(CORE_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(CORE_VENV)
@@ -33,3 +33,38 @@ test: $(VENV)/.installed $(CORE_VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
+
+## release: the whole release build, resumable (re-run the same command after an interruption):
+## prepare HAM10000 + ISIC 2017, build their caches, train (resumes from last.ckpt), export, evaluate.
+RELEASE_CFG ?= src/dermlens/configs/release.yaml
+BUNDLE ?= src/dermlens/models/release
+DATA ?= ../shared/data
+DL = $(VENV)/bin/dermlens
+release: $(VENV)/.installed
+	test -f work/ham10000/manifest.csv || $(DL) data prepare --dataset ham10000 --root $(DATA)/ham10000 --out work/ham10000
+	test -f work/isic2017/manifest.csv || $(DL) data prepare --dataset isic2017 --root $(DATA)/isic2017 --out work/isic2017 --split dataset
+	$(DL) data cache work/ham10000 --height 192 --width 256 --color-constancy shades_of_gray
+	$(DL) data cache work/isic2017 --height 192 --width 256 --color-constancy shades_of_gray
+	$(DL) train --config $(RELEASE_CFG)
+	$(DL) export --run runs/release --manifest work/ham10000 --out $(BUNDLE)
+	$(MAKE) release-eval
+
+## release-eval: score the bundle once on the held-out test splits, with and without metadata; record the
+## results in its card and copy them to docs/results/ (the README's figures come from these files).
+EVAL = runs/eval
+release-eval: $(VENV)/.installed
+	test -f work/ham-dm/manifest.csv || $(DL) data prepare --dataset ham10000 --root $(DATA)/ham10000 --out work/ham-dm --split dermamnist --no-cache
+	$(DL) evaluate --manifest work/ham10000/manifest.csv --split test --model $(BUNDLE) --out $(EVAL)/ham_test
+	$(DL) evaluate --manifest work/ham10000/manifest.csv --split test --model $(BUNDLE) --no-metadata --out $(EVAL)/ham_test_no_metadata
+	$(DL) external --manifest work/isic2017/manifest.csv --split test --model $(BUNDLE) --out $(EVAL)/isic2017_test
+	$(DL) external --manifest work/isic2017/manifest.csv --split test --model $(BUNDLE) --no-metadata --out $(EVAL)/isic2017_test_no_metadata
+	$(DL) evaluate --manifest work/ham-dm/manifest.csv --split test --model $(BUNDLE) --no-metadata --exclude-train-of work/ham10000/manifest.csv --out $(EVAL)/dermamnist_test_unseen
+	$(DL) bundle add-metrics test $(EVAL)/ham_test/metrics.json --bundle $(BUNDLE)
+	$(DL) bundle add-metrics test_no_metadata $(EVAL)/ham_test_no_metadata/metrics.json --bundle $(BUNDLE)
+	$(DL) bundle add-metrics isic2017_test $(EVAL)/isic2017_test/external.json --bundle $(BUNDLE)
+	$(DL) bundle add-metrics isic2017_test_no_metadata $(EVAL)/isic2017_test_no_metadata/external.json --bundle $(BUNDLE)
+	$(DL) bundle add-metrics dermamnist_test_unseen $(EVAL)/dermamnist_test_unseen/metrics.json --bundle $(BUNDLE)
+	mkdir -p docs/results
+	for d in ham_test ham_test_no_metadata dermamnist_test_unseen; do cp $(EVAL)/$$d/metrics.json docs/results/$$d.json; done
+	for d in isic2017_test isic2017_test_no_metadata; do cp $(EVAL)/$$d/external.json docs/results/$$d.json; done
+	cp $(BUNDLE)/card.json docs/results/release_card.json

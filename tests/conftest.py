@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from dermlens.preprocess import Preprocessing
 from dermlens.settings import data_root as _data_root
 
 
@@ -86,3 +87,17 @@ def ham_small_prepared(ham_root: Path, tmp_path_factory: pytest.TempPathFactory)
     out = base / "prepared"
     _prepare(["--dataset", "ham10000", "--root", str(root), "--out", str(out), "--workers", "1"])
     return out
+
+
+# A 64x80 model input for fast training tests.
+SMALL = Preprocessing.from_dict({**Preprocessing.default().to_dict(), "height": 64, "width": 80})
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(ham_small_prepared: Path) -> Path:
+    """The small prepared HAM subset plus a 64x80 cache built with the data layer."""
+    from dermlens.data.cache import build_cache
+    from dermlens.data.manifest import read_manifest
+
+    build_cache(read_manifest(ham_small_prepared), ham_small_prepared, SMALL, workers=1, progress=False)
+    return ham_small_prepared

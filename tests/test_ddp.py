@@ -10,20 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from dermlens.preprocess import Preprocessing
-
-SMALL = Preprocessing.from_dict({**Preprocessing.default().to_dict(), "height": 64, "width": 80})
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(ham_small_prepared: Path) -> Path:
-    """The small prepared HAM subset plus a 64x80 cache built with the data layer."""
-    from dermlens.data.cache import build_cache
-    from dermlens.data.manifest import read_manifest
-
-    build_cache(read_manifest(ham_small_prepared), ham_small_prepared, SMALL, workers=1, progress=False)
-    return ham_small_prepared
-
 
 @pytest.mark.slow
 def test_torchrun_two_process_ddp(tiny_dir: Path, tmp_path: Path) -> None:

@@ -10,23 +10,11 @@ import pandas as pd
 import pytest
 import torch
 
-from dermlens.preprocess import Preprocessing
 from dermlens.train.config import ConfigError, load_config
 from dermlens.train.losses import LOSSES, ImbalanceLoss
 from dermlens.train.sampling import DistributedWeightedSampler, sample_weights
 
 torch.set_num_threads(1)
-SMALL = Preprocessing.from_dict({**Preprocessing.default().to_dict(), "height": 64, "width": 80})
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(ham_small_prepared: Path) -> Path:
-    """The small prepared HAM subset plus a 64x80 cache built with the data layer."""
-    from dermlens.data.cache import build_cache
-    from dermlens.data.manifest import read_manifest
-
-    build_cache(read_manifest(ham_small_prepared), ham_small_prepared, SMALL, workers=1, progress=False)
-    return ham_small_prepared
 
 
 def tiny_cfg(data_dir: Path, run_dir: Path, *extra: str) -> dict:

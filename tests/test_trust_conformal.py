@@ -251,8 +251,8 @@ def test_evaluate_report_has_trust_sections(ham_small_prepared, tmp_path) -> Non
     assert res.exit_code == 0, res.output
     m = json.loads((out / "metrics.json").read_text())
     trust = m["trust"]
-    assert set(trust["calibration_conditions"]) == {"test:test/meta", "test:test/no_meta"}
-    assert trust["conformal"]["test:test/meta"]["n_images"] == m["n_images"]
+    assert set(trust["calibration_conditions"]) == {"ham10000/test/meta", "ham10000/test/no_meta"}
+    assert trust["conformal"]["ham10000/test/meta"]["n_images"] == m["n_images"]
     sex_rows = [r for r in trust["subgroups"]["rows"] if r["attribute"] == "sex"]
     assert sum(r["n_images"] for r in sex_rows) == m["n_images"]
     html = (out / "report.html").read_text()

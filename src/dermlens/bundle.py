@@ -104,3 +104,87 @@ def write_card(bundle: Path, card: ModelCard) -> Path:
     path = Path(bundle) / CARD
     path.write_text(json.dumps(card.to_dict(), indent=2) + "\n")
     return path
+
+
+def _value(node: Any) -> float | None:
+    """A metric's point estimate, whether stored bare or as {value, ci_low, ci_high}."""
+    if isinstance(node, dict):
+        node = node.get("value", node.get("point"))
+    return float(node) if isinstance(node, int | float) else None
+
+
+def summarize_results(results: dict[str, Any]) -> dict[str, float]:
+    """The headline numbers of an evaluate metrics.json or an external.json."""
+    keys = {
+        "balanced_accuracy": ("balanced_accuracy",),
+        "macro_auc": ("macro_auc",),
+        "ece": ("ece",),
+        "melanoma_auc": ("melanoma_auc",),
+        "three_class_balanced_accuracy": ("three_class", "balanced_accuracy"),
+    }
+    out = {}
+    for name, path in keys.items():
+        node: Any = results.get("overall", results) if len(path) == 1 and "overall" in results else results
+        for k in path:
+            node = node.get(k) if isinstance(node, dict) else None
+        if (v := _value(node)) is not None:
+            out[name] = v
+    return out
+
+
+def record_metrics(bundle: Path, name: str, results: dict[str, Any]) -> dict[str, float]:
+    """Store an evaluation of this bundle's model (checked by model_version) under card.metrics[name]."""
+    card = read_card(bundle)
+    version = results.get("model_version") or results.get("provenance", {}).get("model_version")
+    if version != card.version:
+        raise ValueError(f"results are for model {version!r}, the bundle is {card.version!r}")
+    summary = summarize_results(results)
+    if not summary:
+        raise ValueError("no known metric (balanced_accuracy, macro_auc, melanoma_auc, ...) in the results")
+    provenance = results.get("provenance", {})
+    metrics = dict(card.extra.get("metrics", {}))
+    metrics[name] = {
+        "summary": summary,
+        "metadata": results.get("metadata", provenance.get("metadata")),
+        "split": results.get("split", provenance.get("split")),
+        "machine": results.get("machine", provenance.get("machine")),
+        "full": results,
+    }
+    card.extra["metrics"] = metrics
+    write_card(bundle, card)
+    return summary
+
+
+def verify_bundle(bundle: Path) -> list[str]:
+    """Check card, file hashes and that each ONNX graph maps the card's input shapes to its outputs."""
+    import hashlib
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from dermlens.metadata import META_DIM
+
+    card = read_card(bundle)
+    lines = [f"card: {card.name} {card.version}"]
+    recorded = card.extra.get("export", {}).get("files", {})
+    for fname, digest in recorded.items():
+        path = Path(bundle) / fname
+        if not path.is_file():
+            raise BundleError(f"{path} is listed in the card but missing")
+        if hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+            raise BundleError(f"{path} does not match the sha256 recorded in the card")
+        lines.append(f"hash ok: {fname}")
+    p = card.preprocessing
+    feeds = {
+        "image": np.zeros((2, 3, p.height, p.width), np.float32),
+        "meta": np.zeros((2, META_DIM), np.float32),
+    }
+    for fname in (ONNX_FP32, ONNX_INT8):
+        if not (Path(bundle) / fname).is_file():
+            continue
+        sess = ort.InferenceSession(str(Path(bundle) / fname), providers=["CPUExecutionProvider"])
+        outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds), strict=True))
+        if outs["fine_logits"].shape != (2, len(card.classes)) or outs["coarse_logits"].shape != (2, 2):
+            raise BundleError(f"{fname}: output shapes do not match the card's {len(card.classes)} classes")
+        lines.append(f"runs: {fname} -> fine_logits {outs['fine_logits'].shape}")
+    return lines

@@ -18,6 +18,13 @@ META_FIELDS: tuple[str, ...] = (
     "site_missing",
 )
 META_DIM = len(META_FIELDS)
+_N_SEX = len(SEXES)
+# Each field's block in the vector: its values followed by its missing flag (the block's last entry).
+META_BLOCKS: dict[str, slice] = {
+    "age": slice(0, 2),
+    "sex": slice(2, 3 + _N_SEX),
+    "site": slice(3 + _N_SEX, META_DIM),
+}
 
 
 def _age(value: object) -> float | None:
@@ -47,3 +54,18 @@ def encode_metadata(age: object = None, sex: object = None, site: object = None)
 def encode_rows(ages: list, sexes: list, sites: list) -> np.ndarray:
     """Encode many rows at once -> float32 [N, META_DIM]."""
     return np.stack([encode_metadata(a, s, g) for a, s, g in zip(ages, sexes, sites, strict=True)])
+
+
+def mark_missing(vector: np.ndarray, fields: tuple[str, ...] | list[str]) -> np.ndarray:
+    """A copy of an encoded vector with the named fields (age, sex, site) set to missing."""
+    out = np.array(vector, dtype=np.float32, copy=True)
+    for name in fields:
+        block = META_BLOCKS[name]
+        out[block] = 0.0
+        out[block.stop - 1] = 1.0
+    return out
+
+
+def missing_vector() -> np.ndarray:
+    """The encoding of an image with no metadata at all."""
+    return encode_metadata(None, None, None)

@@ -16,6 +16,7 @@ import yaml
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 40_000_000
+COLOR_CONSTANCY: tuple[str, ...] = ("none", "shades_of_gray")
 
 
 class ImageDecodeError(ValueError):
@@ -31,10 +32,15 @@ class Preprocessing:
     resample: str
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    color_constancy: str = "none"  # none | shades_of_gray (Finlayson & Trezzi 2004, p = 6)
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocessing:
-        return cls(int(d["height"]), int(d["width"]), str(d["resample"]), tuple(d["mean"]), tuple(d["std"]))
+        cc = str(d.get("color_constancy") or "none")
+        if cc not in COLOR_CONSTANCY:
+            raise ValueError(f"color_constancy {cc!r} is not one of {'|'.join(COLOR_CONSTANCY)}")
+        mean, std = tuple(d["mean"]), tuple(d["std"])
+        return cls(int(d["height"]), int(d["width"]), str(d["resample"]), mean, std, cc)
 
     @classmethod
     def default(cls) -> Preprocessing:
@@ -45,12 +51,18 @@ class Preprocessing:
     def to_dict(self) -> dict:
         return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
 
+    @property
+    def cache_name(self) -> str:
+        """File name of the decoded-image cache built with this preprocessing."""
+        tag = "" if self.color_constancy == "none" else f"_{self.color_constancy}"
+        return f"images_{self.height}x{self.width}{tag}.npy"
+
     def resize(self, rgb: np.ndarray) -> np.ndarray:
-        """Resize an HxWx3 uint8 image to the model's (height, width)."""
-        if rgb.shape[:2] == (self.height, self.width):
-            return rgb
-        filt = getattr(Image.Resampling, self.resample.upper())
-        return np.asarray(Image.fromarray(rgb).resize((self.width, self.height), filt))
+        """HxWx3 uint8 -> the model's uint8 input: resized to (height, width), colour constancy applied."""
+        if rgb.shape[:2] != (self.height, self.width):
+            filt = getattr(Image.Resampling, self.resample.upper())
+            rgb = np.asarray(Image.fromarray(rgb).resize((self.width, self.height), filt))
+        return shades_of_gray(rgb) if self.color_constancy == "shades_of_gray" else rgb
 
     def normalize(self, batch: np.ndarray) -> np.ndarray:
         """uint8 NxHxWx3 (or HxWx3) -> float32 Nx3xHxW normalized model input."""
@@ -63,6 +75,14 @@ class Preprocessing:
     def __call__(self, rgb: np.ndarray) -> np.ndarray:
         """One decoded image -> 1x3xHxW float32."""
         return self.normalize(self.resize(rgb))
+
+
+def shades_of_gray(rgb: np.ndarray, power: float = 6.0) -> np.ndarray:
+    """Shades-of-Gray colour constancy: scale channels so the image's Minkowski-p mean colour is grey."""
+    x = rgb.astype(np.float32)
+    illum = np.power(np.mean(np.power(x, power), axis=(0, 1)), 1.0 / power)
+    gain = np.sqrt(3.0) * illum / max(float(np.linalg.norm(illum)), 1e-6)
+    return np.clip(x / np.maximum(gain, 1e-6) + 0.5, 0, 255).astype(np.uint8)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -23,3 +23,24 @@ def data_root() -> Path:
 def work_dir() -> Path:
     """Scratch root for prepared data and runs: $DERMLENS_WORK, else ./work."""
     return Path(os.environ.get("DERMLENS_WORK", "work")).expanduser().resolve()
+
+
+def machine() -> dict:
+    """The processor a figure was measured on (model name, cores, native bf16), for results files."""
+    import platform
+
+    name, flags = platform.processor() or platform.machine(), ""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        name = next(
+            (ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), name
+        )
+        flags = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    except OSError:
+        pass
+    return {
+        "cpu": name,
+        "cores": os.cpu_count(),
+        "native_bf16": any(f in flags.split() for f in ("amx_bf16", "avx512_bf16")),
+        "avx512": "avx512f" in flags.split(),
+    }

@@ -198,6 +198,11 @@ def prepare(
         )
     except (DataError, ValueError) as e:
         raise _fail(str(e), EXIT_USAGE) from None
+    except ModuleNotFoundError as e:
+        raise _fail(
+            f"data preparation needs {e.name}, which this install lacks: pip install 'dermlens[evaluate]'",
+            EXIT_USAGE,
+        ) from None
     except _Invalid as e:
         raise _fail(str(e), EXIT_INVALID) from None
 
@@ -372,3 +377,75 @@ def _missing_table(df):  # -> rich.table.Table
         k = int(df[c].isna().sum())
         t.add_row(c, str(k), f"{100 * k / len(df):.1f}%")
     return t
+
+
+@app.command("cache")
+def cache_cmd(
+    dir: Annotated[Path, typer.Argument(help="A prepared folder (with manifest.csv).")],
+    height: Annotated[
+        int | None, typer.Option(help="Model input height (default configs/preprocess.yaml).")
+    ] = None,
+    width: Annotated[
+        int | None, typer.Option(help="Model input width (default configs/preprocess.yaml).")
+    ] = None,
+    color_constancy: Annotated[
+        str | None,
+        typer.Option(metavar="none|shades_of_gray", help="Colour constancy applied after resizing."),
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Decode processes. Default from configs/data.yaml.")
+    ] = None,
+) -> None:
+    """Build another decoded-image cache for a prepared folder (another size or colour constancy)."""
+    from dermlens.data.cache import build_cache
+    from dermlens.data.manifest import read_manifest
+    from dermlens.preprocess import Preprocessing
+
+    manifest = dir / "manifest.csv"
+    if not manifest.is_file():
+        raise _fail(f"no manifest at {manifest}: run `dermlens data prepare` first", EXIT_USAGE)
+    over = {"height": height, "width": width, "color_constancy": color_constancy}
+    try:
+        prep = Preprocessing.from_dict(
+            {**Preprocessing.default().to_dict(), **{k: v for k, v in over.items() if v is not None}}
+        )
+    except ValueError as e:
+        raise _fail(str(e), EXIT_USAGE) from None
+    path = build_cache(read_manifest(dir), dir, prep, workers=workers)
+    typer.echo(f"Image cache: {path}")
+
+
+@app.command("holdout")
+def holdout_cmd(
+    dir: Annotated[Path, typer.Argument(help="A prepared folder (e.g. work/isic2017).")],
+    out: Annotated[
+        Path, typer.Option(help="New prepared folder: the hold-out rows become its `train` split.")
+    ],
+    fraction: Annotated[float, typer.Option(help="Share of the `train` rows held out.")] = 0.25,
+    seed: Annotated[int, typer.Option(help="Seed (training uses the config's `seed`, default 42).")] = 42,
+) -> None:
+    """Materialise the external hold-out that training used (`data.external_val`) as its own prepared folder.
+
+    The rows training held out of `dir`'s train split become the only `train` rows of OUT (every other row's
+    split is set to `-`), so trust fitting or evaluation can use exactly the images the model never saw.
+    """
+    import shutil
+
+    from dermlens.data.manifest import read_manifest, write_manifest
+    from dermlens.data.splits import holdout_rows
+
+    if not (dir / "manifest.csv").is_file():
+        raise _fail(f"no manifest at {dir / 'manifest.csv'}: run `dermlens data prepare` first", EXIT_USAGE)
+    df = read_manifest(dir)
+    held = holdout_rows(df, fraction, seed)
+    df["split"] = "-"
+    df.loc[held, "split"] = "train"
+    out.mkdir(parents=True, exist_ok=True)
+    write_manifest(df, out)
+    shutil.copy(dir / "splits.json", out / "splits.json")
+    (out / "cache").mkdir(exist_ok=True)
+    for cache in (dir / "cache").glob("images_*"):
+        target = out / "cache" / cache.name
+        if not target.exists():
+            target.symlink_to(cache.resolve())
+    typer.echo(f"{len(held)} held-out rows of {dir} are the train split of {out} (caches linked)")

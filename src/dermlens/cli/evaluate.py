@@ -109,8 +109,8 @@ def _from_csv(
     return out
 
 
-def _predict_rows(predictor, rows, batch_size: int, no_meta: bool = False) -> dict:
-    """Predict every manifest row (image plus age/sex/site where present) in batches -> stacked arrays;
+def _predict_rows(predictor, rows, batch_size: int, use_metadata: bool = True, no_meta: bool = False) -> dict:
+    """Predict every manifest row (image plus age/sex/site where present, unless use_metadata is False);
     with no_meta, also each image without metadata (keys prefixed 'nometa_'), decoded once."""
     import math
 
@@ -135,8 +135,8 @@ def _predict_rows(predictor, rows, batch_size: int, no_meta: bool = False) -> di
             }
             for r in batch.itertuples()
         ]
-        outs = {"": predictor.predict_arrays(images, meta)}
-        if no_meta:
+        outs = {"": predictor.predict_arrays(images, meta if use_metadata else None)}
+        if no_meta and use_metadata:
             outs["nometa_"] = predictor.predict_arrays(images, None)
         for prefix, res in outs.items():
             for k, v in res.items():
@@ -148,7 +148,29 @@ def _predict_rows(predictor, rows, batch_size: int, no_meta: bool = False) -> di
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
-def _from_model(manifest: Path, split: str, model: Path | None, cfg) -> _Inputs:
+def _unseen(rows, seen_manifest: Path | None):
+    """Drop rows whose image is in the `train` split of another manifest (the model's training data)."""
+    if seen_manifest is None:
+        return rows
+    from dermlens.data.manifest import read_manifest
+
+    seen = read_manifest(seen_manifest)
+    trained = set(seen.loc[seen["split"] == "train", "image_id"].astype(str))
+    kept = rows[~rows["image_id"].astype(str).isin(trained)]
+    typer.echo(
+        f"note: {len(rows) - len(kept)} image(s) in the train split of {seen_manifest} left out", err=True
+    )
+    return kept
+
+
+def _from_model(
+    manifest: Path,
+    split: str,
+    model: Path | None,
+    cfg,
+    use_metadata: bool = True,
+    exclude_train_of: Path | None = None,
+) -> _Inputs:
     """Run the serve runtime's Predictor on a manifest split (labelled images only)."""
     import numpy as np
 
@@ -160,7 +182,7 @@ def _from_model(manifest: Path, split: str, model: Path | None, cfg) -> _Inputs:
         raise EvaluationInputError(f"model mode needs the serve runtime (dermlens.serve.runtime): {e}") from e
 
     df = read_manifest(manifest)
-    rows = df[df["split"] == split]
+    rows = _unseen(df[df["split"] == split], exclude_train_of)
     if rows.empty:
         raise EvaluationInputError(
             f"{manifest}: no rows in split {split!r} (splits: {sorted(df['split'].unique())})"
@@ -175,7 +197,7 @@ def _from_model(manifest: Path, split: str, model: Path | None, cfg) -> _Inputs:
         )
     if labelled.empty:
         raise EvaluationInputError(f"{manifest}: no labelled images in split {split!r}")
-    arr = _predict_rows(predictor, labelled, cfg.batch_size, no_meta=True)
+    arr = _predict_rows(predictor, labelled, cfg.batch_size, use_metadata, no_meta=True)
     truth = np.array([classes.index(c) for c in labelled["diagnosis"]])
     group_col = "group_id" if "group_id" in labelled.columns else "lesion_id"
     return _Inputs(
@@ -189,7 +211,8 @@ def _from_model(manifest: Path, split: str, model: Path | None, cfg) -> _Inputs:
         refer=arr.get("refer"),
         image_paths=labelled["image_path"].astype(str).tolist(),
         train_counts=_train_counts(df),
-        source=f"model {model or 'release bundle'}, {manifest.name} split {split}",
+        source=f"model {model or 'release bundle'}, {manifest.name} split {split}"
+        + ("" if use_metadata else ", metadata withheld"),
         predictor=predictor,
         frame=labelled.reset_index(drop=True),
         arrays=arr,
@@ -198,14 +221,18 @@ def _from_model(manifest: Path, split: str, model: Path | None, cfg) -> _Inputs:
 
 def _condition_tables(name: str, arr: dict, truth, classes, groups, cfg) -> tuple[dict, dict]:
     """ECE and conformal coverage of one evaluated set, with metadata and without (lesion-level CIs)."""
+    import numpy as np
+
     from dermlens.evaluate.audit import coverage_with_ci, ece_with_ci
 
     ece, cov = {}, {}
-    for cond, prefix in (("meta", ""), ("no_meta", "nometa_")):
+    for prefix in ("", "nometa_"):
         if f"{prefix}probs" not in arr:
             continue
-        if cond == "meta" and "has_meta" in arr and not arr["has_meta"].any():
-            continue  # no image had metadata: the 'meta' pass equals the 'no_meta' one
+        given = prefix == "" and bool(np.asarray(arr.get("has_meta", [True])).any())
+        cond = "meta" if given else "no_meta"
+        if f"{name}/{cond}" in ece:
+            continue  # no image had metadata: both passes are the 'no_meta' condition
         ece[f"{name}/{cond}"] = ece_with_ci(arr[f"{prefix}probs"], truth, groups, cfg)
         sets = arr.get(f"{prefix}prediction_sets")
         if sets is not None:
@@ -221,15 +248,16 @@ def _refer_table(arr: dict) -> dict:
     return {k: float(np.mean(arr[k])) for k in keys if k in arr}
 
 
-def _trust_block(inputs: _Inputs, external: Path | None, external_split: str, cfg) -> dict:
+def _trust_block(inputs: _Inputs, split_name: str, external: Path | None, external_split: str, cfg) -> dict:
     """Calibration per condition, conformal coverage / set sizes, refer reasons and the subgroup audit."""
     import numpy as np
 
     from dermlens.evaluate.audit import subgroup_audit
 
     arr, classes = inputs.arrays, inputs.classes
-    split_name = inputs.source.rsplit(" ", 1)[-1]
-    ece, cov = _condition_tables(f"test:{split_name}", arr, inputs.truth, classes, inputs.groups, cfg)
+    frame = inputs.frame
+    name = f"{frame['dataset'].iloc[0] if 'dataset' in frame.columns else 'manifest'}/{split_name}"
+    ece, cov = _condition_tables(name, arr, inputs.truth, classes, inputs.groups, cfg)
     from dermlens.trust.clinical_probe import cpu_name
 
     block: dict = {
@@ -239,7 +267,7 @@ def _trust_block(inputs: _Inputs, external: Path | None, external_split: str, cf
         "calibration_conditions": ece,
         "conformal": cov,
         "conformal_alpha": getattr(inputs.predictor.trust, "conformal_alpha", None),
-        "refer_reasons": {f"test:{split_name}/meta": _refer_table(arr)},
+        "refer_reasons": {f"{name}/{'meta' if arr['has_meta'].any() else 'no_meta'}": _refer_table(arr)},
         "subgroups": subgroup_audit(
             inputs.frame, arr["probs"], inputs.truth, classes, arr.get("refer"), inputs.groups, cfg
         ),
@@ -248,12 +276,12 @@ def _trust_block(inputs: _Inputs, external: Path | None, external_split: str, cf
         ext = _external_rows(external, external_split, classes)
         ext_arr = _predict_rows(inputs.predictor, ext, cfg.batch_size, no_meta=True)
         truth = np.array([classes.index(c) for c in ext["diagnosis"]])
-        name = f"external:{ext['dataset'].iloc[0] if 'dataset' in ext else external.name}/{external_split}"
-        e2, c2 = _condition_tables(name, ext_arr, truth, classes, None, cfg)
+        ext_name = f"{ext['dataset'].iloc[0] if 'dataset' in ext.columns else external.name}/{external_split}"
+        e2, c2 = _condition_tables(ext_name, ext_arr, truth, classes, None, cfg)
         block["calibration_conditions"].update(e2)
         block["conformal"].update(c2)
         cond = "meta" if ext_arr["has_meta"].any() else "no_meta"
-        block["refer_reasons"][f"{name}/{cond}"] = _refer_table(ext_arr)
+        block["refer_reasons"][f"{ext_name}/{cond}"] = _refer_table(ext_arr)
         block["external_note"] = (
             "External labels mapped to the model's classes (ISIC 2017: melanoma -> mel, seborrheic "
             "keratosis -> bkl, nevus -> nv); rows with another or an unknown label are left out."
@@ -270,6 +298,20 @@ def _external_rows(manifest: Path, split: str, classes: tuple[str, ...]):
     if rows.empty:
         raise EvaluationInputError(f"{manifest}: no labelled rows in split {split!r}")
     return rows.reset_index(drop=True)
+
+
+def _provenance(inputs: _Inputs, manifest: Path | None, split: str, metadata: bool) -> dict:
+    """What produced these figures: model version, data, metadata condition and the machine."""
+    from dermlens.settings import machine
+
+    card = getattr(inputs.predictor, "card", None)
+    return {
+        "model_version": getattr(card, "version", None),
+        "manifest": str(manifest) if manifest else None,
+        "split": split if manifest else None,
+        "metadata": "given" if metadata else "withheld",
+        "machine": machine(),
+    }
 
 
 def _add_cams(items: list, predictor) -> None:
@@ -386,6 +428,18 @@ def evaluate(
     external_split: Annotated[
         str, typer.Option("--external-split", help="Split of --external to score (its test split).")
     ] = "test",
+    metadata: Annotated[
+        bool,
+        typer.Option("--metadata/--no-metadata", help="Model mode: give age/sex/site, or withhold them all."),
+    ] = True,
+    exclude_train_of: Annotated[
+        Path | None,
+        typer.Option(
+            "--exclude-train-of",
+            help="Model mode: leave out images in the train split of this manifest (e.g. to score the "
+            "DermaMNIST test split only on images the model never trained on).",
+        ),
+    ] = None,
 ) -> None:
     """Evaluate predictions (or a model on a manifest split): metrics with lesion-level 95% bootstrap CIs.
 
@@ -427,7 +481,7 @@ def evaluate(
                 raise EvaluationInputError(
                     "give either --manifest (model mode) or --predictions/--truth, not both"
                 )
-            inputs = _from_model(manifest, split, model, cfg)
+            inputs = _from_model(manifest, split, model, cfg, metadata, exclude_train_of)
         elif predictions is not None and truth is not None:
             inputs = _from_csv(predictions, truth, groups, uncalibrated, image_dir, cfg)
         else:
@@ -443,7 +497,7 @@ def evaluate(
             config=cfg,
         )
         if inputs.arrays is not None:
-            result["trust"] = json_safe(_trust_block(inputs, external, external_split, cfg))
+            result["trust"] = json_safe(_trust_block(inputs, split, external, external_split, cfg))
         elif external is not None:
             raise EvaluationInputError("--external needs model mode (--manifest)")
         gallery = (
@@ -470,6 +524,8 @@ def evaluate(
             gallery=gallery,
             source=inputs.source,
         )
+        result["provenance"] = _provenance(inputs, manifest, split, metadata)
+        result["provenance"]["excluded_train_images_of"] = str(exclude_train_of) if exclude_train_of else None
         paths = write_outputs(out, result, report)
     except expected as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
@@ -483,6 +539,9 @@ def external(
     split: Annotated[str, typer.Option(help="Split of the manifest to score, or 'all'.")] = "all",
     model: Annotated[Path | None, typer.Option(help="Model bundle (default: the packaged model).")] = None,
     n_bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the CIs.")] = 1000,
+    metadata: Annotated[
+        bool, typer.Option("--metadata/--no-metadata", help="Give age/sex/site, or withhold them all.")
+    ] = True,
 ) -> None:
     """External validity on ISIC 2017: melanoma-vs-rest AUC and 3 classes (mel, SK->bkl, nevus->nv)."""
     import json
@@ -503,9 +562,19 @@ def external(
         typer.secho(f"error: no rows in {manifest} for split {split!r}", fg="red", err=True)
         raise typer.Exit(2)
     predictor = Predictor.load(model)
-    probs = _predict_rows(predictor, rows, EvaluateConfig.load().batch_size)["probs"]
+    from dermlens.settings import machine
+
+    probs = _predict_rows(predictor, rows, EvaluateConfig.load().batch_size, metadata)["probs"]
     scores = isic2017_scores(probs, predictor.classes, rows["diagnosis"].tolist(), n_bootstrap)
-    scores.update({"split": split, "model_version": predictor.card.version, "disclaimer": DISCLAIMER})
+    scores.update(
+        {
+            "split": split,
+            "model_version": predictor.card.version,
+            "metadata": "given" if metadata else "withheld",
+            "machine": machine(),
+            "disclaimer": DISCLAIMER,
+        }
+    )
     out.mkdir(parents=True, exist_ok=True)
     (out / "external.json").write_text(json.dumps(scores, indent=2) + "\n")
     tc = scores["three_class"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from dermlens import DISCLAIMER, __version__
+from dermlens.cli import bundle as bundle_cli
 from dermlens.cli import data
 from dermlens.cli import evaluate as evaluate_cli
 from dermlens.cli import export as export_cli
@@ -21,6 +22,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+app.add_typer(bundle_cli.app, name="bundle")
 app.add_typer(data.app, name="data")
 app.command("evaluate")(evaluate_cli.evaluate)
 app.command("external")(evaluate_cli.external)

@@ -23,7 +23,7 @@ from dermlens.preprocess import ImageDecodeError, Preprocessing, load_rgb
 
 def cache_path(out_dir: str | Path, prep: Preprocessing) -> Path:
     """DIR/cache/images_{H}x{W}.npy for this preprocessing."""
-    return Path(out_dir) / "cache" / f"images_{prep.height}x{prep.width}.npy"
+    return Path(out_dir) / "cache" / prep.cache_name
 
 
 def _sidecar(path: Path) -> Path:

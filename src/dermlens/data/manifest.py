@@ -90,6 +90,15 @@ def read_manifest(out_dir: str | Path) -> pd.DataFrame:
     return normalize(df)
 
 
+def split_hash(df: pd.DataFrame) -> str:
+    """Content hash of the split assignment (image id, split, diagnosis), whatever the row order or paths."""
+    h = hashlib.sha256()
+    cols = [df[c].astype(str) for c in ("image_id", "split", "diagnosis")]
+    for row in sorted(zip(*cols, strict=True)):
+        h.update("\t".join(row).encode() + b"\n")
+    return h.hexdigest()
+
+
 def manifest_hash(df: pd.DataFrame) -> str:
     """Content hash of the image list (ids and paths in row order): identifies what a cache holds."""
     h = hashlib.sha256()

@@ -193,6 +193,19 @@ def dermamnist_split(df: pd.DataFrame, path: str | Path) -> pd.Series:
     return split
 
 
+def holdout_rows(df: pd.DataFrame, fraction: float, seed: int) -> pd.Index:
+    """A seeded share of the `train` rows, stratified by diagnosis and whole lesion groups kept together."""
+    rows = df[df["split"] == "train"]
+    key = rows["group_id"] if "group_id" in rows else rows["image_id"]
+    groups = rows.assign(_g=key.astype(str)).drop_duplicates("_g")
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for _, g in groups.groupby("diagnosis", sort=True):
+        n = int(round(fraction * len(g)))
+        chosen += list(g["_g"].to_numpy()[rng.permutation(len(g))[:n]])
+    return rows.index[key.astype(str).isin(set(chosen))]
+
+
 def leaking_groups(df: pd.DataFrame) -> list[str]:
     """Groups whose rows sit in more than one split (must be empty for a grouped split)."""
     per_group = df.groupby("group_id")["split"].nunique()

@@ -28,7 +28,7 @@ from torch.nn import functional as F
 from dermlens import DISCLAIMER, __version__
 from dermlens.bundle import CARD, ONNX_FP32, ONNX_INT8, TORCH_WEIGHTS, TRUST, ModelCard, read_card, write_card
 from dermlens.data.taxonomy import COARSE_CLASSES, UNKNOWN, coarse_label
-from dermlens.metadata import META_DIM, encode_rows
+from dermlens.metadata import META_DIM, META_FIELDS, encode_rows, missing_vector
 from dermlens.model.network import DermNet, build_network
 from dermlens.preprocess import Preprocessing
 from dermlens.serve.runtime import OUTPUTS, OnnxModel
@@ -123,6 +123,9 @@ def load_checkpoint(path: str | Path) -> LoadedModel:
             "epoch": ckpt.get("epoch"),
             "global_step": ckpt.get("global_step"),
             "seed": hp["cfg"].get("seed"),
+            "data": hp["cfg"].get("data", {}),
+            "augment": hp["cfg"].get("augment", {}),
+            "loss": hp["cfg"].get("loss", {}),
         }
     net = build_network({**model_cfg, "init": "random"}, len(classes))
     net.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
@@ -483,6 +486,33 @@ def _sha256(path: Path) -> str:
 # ---- bundle ---------------------------------------------------------------------------------------------
 
 
+def lineage(data_dirs: list[str | Path]) -> list[dict[str, Any]]:
+    """What each prepared data set behind a model is: dataset, manifest and split hashes, split counts."""
+    from dermlens.data.manifest import read_manifest, split_hash
+
+    out = []
+    for d in data_dirs:
+        d = Path(d).expanduser()
+        try:
+            df = read_manifest(d)
+            record = json.loads((d / "splits.json").read_text())
+        except (OSError, ValueError) as e:
+            out.append({"dir": str(d), "error": f"not readable here: {e}"})
+            continue
+        out.append(
+            {
+                "dir": str(d),
+                "dataset": sorted(df["dataset"].astype(str).unique().tolist()),
+                "split_method": record.get("method"),
+                "seed": record.get("seed"),
+                "manifest_hash": record.get("manifest_hash"),
+                "split_hash": split_hash(df),
+                "counts": record.get("counts"),
+            }
+        )
+    return out
+
+
 def export_bundle(
     checkpoint: str | Path,
     data_dir: str | Path,
@@ -570,6 +600,11 @@ def export_bundle(
         "ood_keep_rate": float((int8_scores <= state.ood_threshold).mean()),
     }
     m32["ood_keep_rate"] = state.val_keep_rate
+    no_meta = np.repeat(missing_vector()[None], len(val.labels), axis=0)
+    m8_nm = classification_metrics(
+        OnnxModel(out / ONNX_INT8).run_images(val.images, prep, no_meta, bs)["fine_logits"], val.labels, n
+    )
+    log(f"val balanced accuracy with metadata withheld: int8 {m8_nm['bal_acc']:.4f}")
     m32["bal_acc_tta"] = classification_metrics(np.log(state.tta_probs(fine_v)), val.labels, n)["bal_acc"]
     log(f"val balanced accuracy: fp32 {m32['bal_acc']:.4f}, int8 {m8['bal_acc']:.4f}")
 
@@ -595,8 +630,14 @@ def export_bundle(
         "tta_views": list(views),
         "default_precision": str(cfg.get("default_precision", "int8")),
         "malignant_classes": [c for c in classes if coarse_label(c) == "malignant"],
-        "metrics": {"val": {"fp32": m32, "int8": m8}, "trust": state.info},
+        "metrics": {"val": {"fp32": m32, "int8": m8, "int8_no_metadata": m8_nm}, "trust": state.info},
         "training": {"model": loaded.model_cfg, "checkpoint": loaded.source.name, **loaded.info},
+        "lineage": {
+            "evaluated_on": lineage([data_dir]),
+            "extra_training_data": lineage(list(loaded.info.get("data", {}).get("extra_train") or [])),
+            "licences": dict(cfg.get("licences") or {}),
+        },
+        "metadata_encoding": {"fields": list(META_FIELDS), "dim": META_DIM, "age_scale": "years / 100"},
         "export": {
             "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "dermlens": __version__,

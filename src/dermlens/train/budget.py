@@ -43,6 +43,7 @@ class TimeBudget(TrainClock):
     def __init__(self, minutes: float) -> None:
         super().__init__()
         self.budget = float(minutes) * 60.0
+        self.stopped_early = False
 
     def progress(self) -> float:
         """Fraction of the budget used, 0..1."""
@@ -52,3 +53,4 @@ class TimeBudget(TrainClock):
         super().on_validation_end(trainer, pl_module)
         if not trainer.sanity_checking and self.elapsed() + 0.9 * self.longest_epoch > self.budget:
             trainer.should_stop = True
+            self.stopped_early = trainer.current_epoch + 1 < trainer.max_epochs

@@ -20,6 +20,23 @@ def default_config() -> dict[str, Any]:
     return yaml.safe_load(resources.files("dermlens.configs").joinpath("train.yaml").read_text())
 
 
+def _check_type(key: str, default: Any, value: Any) -> None:
+    """A value must have the type of the shipped default (numbers may be int or float; null is allowed)."""
+    if default is None or value is None:
+        return
+    ok = {
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+        list: lambda v: isinstance(v, list),
+        dict: lambda v: isinstance(v, dict),
+    }.get(type(default), lambda v: True)
+    if not ok(value):
+        want = type(default).__name__
+        raise ConfigError(f"config key {key!r} must be {want} (like the default {default!r}), got {value!r}")
+
+
 def _merge(base: dict, over: dict, prefix: str = "") -> dict:
     """Recursively merge `over` onto `base`; unknown keys are errors."""
     out = copy.deepcopy(base)
@@ -30,6 +47,7 @@ def _merge(base: dict, over: dict, prefix: str = "") -> dict:
         if isinstance(out[k], dict) and isinstance(v, dict):
             out[k] = _merge(out[k], v, key + ".")
         else:
+            _check_type(key, out[k], v)
             out[k] = v
     return out
 
@@ -53,8 +71,30 @@ def apply_override(cfg: dict, item: str) -> dict:
     if isinstance(value, str):  # YAML 1.1 reads "2e-4" as a string
         with contextlib.suppress(ValueError):
             value = float(value)
+    if isinstance(node[parts[-1]], int) and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    _check_type(key.strip(), default_value(parts), value)
     node[parts[-1]] = value
     return cfg
+
+
+def default_value(parts: list[str]) -> Any:
+    """The shipped default of a dotted key."""
+    node: Any = default_config()
+    for p in parts:
+        node = node.get(p) if isinstance(node, dict) else None
+    return node
+
+
+def check_arch(cfg: dict) -> None:
+    """model.arch must name a timm architecture (one line, with a hint, when it does not)."""
+    import timm
+
+    arch = str(cfg["model"]["arch"])
+    if not timm.is_model(arch):
+        close = timm.list_models(f"*{arch.split('_')[0]}*")[:5]
+        hint = f"; similar: {', '.join(close)}" if close else ""
+        raise ConfigError(f"model.arch {arch!r} is not a timm architecture{hint}")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:

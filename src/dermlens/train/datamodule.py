@@ -8,10 +8,18 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data import (
+    ConcatDataset,
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    RandomSampler,
+    SequentialSampler,
+)
 
+from dermlens.data.splits import holdout_rows
 from dermlens.data.taxonomy import COARSE_CLASSES, UNKNOWN, coarse_label, label_space
-from dermlens.metadata import encode_rows
+from dermlens.metadata import META_BLOCKS, META_DIM, encode_rows, mark_missing
 from dermlens.preprocess import Preprocessing
 from dermlens.train.augment import eval_transform, to_chw, train_transform
 from dermlens.train.sampling import DistributedWeightedSampler, sample_weights
@@ -35,7 +43,7 @@ def read_prepared(data_dir: Path, prep: Preprocessing) -> tuple[pd.DataFrame, np
         raise DataSetupError(
             f"no manifest at {manifest}: run `dermlens data prepare` first (or set data.dir)"
         )
-    cache = data_dir / "cache" / f"images_{prep.height}x{prep.width}.npy"
+    cache = data_dir / "cache" / prep.cache_name
     if not cache.is_file():
         raise DataSetupError(f"no image cache at {cache}: build the {prep.height}x{prep.width} cache first")
     try:
@@ -69,17 +77,26 @@ class SplitData:
         ages = sub["age"].tolist() if "age" in sub else [None] * len(sub)
         sexes = sub["sex"].tolist() if "sex" in sub else [None] * len(sub)
         sites = sub["site"].tolist() if "site" in sub else [None] * len(sub)
-        self.meta = encode_rows(ages, sexes, sites) if len(sub) else np.zeros((0, 15), np.float32)
+        self.meta = encode_rows(ages, sexes, sites) if len(sub) else np.zeros((0, META_DIM), np.float32)
 
     def __len__(self) -> int:
         return len(self.rows)
 
 
-class CacheDataset(Dataset):
-    """(uint8 3xHxW image, meta, fine label, coarse label) from the memmap cache."""
+def drop_metadata(meta: np.ndarray, p_field: float, p_all: float, rng) -> np.ndarray:
+    """Metadata dropout: all fields missing with p_all, else each field missing with p_field."""
+    if p_all > 0 and rng.random() < p_all:
+        return mark_missing(meta, list(META_BLOCKS))
+    drop = [f for f in META_BLOCKS if p_field > 0 and rng.random() < p_field]
+    return mark_missing(meta, drop) if drop else meta
 
-    def __init__(self, images: np.ndarray, split: SplitData, transform) -> None:
+
+class CacheDataset(Dataset):
+    """(uint8 3xHxW image, meta, fine, coarse) from the memmap cache, with optional metadata dropout."""
+
+    def __init__(self, images: np.ndarray, split: SplitData, transform, meta_drop=(0.0, 0.0)) -> None:
         self.images, self.split, self.transform = images, split, transform
+        self.meta_drop = (float(meta_drop[0] or 0.0), float(meta_drop[1] or 0.0))
 
     def __len__(self) -> int:
         return len(self.split)
@@ -87,9 +104,12 @@ class CacheDataset(Dataset):
     def __getitem__(self, i: int):
         img = np.asarray(self.images[self.split.rows[i]])
         img = self.transform(image=img)["image"]
+        meta = self.split.meta[i]
+        if any(self.meta_drop):
+            meta = drop_metadata(meta, *self.meta_drop, np.random)  # seeded per worker by Lightning
         return (
             to_chw(img),
-            torch.from_numpy(self.split.meta[i]),
+            torch.from_numpy(np.ascontiguousarray(meta)),
             int(self.split.fine[i]),
             int(self.split.coarse[i]),
         )
@@ -110,9 +130,37 @@ class DermDataModule(L.LightningDataModule):
         self.val = SplitData(df, "val", self.classes, self.dcfg.get("limit_val"), seed)
         if len(self.train) == 0 or len(self.val) == 0:
             raise DataSetupError(f"manifest in {self.dcfg['dir']} has no train or no val rows")
+        ext = self.dcfg.get("external_val")
+        frac = float(self.dcfg.get("external_fraction") or 0.25)
+        self.external = self._source(ext, seed, holdout=frac) if ext else None
+        held = {str(Path(ext).expanduser().resolve()): frac} if ext else {}
+        self.extra = [
+            self._source(d, seed, holdout=held.get(str(Path(d).expanduser().resolve())), keep_rest=True)
+            for d in self.dcfg.get("extra_train") or []
+        ]
+
+    def _source(
+        self, data_dir: str, seed: int, holdout: float | None = None, keep_rest: bool = False
+    ) -> tuple[np.ndarray, SplitData]:
+        """Another dataset's `train` rows with one of the model's classes; `holdout` (a seeded, stratified
+        share of them) is the external validation set, and keep_rest=True returns the rows outside it."""
+        df, images = read_prepared(Path(data_dir).expanduser(), self.prep)
+        known = df["diagnosis"].isin(self.classes) & (df["split"] == "train")
+        df = df.assign(split=np.where(known, "train", "-"))
+        if holdout:
+            held = holdout_rows(df, float(holdout), seed)
+            df.loc[held if keep_rest else df.index.difference(held), "split"] = "-"
+        part = SplitData(df, "train", self.classes, None, seed)
+        if len(part) == 0:
+            raise DataSetupError(f"{data_dir} has no train rows with one of the classes {self.classes}")
+        return images, part
+
+    def train_fine(self) -> np.ndarray:
+        """Fine labels of every training image (the main split, then each extra source)."""
+        return np.concatenate([self.train.fine, *(part.fine for _, part in self.extra)])
 
     def class_counts(self) -> np.ndarray:
-        return np.bincount(self.train.fine, minlength=len(self.classes))
+        return np.bincount(self.train_fine(), minlength=len(self.classes))
 
     def _dist(self) -> tuple[int, int]:
         t = self.trainer
@@ -130,13 +178,16 @@ class DermDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        ds = CacheDataset(self.images, self.train, train_transform(self.prep, self.cfg.get("augment", {})))
+        aug = self.cfg.get("augment", {})
+        tf, drop = train_transform(self.prep, aug), (aug.get("meta_drop_field"), aug.get("meta_drop_all"))
+        parts = [(self.images, self.train), *self.extra]
+        ds = ConcatDataset([CacheDataset(images, part, tf, drop) for images, part in parts])
         rank, world = self._dist()
         mode = self.cfg.get("sampler", {}).get("name", "none")
         seed = int(self.cfg.get("seed", 42))
         if mode != "none":
             sampler = DistributedWeightedSampler(
-                sample_weights(self.train.fine, mode), rank=rank, world=world, seed=seed
+                sample_weights(self.train_fine(), mode), rank=rank, world=world, seed=seed
             )
         elif world > 1:
             sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=seed)
@@ -144,8 +195,8 @@ class DermDataModule(L.LightningDataModule):
             sampler = RandomSampler(ds)
         return self._loader(ds, sampler, drop_last=True)
 
-    def val_dataloader(self) -> DataLoader:
-        ds = CacheDataset(self.images, self.val, eval_transform(self.prep))
+    def _eval_loader(self, images: np.ndarray, part: SplitData) -> DataLoader:
+        ds = CacheDataset(images, part, eval_transform(self.prep))
         rank, world = self._dist()
         sampler = (
             DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=False)
@@ -153,3 +204,8 @@ class DermDataModule(L.LightningDataModule):
             else SequentialSampler(ds)
         )
         return self._loader(ds, sampler, drop_last=False)
+
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        """HAM val, plus the external validation set (second loader) when configured."""
+        main = self._eval_loader(self.images, self.val)
+        return [main, self._eval_loader(*self.external)] if self.external else main

@@ -14,14 +14,24 @@ import torch
 from dermlens.train.config import dump_config
 
 LAST, BEST = "last.ckpt", "best.ckpt"
+FINISHED = "finished.json"  # written when a run has finished and its final validation pass is done
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU computes bf16 natively (AMX or AVX512-BF16); elsewhere bf16 is emulated and slow."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags.split() for f in ("amx_bf16", "avx512_bf16"))
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:
-    """`auto` -> bf16-mixed on CPU, bf16-mixed/16-mixed on CUDA depending on hardware support."""
+    """`auto` -> bf16-mixed on CPUs with native bf16 (else 32-true); bf16-mixed/16-mixed on CUDA."""
     if precision != "auto":
         return precision
     if accelerator in ("cpu",) or not torch.cuda.is_available():
-        return "bf16-mixed"
+        return "bf16-mixed" if cpu_has_native_bf16() else "32-true"
     return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
 
 
@@ -48,11 +58,12 @@ def _callbacks(cfg: dict, ckpt_dir: Path) -> list:
     from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 
     t = cfg["trainer"]
+    monitor = str(t.get("monitor") or "val/bal_acc")
     cbs = [
         ModelCheckpoint(
             dirpath=ckpt_dir,
             filename="best",
-            monitor="val/bal_acc",
+            monitor=monitor,
             mode="max",
             save_top_k=1,
             enable_version_counter=False,
@@ -67,7 +78,7 @@ def _callbacks(cfg: dict, ckpt_dir: Path) -> list:
 
     cbs.append(TimeBudget(float(t["time_budget_min"])) if t.get("time_budget_min") else TrainClock())
     if int(t.get("patience", 0) or 0) > 0:
-        cbs.append(EarlyStopping(monitor="val/bal_acc", mode="max", patience=int(t["patience"])))
+        cbs.append(EarlyStopping(monitor=monitor, mode="max", patience=int(t["patience"]), verbose=True))
     if t.get("progress", "rich") == "rich":
         from lightning.pytorch.callbacks import RichProgressBar
 
@@ -133,14 +144,19 @@ def build_trainer(cfg: dict, run_dir: Path):
 
 
 @torch.no_grad()
-def predict_split(module, loader) -> dict[str, np.ndarray]:
-    """Fine/coarse logits and embeddings over a loader with the module's evaluation network."""
+def predict_split(module, loader, precision: str = "32-true", label: str = "final validation pass"):
+    """Fine/coarse logits and embeddings over a loader with the module's evaluation network.
+
+    Runs at the training precision (bf16 autocast only when training used it) with a progress bar."""
+    from tqdm import tqdm
+
     net = module.eval_net().eval()
     fine, coarse, emb = [], [], []
-    use_bf16 = next(net.parameters()).device.type == "cpu"
-    for image, meta, _, _ in loader:
+    device = next(net.parameters()).device.type
+    use_bf16 = precision.startswith("bf16")
+    for image, meta, _, _ in tqdm(loader, desc=label, unit="batch", mininterval=5):
         x = module.prepare(image.to(module.device))
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=use_bf16):
             f, c, e, _ = net.forward_all(x, meta.to(module.device))
         fine.append(f.float().cpu())
         coarse.append(c.float().cpu())
@@ -174,11 +190,14 @@ def val_metrics(out: dict, fine: np.ndarray, coarse: np.ndarray, classes: tuple[
     }
 
 
-def finish(run_dir: Path, dm, module_cls, ckpt: Path, cfg: dict, seconds: float) -> dict:
+def finish(
+    run_dir: Path, dm, module_cls, ckpt: Path, cfg: dict, seconds: float, precision: str = "32-true"
+) -> dict:
     """Evaluate the best checkpoint on val; write metrics_val.json, val_outputs.npz and model.pt."""
     module = module_cls.load_from_checkpoint(ckpt, map_location="cpu", weights_only=False)
     module.eval()
-    out = predict_split(module, dm.val_dataloader())
+    loaders = dm.val_dataloader()
+    out = predict_split(module, loaders[0] if isinstance(loaders, list) else loaders, precision)
     metrics = val_metrics(out, dm.val.fine, dm.val.coarse, dm.classes)
     epoch = torch.load(ckpt, map_location="cpu", weights_only=False).get("epoch")
     metrics.update(
@@ -190,6 +209,7 @@ def finish(run_dir: Path, dm, module_cls, ckpt: Path, cfg: dict, seconds: float)
             "classes": list(dm.classes),
             "arch": cfg["model"]["arch"],
             "uses_metadata": bool(cfg["model"].get("metadata", False)),
+            "precision": precision,
         }
     )
     (run_dir / "metrics_val.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -206,18 +226,52 @@ def finish(run_dir: Path, dm, module_cls, ckpt: Path, cfg: dict, seconds: float)
     return metrics
 
 
+def config_hash(cfg: dict) -> str:
+    """Identity of a resolved config: a finished run is skipped only when it is asked for again unchanged."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def stop_reason(trainer, clock) -> str:
+    """One line saying why training stopped."""
+    from dermlens.train.budget import TimeBudget
+
+    epochs = trainer.current_epoch
+    if isinstance(clock, TimeBudget) and clock.stopped_early:
+        return (
+            f"Stopped after {epochs} epoch(s): the next epoch would not fit in the time budget "
+            f"({clock.budget / 60:.0f} min; trainer.time_budget_min)."
+        )
+    early = [c for c in trainer.callbacks if type(c).__name__ == "EarlyStopping" and c.stopped_epoch > 0]
+    if early:
+        e = early[0]
+        return f"Stopped early after {epochs} epoch(s): {e.monitor} did not improve for {e.patience} epochs."
+    if trainer.interrupted:
+        return f"Stopped after {epochs} epoch(s): interrupted (resume with the same command)."
+    if epochs >= trainer.max_epochs:
+        return f"Finished all {trainer.max_epochs} epochs (trainer.max_epochs)."
+    return f"Stopped after {epochs} epoch(s): trainer.max_time reached or another stop condition."
+
+
 def train(cfg: dict, resume: bool | None = None) -> dict | None:
     """Train from a resolved config; resumes from checkpoints/last.ckpt when present (or when resume=True)."""
     import lightning as L
 
+    from dermlens.train.config import check_arch
     from dermlens.train.datamodule import DermDataModule
     from dermlens.train.module import DermModule
 
+    check_arch(cfg)
     t = cfg["trainer"]
     threads = int(t.get("threads", 0) or 0)
     torch.set_num_threads(threads if threads > 0 else (os.cpu_count() or 1))
     L.seed_everything(int(cfg.get("seed", 42)), workers=True, verbose=False)
     run_dir = run_dir_for(cfg)
+    done = run_dir / FINISHED
+    if resume is None and done.is_file() and json.loads(done.read_text()).get("config") == config_hash(cfg):
+        print(f"{run_dir} already finished with this config; pass --resume to train it further.", flush=True)
+        return json.loads((run_dir / "metrics_val.json").read_text())
     ckpt_dir = run_dir / "checkpoints"
     last = ckpt_dir / LAST
     if resume and not last.is_file():
@@ -239,6 +293,12 @@ def train(cfg: dict, resume: bool | None = None) -> dict | None:
     clock = next(c for c in trainer.callbacks if isinstance(c, TrainClock))
     total = clock.elapsed() if clock.start is not None else seconds  # summed over resumed sessions
     (run_dir / "train_seconds.json").write_text(json.dumps({"seconds": total, "this_session": seconds}))
+    print(stop_reason(trainer, clock), flush=True)
     best = ckpt_dir / BEST
     dm.trainer = None
-    return finish(run_dir, dm, DermModule, best if best.is_file() else last, cfg, total)
+    ckpt = best if best.is_file() else last
+    print(f"Evaluating {ckpt.name} on the validation split ({len(dm.val)} images)...", flush=True)
+    metrics = finish(run_dir, dm, DermModule, ckpt, cfg, total, str(trainer.precision))
+    record = {"reason": stop_reason(trainer, clock), "checkpoint": str(ckpt), "config": config_hash(cfg)}
+    done.write_text(json.dumps(record) + "\n")
+    return metrics

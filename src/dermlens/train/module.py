@@ -30,6 +30,22 @@ def cosine_at(progress: float, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
 
+def external_scores(parts: list[tuple[torch.Tensor, torch.Tensor]], classes: tuple[str, ...]) -> dict:
+    """Balanced accuracy over the external set's own classes (argmax among them) and melanoma AUC."""
+    probs = torch.cat([p for p, _ in parts]).numpy()
+    y = torch.cat([t for _, t in parts]).numpy()
+    present = sorted(set(y.tolist()))
+    sub = probs[:, present].argmax(1)
+    pred = np.asarray(present)[sub]
+    out = {"bal_acc3": float(np.mean([(pred[y == c] == c).mean() for c in present]))}
+    if "mel" in classes and 0 < (y == classes.index("mel")).sum() < len(y):
+        from sklearn.metrics import roc_auc_score
+
+        mel = classes.index("mel")
+        out["mel_auc"] = float(roc_auc_score(y == mel, probs[:, mel]))
+    return out
+
+
 class DermModule(L.LightningModule):
     """Trains a DermNet on (image uint8, meta, fine, coarse) batches."""
 
@@ -107,22 +123,40 @@ class DermModule(L.LightningModule):
         if self.ema is not None:
             self.ema.update(self.net, step=self.global_step)
 
-    def validation_step(self, batch, batch_idx: int) -> None:
+    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         image, meta, y, yc = batch
         fine, coarse = self.eval_net()(self.prepare(image), meta)
         fine, coarse = fine.float(), coarse.float()
+        if dataloader_idx == 1:  # the external validation set: scored at epoch end
+            self._ext.append((fine.softmax(1).cpu(), y.cpu()))
+            return
         loss = self._loss(fine, coarse, y, yc)
         self.val_bal_acc.update(fine, y)
         self.val_auc.update(fine.softmax(1), y)
         self.val_coarse_auc.update(coarse.softmax(1), yc)
-        self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=len(y))
+        self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=len(y), add_dataloader_idx=False)
+
+    def on_validation_epoch_start(self) -> None:
+        self._ext: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def on_validation_epoch_end(self) -> None:
-        self.log("val/bal_acc", self.val_bal_acc.compute(), prog_bar=True, sync_dist=False)
+        bal_acc = self.val_bal_acc.compute()
+        self.log("val/bal_acc", bal_acc, prog_bar=True, sync_dist=False)
         self.log("val/auc", self.val_auc.compute(), prog_bar=True)
         self.log("val/coarse_auc", self.val_coarse_auc.compute())
         for m in (self.val_bal_acc, self.val_auc, self.val_coarse_auc):
             m.reset()
+        select = bal_acc
+        if self._ext:
+            parts = self._ext
+            if self.trainer.world_size > 1:  # every rank scored a shard: score the whole set
+                probs, y = (torch.cat([t[i] for t in parts]).to(self.device) for i in (0, 1))
+                parts = [(self.all_gather(probs).flatten(0, 1).cpu(), self.all_gather(y).flatten(0, 1).cpu())]
+            ext = external_scores(parts, self.classes)
+            for k, v in ext.items():
+                self.log(f"ext/{k}", v, prog_bar=k == "bal_acc3")
+            select = (bal_acc + ext["bal_acc3"]) / 2 if "bal_acc3" in ext else bal_acc
+        self.log("val/select", select)
 
     def _time_budget(self):
         from dermlens.train.budget import TimeBudget

@@ -177,14 +177,15 @@ def fit_not_dermoscopy(
     run: Runner, manifest: Path, classes: tuple[str, ...], val_emb: np.ndarray, cfg: dict[str, Any]
 ) -> tuple[np.ndarray, float, float, dict[str, Any]]:
     """The not-dermoscopy head from training images vs their clinical-like views; threshold on val."""
-    n = int(cfg.get("train_images", 2000))
+    n = int(cfg.get("train_images", 1000))
     seed = int(cfg.get("seed", 0))
     train = load_rows(manifest, "train", classes, run.prep, limit=n)
     zeros = no_meta(len(train.labels))
+    jitter = train.images[: int(cfg.get("jitter_images", n // 2))]
     emb_in = np.concatenate(
         [
             run(train.images, zeros)["embedding"],
-            run(run.views(clinical.dermoscopy_jitter(train.images, seed + 1)), zeros)["embedding"],
+            run(run.views(clinical.dermoscopy_jitter(jitter, seed + 1)), no_meta(len(jitter)))["embedding"],
         ]
     )
     emb_out = run(run.views(clinical.clinical_views(train.images, seed)), zeros)["embedding"]
@@ -221,7 +222,8 @@ def refit_bundle(
     ext = None
     if external is not None:
         split = str(cfg["shift"].get("external_split", "train"))
-        ext_rows = load_rows(Path(external), split, classes, run.prep)
+        limit = cfg["shift"].get("external_limit")
+        ext_rows = load_rows(Path(external), split, classes, run.prep, None if limit is None else int(limit))
         ext = _stack_conditions(ext_rows, run, "external")
         log(f"scored {len(ext_rows.labels)} external {split} images with and without metadata")
     method, params, choice = fit_calibration(ham, ext, cfg["shift"])

@@ -1,0 +1,86 @@
+"""`dermlens bundle ...`: show a model bundle, check it, and record evaluation results in its card."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    help="Inspect, verify and annotate model bundles.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+BundleArg = Annotated[
+    Path | None, typer.Argument(help="Bundle folder (default: the packaged release bundle).")
+]
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    return typer.Exit(2)
+
+
+def _bundle(path: Path | None) -> Path:
+    from dermlens.bundle import release_dir
+
+    return Path(path) if path is not None else release_dir()
+
+
+@app.command()
+def info(bundle: BundleArg = None) -> None:
+    """Print what a bundle is: version, architecture, input, data lineage and recorded metrics."""
+    from dermlens.bundle import BundleError, read_card
+
+    try:
+        card = read_card(_bundle(bundle)).to_dict()
+    except (BundleError, ValueError, KeyError) as e:
+        raise _fail(str(e)) from None
+    p = card["preprocessing"]
+    typer.echo(f"{card['name']} {card['version']} ({card['architecture']})")
+    typer.echo(
+        f"input {p['height']}x{p['width']}, colour constancy {p.get('color_constancy', 'none')}, "
+        f"metadata {'used' if card['uses_metadata'] else 'not used'}; classes {', '.join(card['classes'])}"
+    )
+    for entry in card.get("lineage", {}).get("evaluated_on", []) + card.get("lineage", {}).get(
+        "extra_training_data", []
+    ):
+        typer.echo(f"data {entry.get('dataset')}: split hash {str(entry.get('split_hash'))[:16]}")
+    for name, m in card.get("metrics", {}).items():
+        if isinstance(m, dict) and "summary" in m:
+            typer.echo(f"metrics[{name}]: " + ", ".join(f"{k} {v:.3f}" for k, v in m["summary"].items()))
+    typer.echo(card.get("disclaimer", ""))
+
+
+@app.command()
+def verify(bundle: BundleArg = None) -> None:
+    """Check a bundle: readable card, file hashes as recorded, each ONNX graph runs with the card's shapes."""
+    from dermlens.bundle import BundleError, verify_bundle
+
+    try:
+        lines = verify_bundle(_bundle(bundle))
+    except BundleError as e:
+        raise _fail(str(e)) from None
+    for line in lines:
+        typer.echo(line)
+    typer.echo("bundle verified")
+
+
+@app.command("add-metrics")
+def add_metrics(
+    name: Annotated[str, typer.Argument(help="Name of the condition, e.g. test_no_metadata.")],
+    results: Annotated[Path, typer.Argument(help="metrics.json of `dermlens evaluate` or external.json.")],
+    bundle: Annotated[Path | None, typer.Option(help="Bundle folder (default: the packaged one).")] = None,
+) -> None:
+    """Record an evaluation of this very model (same model_version) in the bundle's card."""
+    from dermlens.bundle import BundleError, record_metrics
+
+    try:
+        summary = record_metrics(_bundle(bundle), name, json.loads(results.read_text()))
+    except (BundleError, OSError, ValueError) as e:
+        raise _fail(f"{results}: {e}") from None
+    typer.echo(f"recorded {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()))

@@ -1,0 +1,64 @@
+"""The shipped bundle itself: it verifies, and through the torch-free runtime it reaches the validation
+accuracy recorded in its card, with and without metadata (catches a broken model or a preprocessing skew)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import balanced_accuracy_score
+from typer.testing import CliRunner
+
+from bundles import bundle_dir  # tests/bundles.py
+from dermlens.bundle import BundleError, read_card, record_metrics, verify_bundle
+from dermlens.cli.main import app
+
+
+def test_bundle_verifies_and_tampering_is_caught(tmp_path: Path) -> None:
+    src = bundle_dir()
+    lines = verify_bundle(src)
+    assert any(line.startswith("runs: model.int8.onnx") for line in lines)
+    copy = tmp_path / "bundle"
+    shutil.copytree(src, copy)
+    with (copy / "trust.npz").open("ab") as fh:
+        fh.write(b"x")
+    with pytest.raises(BundleError, match="does not match the sha256"):
+        verify_bundle(copy)
+    r = CliRunner().invoke(app, ["bundle", "verify", str(copy)])
+    assert r.exit_code == 2 and "Traceback" not in r.output and "trust.npz" in r.output
+
+
+def test_card_records_lineage_and_refuses_foreign_metrics(tmp_path: Path) -> None:
+    card = read_card(bundle_dir())
+    lineage = card.extra.get("lineage")
+    if lineage is None:
+        pytest.skip("bundle exported before lineage was recorded")
+    assert all(len(e["split_hash"]) == 64 for e in lineage["evaluated_on"])
+    assert card.extra["metadata_encoding"]["dim"] == 15
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle_dir(), copy)
+    with pytest.raises(ValueError, match="results are for model"):
+        record_metrics(copy, "x", {"model_version": "other", "overall": {"balanced_accuracy": {"value": 1}}})
+    ok = record_metrics(copy, "x", {"model_version": card.version, "melanoma_auc": {"value": 0.7}})
+    assert ok == {"melanoma_auc": 0.7}
+    assert json.loads((copy / "card.json").read_text())["metrics"]["x"]["summary"] == ok
+
+
+@pytest.mark.parametrize("metadata", [True, False], ids=["with_metadata", "no_metadata"])
+def test_runtime_reaches_recorded_val_accuracy(ham_manifest, metadata: bool) -> None:
+    from dermlens.cli.evaluate import _predict_rows
+    from dermlens.serve.runtime import Predictor
+
+    card = read_card(bundle_dir())
+    recorded = card.extra["metrics"]["val"].get("int8" if metadata else "int8_no_metadata")
+    if recorded is None:
+        pytest.skip("bundle exported before no-metadata validation was recorded")
+    val = ham_manifest[ham_manifest["split"] == "val"]
+    predictor = Predictor.load(bundle_dir(), precision="int8")
+    probs = _predict_rows(predictor, val, 64, use_metadata=metadata)["probs"]
+    truth = np.array([card.classes.index(d) for d in val["diagnosis"]])
+    bal_acc = balanced_accuracy_score(truth, probs.argmax(1))
+    assert abs(bal_acc - recorded["bal_acc"]) < 0.01, (bal_acc, recorded["bal_acc"])
