@@ -351,6 +351,20 @@ def _print_summary(result: dict, paths: list[Path]) -> None:
             table.add_row(metric_label(key), f(iv["value"]), f"[{f(iv['ci_low'])}, {f(iv['ci_high'])}]")
     console = Console()
     console.print(table)
+    trust = result.get("trust") or {}
+    for name, t in trust.get("calibration_conditions", {}).items():
+        cov = trust.get("conformal", {}).get(name)
+        extra = (
+            f"; {1 - trust['conformal_alpha']:.0%} set coverage {f(cov['coverage']['value'])}, "
+            f"mean size {f(cov['mean_set_size']['value'])}"
+            if cov and trust.get("conformal_alpha") is not None
+            else ""
+        )
+        console.print(
+            f"{name}: ECE {f(t['ece']['value'])} [{f(t['ece']['ci_low'])}, {f(t['ece']['ci_high'])}]{extra}"
+        )
+    if trust.get("subgroups"):
+        console.print(f"subgroups flagged: {', '.join(trust['subgroups']['flagged']) or 'none'}")
     for p in paths:
         console.print(f"wrote {p}")
     console.print(Panel(DISCLAIMER, title="Disclaimer", border_style="red"))
