@@ -52,7 +52,7 @@ def measure_not_dermoscopy(
     bundle: str | Path,
     manifest: str | Path,
     external: str | Path | None = None,
-    lofo_train: int = 500,
+    lofo_train: int = 300,
     threads: int | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
@@ -65,6 +65,7 @@ def measure_not_dermoscopy(
     classes = tuple(run.card.classes)
     test = load_rows(manifest, "test", classes, run.prep)
     test_out = run(test.images, test.meta)
+    test_none = run(test.images, no_meta(len(test.labels)))
     ind = _rates(state, test_out)
     log(f"scored {ind['n']} in-distribution test images")
     probe: dict[str, np.ndarray] = {
@@ -102,14 +103,44 @@ def measure_not_dermoscopy(
         "probe_sets": sets,
         "threshold": state.clinical_threshold,
     }
+    result["ham_test"] = trust_figures(state, test, {"meta": test_out, "no_meta": test_none}, classes)
     if external is not None:
         ext = load_rows(external, "test", classes, run.prep)
-        r = _rates(state, run(ext.images, ext.meta))
+        ext_out = run(ext.images, ext.meta)
+        r = _rates(state, ext_out)
         result["external_dermoscopy_test"] = {k: v for k, v in r.items() if not k.endswith("_score")}
+        result["external_test"] = trust_figures(state, ext, {"no_meta": ext_out}, classes)
         log(f"external test: {r['refused_not_dermoscopy']:.3f} refused as not dermoscopy")
     views = {fam: embeddings[f"test_{fam}"] for fam in clinical.FAMILIES}
     result["leave_one_family_out"] = _lofo(run, manifest, classes, test_out["embedding"], views, lofo_train)
     return result
+
+
+def trust_figures(state: TrustState, rows: Any, outs: dict[str, dict], classes: tuple[str, ...]) -> dict:
+    """ECE, conformal coverage and set size (overall, per class) per condition with lesion-level CIs, the
+    refer-reason rates, and the subgroup audit of the 'meta' condition (same functions as evaluate)."""
+    from dermlens.evaluate import EvaluateConfig
+    from dermlens.evaluate.audit import coverage_with_ci, ece_with_ci, subgroup_audit
+
+    cfg = EvaluateConfig.load()
+    groups = rows.frame["group_id"].astype(str).tolist() if "group_id" in rows.frame.columns else None
+    out: dict[str, Any] = {"n_images": int(len(rows.labels))}
+    for cond, o in outs.items():
+        has_meta = np.full(len(rows.labels), cond == "meta") & (rows.has_meta if cond == "meta" else True)
+        d = state.decide(o["fine_logits"], o["embedding"], has_meta)
+        out[cond] = {
+            "calibration": ece_with_ci(d["probs"], rows.labels, groups, cfg),
+            "conformal": coverage_with_ci(d["sets"], rows.labels, classes, groups, cfg),
+            "refer_reasons": {
+                k: float(np.mean(d[k]))
+                for k in ("ood", "not_dermoscopy", "low_confidence", "set_too_large", "refer")
+            },
+        }
+        if cond == "meta":
+            out["subgroups"] = subgroup_audit(
+                rows.frame, d["probs"], rows.labels, classes, d["refer"], groups, cfg
+            )
+    return out
 
 
 def _lofo(
