@@ -422,7 +422,13 @@ class Service:
             top_class_name=FINE_NAMES.get(r.top, r.top),
             confidence=r.confidence,
             ood=schemas.OODInfo(score=r.ood_score, flagged=r.ood),
-            refer=schemas.ReferInfo(refer=r.refer, reason=r.refer_reason),
+            refer=schemas.ReferInfo(refer=r.refer, reason=r.refer_reason, codes=r.refer_codes),
+            prediction_set=None
+            if r.prediction_set is None
+            else schemas.PredictionSetInfo(
+                classes=r.prediction_set, coverage=r.set_coverage, condition=r.calibration_condition
+            ),
+            not_dermoscopy=schemas.NotDermoscopyInfo(score=r.not_dermoscopy_score, flagged=r.not_dermoscopy),
             model_name=self.predictor.card.name,
             model_version=r.model_version,
             precision=r.precision,
