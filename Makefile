@@ -5,7 +5,7 @@ CORE_VENV ?= .venv-core
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test install lint release release-eval
+.PHONY: serve test test-postgres install lint release release-eval
 
 $(CORE_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(CORE_VENV)
@@ -29,6 +29,10 @@ serve: $(CORE_VENV)/.installed
 test: $(VENV)/.installed $(CORE_VENV)/.installed
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 	DERMLENS_CORE_PYTHON=$(abspath $(CORE_VENV))/bin/python $(VENV)/bin/python -m pytest -q
+
+## test-postgres: start a local PostgreSQL server (Debian package) and run the tests with it
+test-postgres:
+	eval "$$(bash .ci/postgres.sh)" && CI=true $(MAKE) test
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests benchmarks

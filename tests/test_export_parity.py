@@ -211,6 +211,10 @@ def test_export_command_end_to_end(ham_small_prepared: Path, tmp_path: Path) -> 
     closest = min(q["tried"], key=lambda t: abs(t["bal_acc"] - val["fp32"]["bal_acc"]))
     assert q["exclude"] == closest["exclude"] and val["int8"]["bal_acc"] == pytest.approx(closest["bal_acc"])
     assert card.temperature["fine"] > 0 and "threshold" in card.ood
+    from dermlens.monitor.reference import Reference
+
+    ref = Reference.load(out)  # the drift-monitoring baseline: the bundle's outputs on val
+    assert ref.model_version == card.version and ref.n == ref.source["n"] > 0
     state = torch.load(out / TORCH_WEIGHTS, weights_only=True)
     assert all(v.dtype == torch.float16 for v in state.values() if v.is_floating_point())
     again = load_checkpoint(out / TORCH_WEIGHTS)  # re-export source: the bundle's own model.pt

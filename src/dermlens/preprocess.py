@@ -1,26 +1,46 @@
 """Model-input preprocessing shared by training, the cache, export and the torch-free runtime.
 
-Needs only numpy and Pillow. Decoding accepts JPEG/PNG/BMP/TIFF/WebP in any mode and bit depth,
-applies EXIF orientation, and guards against decompression bombs.
+Needs only numpy and Pillow. Decoding accepts only the formats of configs/decode.yaml (JPEG/PNG/BMP/
+TIFF/WebP) in any mode and bit depth, applies EXIF orientation, and guards against decompression bombs.
+DICOM colour photographs (also allow-listed) are decoded by dermlens.dicom (the `dicom` extra).
 """
 
 from __future__ import annotations
 
+import functools
 import io
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import yaml
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 DEFAULT_MAX_PIXELS = 40_000_000
 COLOR_CONSTANCY: tuple[str, ...] = ("none", "shades_of_gray")
 
 
 class ImageDecodeError(ValueError):
-    """An input that cannot be decoded as an image (names the source)."""
+    """An input that cannot be decoded as an image (names the source); `code`/`reason`: our own words."""
+
+    code: str = "corrupt_image"
+    reason: str = "corrupt or truncated image"
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What an image header says: size and Pillow mode (bit depth), and the memory a decode needs."""
+
+    width: int
+    height: int
+    mode: str
+
+    @property
+    def decoded_bytes(self) -> int:
+        return decoded_bytes(self.mode, self.width, self.height)
 
 
 @dataclass(frozen=True)
@@ -88,9 +108,12 @@ def shades_of_gray(rgb: np.ndarray, power: float = 6.0) -> np.ndarray:
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Convert any PIL mode (L, P, RGBA, CMYK, I;16, I, F...) to 8-bit RGB."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
+        arr = np.asarray(img)  # native depth: no float64 copy of the whole image
         hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+        out = np.empty(arr.shape, np.uint8)
+        for s in range(0, arr.shape[0], 256):  # float temporaries for 256 rows at a time
+            out[s : s + 256] = np.clip(arr[s : s + 256] / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        img = Image.fromarray(out, "L")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -98,28 +121,113 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_rgb(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode a file path or bytes into an HxWx3 uint8 RGB array, EXIF orientation applied."""
+@functools.cache
+def decode_config() -> dict:
+    """configs/decode.yaml: the allow-listed formats (magic bytes, Pillow plugin) and bytes per mode."""
+    return yaml.safe_load(resources.files("dermlens.configs").joinpath("decode.yaml").read_text())
+
+
+def sniff_format(head: bytes) -> str | None:
+    """The allow-listed format whose magic bytes `head` carries, or None. File names are never trusted."""
+    for key, spec in decode_config()["formats"].items():
+        checks = [(int(off), bytes.fromhex(hx)) for off, hx in (m.split(":") for m in spec["magic"])]
+        if all(head[off : off + len(magic)] == magic for off, magic in checks):
+            return key
+    return None
+
+
+def decoded_bytes(mode: str, width: int, height: int) -> int:
+    """Memory a decode needs: pixels x (bytes per pixel at the file's depth + the 8-bit RGB copy)."""
+    table = decode_config()["mode_bytes"]
+    per_pixel = table[mode] if mode in table else 4 * Image.getmodebands(mode)
+    return width * height * (int(per_pixel) + 3)
+
+
+def _fail(name: str, code: str, reason: str, detail: str | None = None) -> ImageDecodeError:
+    """An ImageDecodeError: `reason` in our words (safe to show anyone), `detail` only in the message."""
+    err = ImageDecodeError(f"{name}: {reason}" + (f" ({detail})" if detail else ""))
+    err.code, err.reason = code, reason
+    return err
+
+
+def _open_checked(fh: BinaryIO, name: str, max_pixels: int, max_bytes: int | None) -> Image.Image:
+    """Open `fh` with the one Pillow plugin its magic bytes name; check pixels and decoded bytes."""
+    head = fh.read(132)
+    fh.seek(0)
+    fmt = sniff_format(head)
+    spec = decode_config()["formats"].get(fmt or "", {})
+    if spec.get("module") == "dermlens.dicom":  # DICOM: decoded by dermlens.dicom (the `dicom` extra)
+        return _dicom_image(fh, name, max_pixels, max_bytes)
+    if "pillow" not in spec:  # (a format decoded by its own module adds its branch here)
+        allowed = ", ".join(sorted({s.get("pillow", k) for k, s in decode_config()["formats"].items()}))
+        raise _fail(name, "unsupported_format", f"not a supported image format ({allowed})")
+    img = Image.open(fh, formats=[spec["pillow"]])
+    if img.width * img.height > max_pixels:
+        raise _fail(
+            name, "image_too_large", f"{img.width}x{img.height} exceeds the {max_pixels:,}-pixel limit"
+        )
+    need = decoded_bytes(img.mode, img.width, img.height)
+    if max_bytes is not None and need > max_bytes:
+        raise _fail(
+            name, "image_too_large", f"decoding needs {need:,} bytes, over the {max_bytes:,}-byte limit"
+        )
+    return img
+
+
+def _dicom_image(fh: BinaryIO, name: str, max_pixels: int, max_bytes: int | None) -> Image.Image:
+    """A DICOM colour photograph as a PIL RGB image; DICOM's own refusals keep their one-line reason."""
+    from dermlens.dicom import DicomError, decode
+
+    try:
+        rgb = decode(fh.read(), max_pixels, name)
+    except DicomError as e:
+        reason = str(e).removeprefix(f"{name}: ")
+        code = "corrupt_image" if "corrupt" in reason or "not a readable" in reason else "unsupported_format"
+        raise _fail(name, code, reason) from e
+    need = rgb.shape[0] * rgb.shape[1] * 6
+    if max_bytes is not None and need > max_bytes:
+        raise _fail(
+            name, "image_too_large", f"decoding needs {need:,} bytes, over the {max_bytes:,}-byte limit"
+        )
+    return Image.fromarray(rgb, "RGB")
+
+
+def probe(source: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int | None = None) -> ImageInfo:
+    """Format, size, mode and decode memory of encoded image bytes, from the header only."""
+    return _decode(source, max_pixels, max_bytes, lambda img: ImageInfo(img.width, img.height, img.mode))
+
+
+def load_rgb(
+    source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int | None = None
+) -> np.ndarray:
+    """Decode a file path or bytes into an HxWx3 uint8 RGB array, EXIF orientation applied.
+
+    Only the formats of configs/decode.yaml reach a decoder; every failure is an ImageDecodeError.
+    """
+    return _decode(source, max_pixels, max_bytes, lambda img: np.asarray(_to_rgb(_loaded(img))))
+
+
+def _loaded(img: Image.Image) -> Image.Image:
+    img.load()
+    return ImageOps.exif_transpose(img)
+
+
+def _decode(source: str | Path | bytes, max_pixels: int, max_bytes: int | None, then: Callable):
     name = "<upload>" if isinstance(source, bytes) else str(source)
     if isinstance(source, bytes) and not source:
-        raise ImageDecodeError(f"{name}: empty file")
+        raise _fail(name, "empty_file", "empty file")
     try:
         fh = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")  # noqa: SIM115
     except OSError as e:
-        raise ImageDecodeError(f"{name}: cannot open ({e.strerror or e})") from e
+        raise _fail(name, "unreadable", f"cannot open ({e.strerror or e})") from e
     with fh:
         try:
-            img = Image.open(fh)
-            if img.width * img.height > max_pixels:
-                raise ImageDecodeError(
-                    f"{name}: {img.width}x{img.height} exceeds the {max_pixels:,}-pixel limit"
-                )
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            return np.asarray(_to_rgb(img))
+            return then(_open_checked(fh, name, max_pixels, max_bytes))
         except ImageDecodeError:
             raise
-        except (UnidentifiedImageError, Image.DecompressionBombError) as e:
-            raise ImageDecodeError(f"{name}: not a readable image ({e})") from e
-        except (OSError, ValueError, SyntaxError) as e:
-            raise ImageDecodeError(f"{name}: corrupt or truncated image ({e})") from e
+        except Image.DecompressionBombError as e:
+            raise _fail(name, "image_too_large", "image exceeds the decompression-bomb limit") from e
+        except MemoryError as e:
+            raise _fail(name, "image_too_large", "image too large to decode in memory") from e
+        except Exception as e:  # noqa: BLE001 - any decoder failure is this file's error, never a crash
+            raise _fail(name, "corrupt_image", "corrupt or truncated image", type(e).__name__) from e

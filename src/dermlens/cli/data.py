@@ -30,6 +30,7 @@ class Dataset(StrEnum):
     isic2019 = "isic2019"
     isic2017 = "isic2017"
     csv = "csv"
+    isic_archive = "isic-archive"
 
 
 class SplitMethod(StrEnum):
@@ -50,6 +51,7 @@ _EXAMPLES = (
     "--dataset isic2019 --root ../shared/data/isic2019 --out work/isic2019 --no-check-images",
     "--dataset isic2017 --root ../shared/data/isic2017 --out work/isic2017 --on-error fail",
     "--dataset csv --root labels.csv --image-dir imgs --out work/mine --columns image=file,diagnosis=dx",
+    "--dataset isic-archive --root downloads/isic --out work/isic-archive --image-types dermoscopic",
 )
 PREPARE_EPILOG = "\n\n".join(
     [
@@ -65,8 +67,11 @@ PREPARE_EPILOG = "\n\n".join(
 
 def _fail(message: str, code: int) -> typer.Exit:
     from rich.console import Console
+    from rich.markup import escape
 
-    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/bold red] {message}", highlight=False)
+    Console(stderr=True, soft_wrap=True).print(
+        f"[bold red]error:[/bold red] {escape(message)}", highlight=False
+    )
     return typer.Exit(code)
 
 
@@ -109,7 +114,11 @@ class _Invalid(Exception):
 def prepare(
     dataset: Annotated[
         str | None,
-        typer.Option(metavar="ham10000|isic2019|isic2017|csv", help="Dataset layout to read. Required."),
+        typer.Option(
+            metavar="ham10000|isic2019|isic2017|csv|isic-archive",
+            help="Dataset layout to read (isic-archive: a folder written by `dermlens data fetch` or "
+            "`isic image download`). Required.",
+        ),
     ] = None,
     root: Annotated[
         Path | None,
@@ -172,6 +181,13 @@ def prepare(
     workers: Annotated[
         int | None, typer.Option(help="Decode processes. Default from configs/data.yaml.")
     ] = None,
+    image_types: Annotated[
+        str | None,
+        typer.Option(
+            help="For --dataset isic-archive: image_type values to keep, comma-separated, or 'all'. "
+            "Default from configs/isic_archive.yaml (dermoscopic)."
+        ),
+    ] = None,
 ) -> None:
     """Read a dataset, validate it, split it without lesion leakage and cache its decoded images.
 
@@ -195,6 +211,7 @@ def prepare(
             _parse_columns(columns),
             duplicates,
             workers,
+            image_types,
         )
     except (DataError, ValueError) as e:
         raise _fail(str(e), EXIT_USAGE) from None
@@ -222,6 +239,7 @@ def _prepare(
     columns: dict[str, str] | None,
     duplicates: Path | None,
     workers: int | None,
+    image_types: str | None = None,
 ) -> None:
     from rich.console import Console
 
@@ -253,8 +271,14 @@ def _prepare(
         kwargs["columns"] = columns
     elif columns:
         raise DataError("--columns only applies to --dataset csv")
+    if dataset == "isic-archive":
+        kwargs["image_types"] = _image_types(image_types)
+    elif image_types:
+        raise DataError("--image-types only applies to --dataset isic-archive")
     df = readers.read_dataset(dataset, root, **kwargs)
     console.print(f"Read [bold]{len(df)}[/bold] images of {dataset} from {root}")
+    if dataset == "isic-archive":
+        _archive_summary(console, df, kwargs["image_types"])
     if df.empty:
         raise DataError(f"{root} lists no images")
 
@@ -341,6 +365,78 @@ def _prepare(
         prep = Preprocessing.default()
         path = build_cache(df, out, prep, workers=workers)
         console.print(f"Image cache: {path} ({len(df)}x{prep.height}x{prep.width}x3 uint8)")
+
+
+@app.command()
+def fetch(
+    out: Annotated[Path, typer.Option(help="Folder to download into (images + metadata.csv).")],
+    search: Annotated[
+        str | None,
+        typer.Option(
+            help="ISIC Archive search query, e.g. 'diagnosis_3:\"Melanoma Invasive\" AND age_approx:50'."
+        ),
+    ] = None,
+    collections: Annotated[
+        str | None, typer.Option(help="Comma-separated collection ids (`isic collection list`).")
+    ] = None,
+    limit: Annotated[
+        int, typer.Option(min=0, help="Download at most LIMIT images (0 = all that match).")
+    ] = 0,
+    client: Annotated[
+        str | None, typer.Option(help="isic-cli executable. Default from configs/isic_archive.yaml (isic).")
+    ] = None,
+) -> None:
+    """Download ISIC Archive images and metadata with isic-cli (needs the network and the isic extra).
+
+    Then: dermlens data prepare --dataset isic-archive --root OUT.
+    """
+    from dermlens.data.fetch import FetchError
+    from dermlens.data.fetch import fetch as run_fetch
+
+    try:
+        n = run_fetch(out, search, collections, limit, client)
+    except FetchError as e:
+        raise _fail(str(e), EXIT_USAGE) from None
+    typer.echo(f"{n} image(s) with metadata in {out}")
+    typer.echo(f"next: dermlens data prepare --dataset isic-archive --root {out}")
+
+
+def _image_types(text: str | None) -> tuple[str, ...]:
+    """--image-types: () for 'all', else the comma-separated values (default from the config)."""
+    from dermlens.data.isic_archive import archive_config
+
+    if text is None:
+        return tuple(archive_config()["image_types"])
+    if text.strip().lower() == "all":
+        return ()
+    values = tuple(v.strip() for v in text.split(",") if v.strip())
+    if not values:
+        raise ValueError(f"--image-types expects comma-separated image_type values or 'all', got {text!r}")
+    return values
+
+
+def _archive_summary(console, df, image_types: tuple[str, ...]) -> None:
+    """What the ISIC Archive reader left out: other image types, diagnoses that map to no class."""
+    from rich.table import Table
+
+    from dermlens.data.isic_archive import unmapped
+
+    dropped = int(df.attrs.get("dropped_image_type", 0))
+    if dropped:
+        kept = ", ".join(image_types)
+        console.print(
+            f"Kept image_type {kept}: left out {dropped} other image(s) (--image-types all keeps them)"
+        )
+    counts = unmapped(df)
+    if counts.empty:
+        console.print("[green]Every diagnosis maps onto a dermlens class[/green]")
+        return
+    t = Table(title=f"{int(counts.sum())} image(s) whose ISIC diagnosis maps to no dermlens class")
+    t.add_column("diagnosis_1:...:diagnosis_5")
+    t.add_column("images", justify="right")
+    for path, n in counts.items():
+        t.add_row(str(path), str(int(n)))
+    console.print(t)
 
 
 def _class_table(df, deviation: dict[str, float]):  # -> rich.table.Table

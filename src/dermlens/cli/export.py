@@ -60,9 +60,19 @@ def export(
     except (ExportError, DataError, BundleError, RefitError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
+    _write_monitor_reference(out, manifest)
     val = card["metrics"]["val"]
     typer.echo(
         f"bundle {out} ({card['version']}): val balanced accuracy fp32 {val['fp32']['bal_acc']:.4f}, "
         f"int8 {val['int8']['bal_acc']:.4f}; fp32 vs PyTorch max |dp| "
         f"{card['export']['parity_fp32_vs_torch']['max_abs_prob_diff']:.1e}"
     )
+
+
+def _write_monitor_reference(bundle: Path, manifest: Path) -> None:
+    """The bundle's drift-monitoring baseline: its runtime outputs on val (dermlens.monitor.reference)."""
+    from dermlens.monitor.reference import build_reference
+    from dermlens.serve.runtime import Predictor
+
+    path = build_reference(Predictor.load(bundle), manifest, "val").save(bundle)
+    typer.echo(f"monitoring reference: {path}", err=True)

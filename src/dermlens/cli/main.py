@@ -7,13 +7,18 @@ import typer
 from dermlens import DISCLAIMER, __version__
 from dermlens.cli import bundle as bundle_cli
 from dermlens.cli import data
+from dermlens.cli import distill as distill_cli
+from dermlens.cli import ensemble as ensemble_cli
 from dermlens.cli import evaluate as evaluate_cli
 from dermlens.cli import export as export_cli
+from dermlens.cli import monitor as monitor_cli
 from dermlens.cli import predict as predict_cli
 from dermlens.cli import records as records_cli
+from dermlens.cli import release as release_cli
 from dermlens.cli import serve as serve_cli
 from dermlens.cli import train as train_cli
 from dermlens.cli import trust as trust_cli
+from dermlens.cli import tune as tune_cli
 
 app = typer.Typer(
     name="dermlens",
@@ -27,10 +32,16 @@ app.add_typer(data.app, name="data")
 app.command("evaluate")(evaluate_cli.evaluate)
 app.command("external")(evaluate_cli.external)
 app.command("export")(export_cli.export)
+app.command("monitor")(monitor_cli.monitor)
+app.command("monitor-reference")(monitor_cli.monitor_reference)
 app.command("predict")(predict_cli.predict)
 app.command("serve")(serve_cli.serve)
 app.add_typer(records_cli.app, name="records")
 app.command("train")(train_cli.train)
+app.command("tune")(tune_cli.tune)
+app.command("ensemble")(ensemble_cli.ensemble)
+app.command("distill")(distill_cli.distill)
+app.add_typer(release_cli.app, name="release")
 app.add_typer(trust_cli.app, name="trust")
 
 

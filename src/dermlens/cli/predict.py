@@ -25,7 +25,9 @@ def predict(
     cam: Annotated[
         Path | None, typer.Option("--cam", help="folder for class-activation overlays (PNG)")
     ] = None,
-    age: Annotated[float | None, typer.Option(help="patient age in years, for every image")] = None,
+    age: Annotated[
+        str | None, typer.Option(help="patient age in years (plain decimal, 0-120), for every image")
+    ] = None,
     sex: Annotated[str | None, typer.Option(help="female | male, for every image")] = None,
     site: Annotated[
         str | None, typer.Option(help="anatomic site (e.g. 'upper extremity', 'back'), for every image")
@@ -42,6 +44,25 @@ def predict(
     threads: Annotated[int, typer.Option(min=0, help="onnxruntime intra-op threads (0 = all cores)")] = 0,
     tta: Annotated[
         bool | None, typer.Option("--tta/--no-tta", help="test-time augmentation (default: the bundle's)")
+    ] = None,
+    dicom_sr: Annotated[
+        Path | None,
+        typer.Option(
+            "--dicom-sr",
+            help="folder for one DICOM Structured Report per DICOM input (needs the dicom extra)",
+        ),
+    ] = None,
+    ray: Annotated[
+        bool,
+        typer.Option(
+            "--ray",
+            help="run on Ray Data (needs the ray extra): a local Ray instance on this machine's cores, or "
+            "the cluster at --ray-address. Rows are ordered by image id.",
+        ),
+    ] = False,
+    ray_address: Annotated[
+        str | None,
+        typer.Option("--ray-address", help="Ray cluster for --ray: auto, ray://HOST:10001 or HOST:6379"),
     ] = None,
 ) -> None:
     """Predict lesion classes; writes CSVs incrementally, lists unreadable files at the end (exit 1)."""
@@ -63,7 +84,13 @@ def predict(
 
     from dermlens import DISCLAIMER
     from dermlens.bundle import BundleError
-    from dermlens.serve.batch import BatchInputError, collect_inputs, read_metadata_csv, run_batch
+    from dermlens.serve.batch import (
+        BatchInputError,
+        apply_dicom_meta,
+        collect_inputs,
+        read_metadata_csv,
+        run_batch,
+    )
     from dermlens.serve.runtime import Predictor
 
     err = Console(stderr=True, soft_wrap=True)
@@ -71,6 +98,11 @@ def predict(
     if metadata is not None and any(v is not None for v in (age, sex, site)):
         _echo_err("error: give either --metadata CSV or --age/--sex/--site, not both")
         raise typer.Exit(2)
+    ray_at = (ray_address or "local") if ray or ray_address else None
+    if ray_at is not None and (cam is not None or dicom_sr is not None):
+        _echo_err("error: --ray writes the predictions CSVs only; drop --cam/--dicom-sr or --ray")
+        raise typer.Exit(2)
+    age, sex, site = _checked_meta(age, sex, site)
     try:
         predictor = Predictor.load(model, precision, threads or None)
         items, failures = collect_inputs(inputs)
@@ -81,6 +113,7 @@ def predict(
         elif any(v is not None for v in (age, sex, site)):
             for it in items:
                 it.meta = {"age": age, "sex": sex, "site": site}
+        n_dicom = apply_dicom_meta(items)
     except (BundleError, BatchInputError, ValueError) as e:
         _echo_err(f"error: {e}")
         raise typer.Exit(2) from None
@@ -93,7 +126,12 @@ def predict(
         raise typer.Exit(2)
     err.print(
         f"model {predictor.card.name} {predictor.version} ({predictor.precision}), {len(items)} image(s)"
+        + (f", {n_dicom} DICOM (metadata from tags where not given)" if n_dicom else "")
     )
+    if ray_at is not None:
+        _predict_on_ray(err, predictor, items, failures, ray_at, out, isic_csv, batch_size, tta)
+        return
+    sr_writer = _SrWriter(predictor, items, dicom_sr) if dicom_sr is not None else None
 
     human: list[dict] = []
     columns = [
@@ -116,7 +154,7 @@ def predict(
                 workers=workers or None,
                 tta=tta,
                 on_progress=lambda n: bar.advance(task, n),
-                on_rows=human.extend if out is None and isic_csv is None else None,
+                on_rows=_on_rows(human if out is None and isic_csv is None else None, sr_writer),
             )
         except BatchInputError as e:
             _echo_err(f"error: {e}")
@@ -139,12 +177,25 @@ def predict(
     for path in (out, isic_csv):
         if path is not None:
             err.print(f"wrote {path}")
+    if sr_writer is not None:
+        failures += sr_writer.report(err)
     _show_failures(err, failures)
     if summary.interrupted:
         _echo_err("interrupted: rows for finished images were written")
         raise typer.Exit(130)
     if failures:
         raise typer.Exit(1)
+
+
+def _checked_meta(age: str | None, sex: str | None, site: str | None) -> tuple:
+    """--age/--sex/--site through the API's own parser: bad values stop the run (exit 2), never ignored."""
+    from dermlens.serve.inputs import InputError, parse_age, parse_sex, parse_site
+
+    try:
+        return parse_age(age), parse_sex(sex), parse_site(site)
+    except InputError as e:
+        _echo_err(f"error: --{e.code.removeprefix('invalid_')}: {e}")
+        raise typer.Exit(2) from None
 
 
 def _show_failures(console, failures) -> None:
@@ -154,3 +205,94 @@ def _show_failures(console, failures) -> None:
     console.print(f"[bold red]{len(failures)} input(s) could not be predicted:[/]")
     for f in failures:
         console.print(f"  {f.path}: {f.reason}", markup=False, highlight=False)
+
+
+def _on_rows(human: list | None, sr_writer: _SrWriter | None):
+    """The per-batch callback: keep rows for the terminal listing and/or write their SRs."""
+    if human is None and sr_writer is None:
+        return None
+
+    def handle(rows: list[dict]) -> None:
+        if human is not None:
+            human.extend(rows)
+        if sr_writer is not None:
+            sr_writer.write(rows)
+
+    return handle
+
+
+class _SrWriter:
+    """Writes one DICOM SR per predicted DICOM input into a folder; records what it could not write."""
+
+    def __init__(self, predictor, items, out_dir: Path) -> None:
+        self.predictor, self.out_dir = predictor, out_dir
+        self.meta = {str(it.path): it.meta or {} for it in items}
+        self.written, self.skipped, self.failures = 0, 0, []
+
+    def write(self, rows: list[dict]) -> None:
+        from dermlens.dicom import is_dicom_file, read_dataset
+        from dermlens.preprocess import ImageDecodeError
+        from dermlens.serve.batch import Failure
+        from dermlens.serve.dicom_sr import SrPrediction, write_sr
+
+        p = self.predictor
+        for r in rows:
+            if not is_dicom_file(r["path"]):
+                self.skipped += 1
+                continue
+            pred = SrPrediction(
+                fine={c: float(v) for c, v in zip(p.classes, r["probs"], strict=True)},
+                top=r["top"],
+                confidence=r["confidence"],
+                p_malignant=r["p_malignant"],
+                ood_score=r["ood_score"],
+                ood=r["ood"],
+                refer=r["refer"],
+                refer_reason=r["refer_reason"] or None,
+                model_name=p.card.name,
+                model_version=p.version,
+                precision=p.precision,
+            )
+            try:
+                source = read_dataset(r["path"], pixels=False)
+                write_sr(source, pred, self.out_dir, self.meta.get(r["path"], {}).get("site"))
+                self.written += 1
+            except ImageDecodeError as e:
+                self.failures.append(Failure(r["path"], f"no DICOM SR: {e}"))
+
+    def report(self, console) -> list:
+        """Print what was written; return the SR failures."""
+        console.print(f"wrote {self.written} DICOM SR(s) to {self.out_dir}")
+        if self.skipped:
+            console.print(f"note: {self.skipped} non-DICOM input(s) have no source DICOM to reference: no SR")
+        return self.failures
+
+
+def _predict_on_ray(err, predictor, items, failures, address, out, isic_csv, batch_size, tta) -> None:
+    """`dermlens predict --ray`: the same rows from Ray Data, written ordered by image id."""
+    from dermlens.serve.batch import BatchInputError
+    from dermlens.serve.ray_batch import RayUnavailable, run_ray
+
+    if out is None and isic_csv is None:
+        _echo_err("error: --ray writes CSV files: give --out and/or --isic-csv")
+        raise typer.Exit(2)
+    try:
+        summary = run_ray(predictor, items, address, out, isic_csv, batch_size, tta)
+    except (RayUnavailable, BatchInputError) as e:
+        _echo_err(f"error: {e}")
+        raise typer.Exit(2) from None
+    rate = summary.done / summary.seconds if summary.seconds > 0 else 0.0
+    err.print(
+        f"{summary.done} of {summary.total} image(s) predicted on Ray in {summary.seconds:.1f} s "
+        f"({rate:.1f} img/s); {summary.referred} referred, {summary.ood} out of distribution"
+    )
+    for path in (out, isic_csv):
+        if path is not None:
+            err.print(f"wrote {path}")
+    failures = failures + summary.failures
+    _show_failures(err, failures)
+    if summary.interrupted:
+        _echo_err("interrupted: rows for finished images were written")
+        raise typer.Exit(130)
+    if failures:
+        raise typer.Exit(1)

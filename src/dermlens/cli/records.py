@@ -24,27 +24,49 @@ UrlOpt = Annotated[
 ConfigOpt = Annotated[Path | None, typer.Option(help="serve.yaml-style file naming records.url")]
 
 
-def _url(url: str | None, config: Path | None) -> str | None:
+def _open(url: str | None, config: Path | None):
+    """The configured RecordStore (schema upgraded); a one-line error and exit 2 if it cannot be used."""
+    from dermlens.serve.records import RecordsConfigError, RecordStore
     from dermlens.serve.settings import load_settings
 
-    return url or load_settings(config).records.url
+    try:
+        r = load_settings(config).records
+        return RecordStore(url or r.url, lock_timeout_s=r.lock_timeout_s)
+    except (RecordsConfigError, OSError, ValueError) as e:
+        typer.echo(f"error: {str(e).splitlines()[0]}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()
 def export(
-    out: Annotated[Path, typer.Option(help="CSV file to write")],
+    out: Annotated[Path, typer.Option(help="CSV file to write (0600; formula-like cells escaped)")],
     url: UrlOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Write every prediction record as CSV (one p_<class> column per class)."""
-    from dermlens.serve.records import RecordStore, export_csv
+    from dermlens.serve.records import export_csv
 
-    store = RecordStore(_url(url, config))
+    store = _open(url, config)
     try:
         n = export_csv(store, out)
+    except OSError as e:
+        typer.echo(f"error: cannot write {out}: {e.strerror or e}", err=True)
+        raise typer.Exit(2) from None
     finally:
         store.close()
     typer.echo(f"{n} records from {store.describe()} -> {out}")
+
+
+@app.command()
+def upgrade(url: UrlOpt = None, config: ConfigOpt = None) -> None:
+    """Bring the records database schema to this version (Alembic; also done when `dermlens serve` starts)."""
+    from dermlens.serve.migrations import current_revision
+
+    store = _open(url, config)  # opening upgrades
+    try:
+        typer.echo(f"{store.describe()}: schema at revision {current_revision(store.engine)}")
+    finally:
+        store.close()
 
 
 if __name__ == "__main__":

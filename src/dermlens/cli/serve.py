@@ -36,30 +36,77 @@ def serve(
     precision: Annotated[str | None, typer.Option(help="fp32 or int8")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML file overriding configs/serve.yaml")] = None,
     records_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL for prediction records")] = None,
+    allow_insecure_bind: Annotated[
+        bool,
+        typer.Option(
+            "--allow-insecure-bind", help="Serve a non-loopback address without an API token (not advised)"
+        ),
+    ] = False,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
 ) -> None:
     """Serve the web page at / and the API (/predict, /predict/batch, /model, /health, /docs)."""
     single_threaded_blas()
-    import uvicorn
-
     from dermlens import DISCLAIMER
-    from dermlens.serve.api import create_app
-    from dermlens.serve.settings import load_settings
 
-    settings = load_settings(
+    settings, predictor, store = _start(
         config,
         host=host,
         port=port,
         model=str(model) if model else None,
         precision=precision,
         records={"url": records_url} if records_url else None,
+        allow_insecure_bind=allow_insecure_bind or None,
     )
+    import uvicorn
+
+    from dermlens.serve.api import create_app
+    from dermlens.serve.http import uvicorn_config
+
     typer.echo(DISCLAIMER, err=True)
-    if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_token:
-        typer.echo(
-            f"warning: serving on {settings.host} without an API token (set DERMLENS_API_TOKEN)", err=True
+    try:
+        uvicorn.Server(uvicorn_config(create_app(settings, predictor, store), settings, log_level)).run()
+    finally:
+        store.close()
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(2)
+
+
+def _start(config: Path | None, **overrides):
+    """Settings, model and record store, each checked before uvicorn starts: one-line errors, exit 2."""
+    import yaml
+    from pydantic import ValidationError
+
+    from dermlens.bundle import BundleError
+    from dermlens.serve.api import load_predictor, open_store
+    from dermlens.serve.records import RecordsConfigError
+    from dermlens.serve.settings import is_loopback, load_settings
+
+    try:
+        settings = load_settings(config, **overrides)
+    except (OSError, yaml.YAMLError, ValueError) as e:
+        msg = (
+            f"{len(e.errors())} invalid setting(s), first: {e.errors()[0]['loc']}"
+            if isinstance(e, ValidationError)
+            else str(e).splitlines()[0]
         )
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level)
+        raise _fail(f"configuration: {msg}") from None
+    if not is_loopback(settings.host) and not settings.api_token and not settings.allow_insecure_bind:
+        raise _fail(
+            f"refusing to serve on {settings.host} without an API token: set DERMLENS_API_TOKEN "
+            "(or pass --allow-insecure-bind if a firewall or proxy protects this port)"
+        )
+    try:
+        predictor = load_predictor(settings)
+    except (BundleError, OSError, ValueError) as e:
+        raise _fail(f"model: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    try:
+        store = open_store(settings)
+    except RecordsConfigError as e:
+        raise _fail(str(e)) from None
+    return settings, predictor, store
 
 
 if __name__ == "__main__":

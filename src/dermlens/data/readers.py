@@ -16,7 +16,7 @@ import pandas as pd
 from dermlens.data import taxonomy as tx
 from dermlens.data.manifest import DataError, data_config, normalize
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".dcm", ".dicom")
 HAM_CSV = "HAM10000_metadata.csv"
 HAM_IMAGE_DIRS = ("images", "HAM10000_images_part_1", "HAM10000_images_part_2", "HAM10000_images", ".")
 HAM_MASK_DIRS = ("masks", "HAM10000_segmentations_lesion_tschandl")
@@ -305,7 +305,7 @@ def read_csv_dataset(
     extra = {}
     if cols["split"]:
         extra["split"] = _split_values(table[cols["split"]])
-    return build_frame(
+    df = build_frame(
         ids,
         paths,
         table[cols["diagnosis"]],
@@ -317,6 +317,31 @@ def read_csv_dataset(
         dx_type=get("dx_type"),
         **extra,
     )
+    return fill_from_dicom(df)
+
+
+def fill_from_dicom(df: pd.DataFrame) -> pd.DataFrame:
+    """Age, sex and site from the tags of DICOM images where the CSV leaves them empty (headers only)."""
+    from dermlens.dicom import is_dicom_file, read_meta
+    from dermlens.preprocess import ImageDecodeError
+
+    for i, path in enumerate(df["image_path"]):
+        if not is_dicom_file(path):
+            continue
+        try:
+            tags = read_meta(path)
+        except ImageDecodeError:
+            continue  # validation reports the file when it fails to decode
+        for col in ("age", "sex", "site"):
+            if pd.isna(df.at[i, col]) and tags[col] is not None:
+                df.at[i, col] = tags[col]
+    return df
+
+
+def _read_isic_archive(root: str | Path, **kwargs: object) -> pd.DataFrame:
+    from dermlens.data.isic_archive import read_isic_archive  # imports this module
+
+    return read_isic_archive(root, **kwargs)
 
 
 READERS: dict[str, Callable[..., pd.DataFrame]] = {
@@ -324,11 +349,12 @@ READERS: dict[str, Callable[..., pd.DataFrame]] = {
     "isic2019": read_isic2019,
     "isic2017": read_isic2017,
     "csv": read_csv_dataset,
+    "isic-archive": _read_isic_archive,
 }
 
 
 def read_dataset(name: str, root: str | Path, **kwargs: object) -> pd.DataFrame:
-    """Read dataset `name` (ham10000, isic2019, isic2017, csv) at `root` into a manifest table."""
+    """Read dataset `name` (ham10000, isic2019, isic2017, csv, isic-archive) at `root` into a manifest."""
     if name not in READERS:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(READERS)}")
     return READERS[name](root, **{k: v for k, v in kwargs.items() if v is not None})

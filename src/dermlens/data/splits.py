@@ -54,14 +54,23 @@ def read_duplicate_pairs(path: str | Path) -> list[tuple[str, str]]:
     return [(strip(a), strip(b)) for a, b in zip(table["from_img"], table["to_img"], strict=True)]
 
 
+LINK_COLUMNS: tuple[str, ...] = ("patient_id",)  # rows sharing one of these values share a group
+
+
 def assign_groups(df: pd.DataFrame, pairs: list[tuple[str, str]] = ()) -> pd.Series:
-    """Split group per row: its lesion (or image if no lesion), with near-duplicate images' groups merged."""
+    """Split group per row: its lesion (or image if no lesion), with near-duplicate images' groups merged,
+    and, where the manifest has a patient_id column, all lesions of one patient merged."""
     base = df["lesion_id"].where(df["lesion_id"].notna(), df["image_id"]).astype(str)
     by_image = dict(zip(df["image_id"], base, strict=True))
     uf = _UnionFind()
     for a, b in pairs:
         if a in by_image and b in by_image:
             uf.union(by_image[a], by_image[b])
+    for col in (c for c in LINK_COLUMNS if c in df.columns):
+        for _, groups in base[df[col].notna()].groupby(df[col][df[col].notna()]):
+            first = groups.iloc[0]
+            for other in groups.iloc[1:]:
+                uf.union(first, other)
     return base.map(uf.find).rename("group_id")
 
 

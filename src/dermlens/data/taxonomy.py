@@ -53,7 +53,23 @@ _LABEL_ALIASES: dict[str, str] = {
     "angioma": "vasc",
     "angiokeratoma": "vasc",
     "pyogenic granuloma": "vasc",
+    # ISIC Archive diagnosis hierarchy (isic-metadata's DiagnosisEnum, levels diagnosis_2..5). A reader
+    # walks a row's levels from the deepest up and takes the first term listed here (archive_fine_code).
+    "malignant melanocytic proliferations (melanoma)": "mel",
+    "melanoma invasive": "mel",
+    "melanoma in situ": "mel",
+    "melanoma, nos": "mel",
+    "melanoma metastasis": "mel",
+    "solar or actinic keratosis": "akiec",
+    "squamous cell carcinoma in situ": "akiec",  # HAM10000's akiec includes Bowen's disease
+    "squamous cell carcinoma, invasive": "scc",
+    "squamous cell carcinoma, nos": "scc",
+    "keratoacanthoma": "scc",
+    "lichen planus like keratosis": "bkl",
+    "hemangioma": "vasc",
+    "hemorrhage": "vasc",  # HAM10000's vasc includes haemorrhage
 }
+ARCHIVE_LEVELS: tuple[str, ...] = tuple(f"diagnosis_{i}" for i in range(1, 6))
 
 # HAM10000 `localization` -> ISIC `anatom_site_general` (isic-metadata's AnatomSiteGeneralEnum).
 # "torso" is a dermlens extension: HAM's "trunk" does not say anterior or posterior, and isic-metadata's
@@ -85,6 +101,46 @@ _SITE_ALIASES: dict[str, str] = {
     "genital": "oral/genital",
 }
 _MISSING = {"", "unknown", "nan", "none", "na", "n/a"}
+
+# DICOM AnatomicRegionSequence codes (SNOMED CT, scheme SCT or the retired SRT) -> site. The first code of
+# each site is the one dermlens writes; the others are read. Meanings follow pydicom's SCT dictionary.
+SNOMED_SITES: dict[str, str] = {
+    "69536005": "head/neck",  # Head
+    "45048000": "head/neck",  # Neck
+    "774007": "head/neck",  # Head and Neck
+    "89545001": "head/neck",  # Face
+    "41695006": "head/neck",  # Scalp
+    "117590005": "head/neck",  # Ear
+    "48477009": "head/neck",  # Lip
+    "53120007": "upper extremity",  # Upper limb
+    "40983000": "upper extremity",  # Upper arm
+    "14975008": "upper extremity",  # Forearm
+    "85562004": "upper extremity",  # Hand
+    "7569003": "upper extremity",  # Finger
+    "16982005": "upper extremity",  # Shoulder
+    "61685007": "lower extremity",  # Lower limb
+    "68367000": "lower extremity",  # Thigh
+    "30021000": "lower extremity",  # Lower leg
+    "72696002": "lower extremity",  # Knee
+    "56459004": "lower extremity",  # Foot
+    "29707007": "lower extremity",  # Toe
+    "816094009": "anterior torso",  # Chest / Thorax
+    "818981001": "anterior torso",  # Abdomen
+    "113345001": "anterior torso",  # Abdominal structure
+    "76752008": "anterior torso",  # Breast
+    "77568009": "posterior torso",  # Back
+    "58602004": "lateral torso",  # Flank
+    "22943007": "torso",  # Trunk
+    "70887009": "palms/soles",  # Skin of palm of hand
+    "57999000": "palms/soles",  # Sole of foot
+    "123851003": "oral/genital",  # Mouth
+    "74262004": "oral/genital",  # Oral cavity
+    "18911002": "oral/genital",  # Penis
+    "45292006": "oral/genital",  # Vulva
+    "20233005": "oral/genital",  # Scrotum
+    "38864007": "oral/genital",  # Perineum
+}
+SNOMED_SCHEMES: frozenset[str] = frozenset({"SCT", "SRT"})
 
 # HAM10000 dx_type -> isic-metadata DiagnosisConfirmTypeEnum.
 CONFIRM_TYPES: dict[str, str] = {
@@ -123,6 +179,30 @@ def site_general(value: object) -> str | None:
     if key in _MISSING:
         return None
     return _SITE_ALIASES.get(key)
+
+
+def snomed_site(code: object, scheme: object = "SCT") -> str | None:
+    """The site of a SNOMED CT anatomic region code; None when unknown or another coding scheme."""
+    if str(scheme or "").strip().upper() not in SNOMED_SCHEMES:
+        return None
+    return SNOMED_SITES.get(str(code or "").strip())
+
+
+def site_snomed(site: str) -> str | None:
+    """The SNOMED CT code dermlens writes for a site (the first one listed in SNOMED_SITES)."""
+    return next((code for code, s in SNOMED_SITES.items() if s == site), None)
+
+
+def archive_fine_code(levels: list[object]) -> str | None:
+    """Fine code of an ISIC Archive diagnosis_1..5 hierarchy: the deepest level that maps, else None."""
+    for term in reversed(levels):
+        if term is None or (isinstance(term, float) and term != term) or not str(term).strip():
+            continue
+        try:
+            return fine_code(term)
+        except UnknownLabelError:
+            continue
+    return None
 
 
 def sex_value(value: object) -> str | None:

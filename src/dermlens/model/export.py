@@ -127,9 +127,18 @@ def load_checkpoint(path: str | Path) -> LoadedModel:
             "augment": hp["cfg"].get("augment", {}),
             "loss": hp["cfg"].get("loss", {}),
         }
-    net = build_network({**model_cfg, "init": "random"}, len(classes))
+    net = build_model(model_cfg, len(classes))
     net.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     return LoadedModel(net.float().eval(), classes, prep, model_cfg, path, info)
+
+
+def build_model(model_cfg: dict[str, Any], n_fine: int) -> nn.Module:
+    """An untrained DermNet, or an EnsembleNet when the config describes one (weights loaded afterwards)."""
+    from dermlens.model.ensemble import build_ensemble, is_ensemble
+
+    if is_ensemble(model_cfg):
+        return build_ensemble(model_cfg, n_fine)
+    return build_network({**model_cfg, "init": "random"}, n_fine)
 
 
 # ---- ONNX graph ----------------------------------------------------------------------------------------
@@ -519,17 +528,20 @@ def export_bundle(
     out_dir: str | Path,
     cfg: dict[str, Any] | None = None,
     log: Callable[[str], None] = print,
+    loaded: LoadedModel | None = None,
     external: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Checkpoint + prepared data -> bundle (model.onnx, model.int8.onnx, trust.npz, model.pt, card.json)."""
+    """Checkpoint (or an already `loaded` model, e.g. an ensemble) + prepared data -> bundle (model.onnx,
+    model.int8.onnx, trust.npz, model.pt, card.json)."""
     import onnxruntime as ort
 
+    from dermlens.model.ensemble import describe, is_ensemble
     from dermlens.trust.fit import fit_trust, trust_config
 
     cfg = cfg or export_config()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    loaded = load_checkpoint(checkpoint)
+    loaded = loaded or load_checkpoint(checkpoint)
     net, classes, prep = loaded.net, loaded.classes, loaded.prep
     log(
         f"loaded {loaded.source} ({loaded.model_cfg.get('arch')}, {len(classes)} classes, "
@@ -612,7 +624,9 @@ def export_bundle(
     card = ModelCard(
         name=str(cfg["name"]),
         version=f"{__version__}+{_sha256(out / ONNX_FP32)[:10]}",
-        architecture=str(loaded.model_cfg.get("arch")),
+        architecture=(
+            describe(loaded.model_cfg) if is_ensemble(loaded.model_cfg) else str(loaded.model_cfg.get("arch"))
+        ),
         classes=classes,
         preprocessing=prep,
         uses_metadata=bool(net.uses_metadata),

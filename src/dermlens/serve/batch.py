@@ -18,7 +18,9 @@ from dermlens.data.taxonomy import HAM_CLASSES, ISIC2018_COLUMNS
 from dermlens.preprocess import ImageDecodeError, load_rgb
 from dermlens.serve.runtime import Predictor, cpu_count, refer_reasons, set_labels
 
-IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".dcm", ".dicom"}
+)
 # Column names tried (case-insensitive) when reading a manifest or metadata CSV; the first present wins.
 IMAGE_COLUMNS = ("image_path", "path", "file", "filename", "image", "image_id", "isic_id", "id")
 AGE_COLUMNS = ("age", "age_approx", "age_approximate")
@@ -97,7 +99,7 @@ def _resolve_image(value: str, base: Path) -> Path:
         for folder in (base, base / "images"):
             candidates += [
                 folder / f"{p.name}{ext}"
-                for ext in (".jpg", ".jpeg", ".png", ".JPG", ".tif", ".bmp", ".webp")
+                for ext in (".jpg", ".jpeg", ".png", ".JPG", ".tif", ".bmp", ".webp", ".dcm")
             ]
     return next((c for c in candidates if c.is_file()), candidates[0])
 
@@ -127,6 +129,24 @@ def read_metadata_csv(path: Path) -> dict[str, dict[str, Any]]:
     """Per-image metadata keyed by image id (file name without extension) from a CSV."""
     items = read_manifest_csv(path)
     return {it.image_id: it.meta for it in items if it.meta}
+
+
+def apply_dicom_meta(items: list[Item]) -> int:
+    """Fill each DICOM item's missing age/sex/site from its tags (given values win); returns the count.
+
+    Reads headers only; a file whose header is unreadable is left alone (decoding reports it).
+    """
+    from dermlens.dicom import is_dicom_file, merge_meta, read_meta
+
+    n = 0
+    for it in items:
+        if is_dicom_file(it.path):
+            try:
+                it.meta = merge_meta(it.meta, read_meta(it.path))
+                n += 1
+            except ImageDecodeError:
+                continue
+    return n
 
 
 def collect_inputs(inputs: list[Path]) -> tuple[list[Item], list[Failure]]:

@@ -2,7 +2,10 @@
 
 A record holds the image's SHA-256 (the bytes only when `store_images` is on), the inputs, the outputs,
 the model version and the UTC time. `RecordStore.add` commits before it returns, so a prediction the API
-has acknowledged survives a crash; SQLite runs in WAL mode with synchronous=FULL.
+has acknowledged survives a crash; SQLite runs in WAL mode with synchronous=FULL. The schema is managed by
+Alembic (serve/migrations), upgraded when a store opens. Files are private (0600 in 0700 folders); the
+client's file name is kept only when `store_filename` is on. A locked or unreachable database raises
+RecordsUnavailable (the API answers 503 and acknowledges nothing).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 
 from sqlalchemy import Boolean, DateTime, Float, Integer, String, Text, create_engine, event, func, select
 from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 
@@ -96,26 +100,70 @@ def default_url() -> str:
     return f"sqlite:///{user_data_dir() / 'records.db'}"
 
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-    """Durable SQLite: WAL journal, fsync on every commit, wait for locks instead of failing."""
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=FULL")
-    cur.execute("PRAGMA busy_timeout=10000")
-    cur.close()
+class RecordsConfigError(RuntimeError):
+    """The records database cannot be used at all (bad URL, missing driver, unreachable); one line."""
 
 
-def make_engine(url: str | None = None) -> Engine:
-    """An engine for `url` (default: the user-data SQLite file); creates the SQLite folder if needed."""
+class RecordsUnavailable(RuntimeError):
+    """A write could not be committed now (database locked or unreachable); try again later."""
+
+
+DRIVER_EXTRAS = {"postgresql": "postgres"}
+PRIVATE_DIR, PRIVATE_FILE = 0o700, 0o600
+
+
+def private_dir(path: Path) -> Path:
+    """Create `path` and missing parents readable by this user only; existing folders stay as they are."""
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    for folder in reversed(missing):
+        folder.mkdir(mode=PRIVATE_DIR, exist_ok=True)
+        os.chmod(folder, PRIVATE_DIR)  # mkdir's mode is filtered by the umask
+    return path
+
+
+def _private_sqlite_file(path: Path) -> None:
+    """Create the database file 0600 before SQLite does (its -wal and -shm files copy that mode)."""
+    private_dir(path.parent)
+    if not path.exists():
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, PRIVATE_FILE))
+
+
+def _sqlite_pragmas(lock_timeout_s: float):
+    def apply(dbapi_conn: Any, _record: Any) -> None:
+        """Durable SQLite: WAL journal, fsync on every commit, wait (bounded) for locks."""
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=FULL")
+        cur.execute(f"PRAGMA busy_timeout={int(lock_timeout_s * 1000)}")
+        cur.close()
+
+    return apply
+
+
+def make_engine(url: str | None = None, lock_timeout_s: float = 2.0) -> Engine:
+    """An engine for `url` (default: the private user-data SQLite file); RecordsConfigError if unusable."""
     url = url or default_url()
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite":
-        if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 10})
-        event.listen(engine, "connect", _sqlite_pragmas)
-        return engine
-    return create_engine(url, pool_pre_ping=True)
+    try:
+        parsed = make_url(url)
+        if parsed.get_backend_name() == "sqlite":
+            if parsed.database and parsed.database != ":memory:":
+                _private_sqlite_file(Path(parsed.database).expanduser())
+            args = {"check_same_thread": False, "timeout": lock_timeout_s}
+            engine = create_engine(url, connect_args=args)
+            event.listen(engine, "connect", _sqlite_pragmas(lock_timeout_s))
+            return engine
+        args = {}
+        if parsed.get_backend_name() == "postgresql":  # wait (bounded) for locks, then fail: 503
+            args = {"options": f"-c lock_timeout={int(lock_timeout_s * 1000)}", "connect_timeout": 10}
+        return create_engine(url, pool_pre_ping=True, pool_timeout=lock_timeout_s, connect_args=args)
+    except ArgumentError as e:
+        raise RecordsConfigError(f"records URL {url!r} is not a valid SQLAlchemy URL") from e
+    except ImportError as e:
+        extra = DRIVER_EXTRAS.get(parsed.get_backend_name())
+        hint = f"pip install 'dermlens[{extra}]'" if extra else f"install the database driver ({e.name})"
+        raise RecordsConfigError(
+            f"records database {parsed.get_backend_name()} needs a driver that is not installed: {hint}"
+        ) from e
 
 
 def _default_image_dir(url: str) -> Path:
@@ -143,12 +191,12 @@ def image_suffix(data: bytes) -> str:
 
 
 def _write_durable(path: Path, data: bytes) -> None:
-    """Write bytes via a temporary file + fsync + rename, so a crash never leaves half an image."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write bytes (0600) via a temporary file + fsync + rename, so a crash never leaves half an image."""
+    private_dir(path.parent)
     if path.exists():
         return
     tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
-    with open(tmp, "wb") as fh:
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE), "wb") as fh:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
@@ -173,11 +221,25 @@ class RecordStore:
     """Append-only store of prediction records."""
 
     def __init__(
-        self, url: str | None = None, store_images: bool = False, image_dir: str | Path | None = None
+        self,
+        url: str | None = None,
+        store_images: bool = False,
+        image_dir: str | Path | None = None,
+        store_filename: bool = False,
+        lock_timeout_s: float = 2.0,
     ):
+        from dermlens.serve.migrations import upgrade
+
         self.url = url or default_url()
-        self.engine = make_engine(self.url)
-        Base.metadata.create_all(self.engine)
+        self.engine = make_engine(self.url, lock_timeout_s)
+        try:
+            upgrade(self.engine)
+        except (OperationalError, DBAPIError) as e:
+            self.engine.dispose()
+            raise RecordsConfigError(
+                f"cannot open records database {self.describe()}: {_first_line(e)}"
+            ) from e
+        self.store_filename = store_filename
         self._session = sessionmaker(self.engine, expire_on_commit=False)
         self._commit_lock, self._queue_lock = threading.Lock(), threading.Lock()
         self._queue: list[_Pending] = []
@@ -190,45 +252,57 @@ class RecordStore:
 
     def add(self, new: NewRecord, image: bytes | None = None) -> PredictionRecord:
         """Store one record (and the image if configured) and commit before returning."""
+        return self.add_many([(new, image)])[0]
+
+    def add_many(self, items: list[tuple[NewRecord, bytes | None]]) -> list[PredictionRecord]:
+        """Store several records in one transaction: all are committed, or none (RecordsUnavailable)."""
+        pending = [_Pending(self._row(new, image)) for new, image in items]
+        self._commit(pending)
+        return [p.row for p in pending]
+
+    def _row(self, new: NewRecord, image: bytes | None) -> PredictionRecord:
         image_path = None
         if self.store_images and image is not None:
             target = self.image_dir / new.image_sha256[:2] / f"{new.image_sha256}.{image_suffix(image)}"
             _write_durable(target, image)
             image_path = str(target)
-        row = PredictionRecord(
+        return PredictionRecord(
             id=uuid.uuid4().hex,
             created_at=datetime.now(UTC),
             image_path=image_path,
             **{
                 **new.__dict__,
+                "filename": new.filename if self.store_filename else None,
                 "fine_probs": json.dumps(new.fine_probs),
                 "coarse_probs": json.dumps(new.coarse_probs),
             },
         )
-        self._commit(_Pending(row))
-        return row
 
-    def _commit(self, mine: _Pending) -> None:
+    def _commit(self, mine: list[_Pending]) -> None:
         """Group commit: whoever holds the lock writes all waiting rows in one transaction (one fsync).
 
         Concurrent requests share the disk flush; each caller returns only once its own row is on disk.
         """
         with self._queue_lock:
-            self._queue.append(mine)
+            self._queue.extend(mine)
         with self._commit_lock:
-            if not mine.done.is_set():
+            if not mine[0].done.is_set():
                 with self._queue_lock:
                     batch, self._queue = self._queue, []
                 try:
                     with self._session() as session, session.begin():
                         session.add_all([p.row for p in batch])
+                except (OperationalError, DBAPIError) as e:  # locked / unreachable: nothing was stored
+                    for p in batch:
+                        p.error = RecordsUnavailable(f"records database unavailable: {_first_line(e)}")
                 except Exception as e:  # the whole transaction rolled back: every waiter gets the error
                     for p in batch:
                         p.error = e
                 for p in batch:
                     p.done.set()
-        if mine.error is not None:
-            raise mine.error
+        error = next((p.error for p in mine if p.error is not None), None)
+        if error is not None:
+            raise error
 
     def get(self, record_id: str) -> PredictionRecord | None:
         with self._session() as session:
@@ -248,6 +322,22 @@ class RecordStore:
         self.engine.dispose()
 
 
+def _first_line(e: BaseException) -> str:
+    """The driver's message, first line only, bounded (no SQL, no parameters)."""
+    orig = getattr(e, "orig", None) or e
+    return (str(orig).strip().splitlines() or [type(orig).__name__])[0][:200]
+
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "\n")
+
+
+def csv_safe(value: Any) -> Any:
+    """OWASP CSV-injection rule: a text cell starting with = + - @ or a control character gets a leading '."""
+    if isinstance(value, str) and value and (value.startswith(_FORMULA_START) or ord(value[0]) < 32):
+        return "'" + value
+    return value
+
+
 def _as_utc(value: datetime) -> datetime:
     """SQLite returns naive datetimes: they were stored in UTC."""
     return value if value.tzinfo else value.replace(tzinfo=UTC)
@@ -263,12 +353,13 @@ def export_csv(store: RecordStore, out: str | Path) -> int:
                 classes.append(code)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="", encoding="utf-8") as fh:
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE)  # records stay private
+    with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow([*CSV_COLUMNS, *(f"p_{c}" for c in classes)])
         for row in rows:
             values = {c: getattr(row, c) for c in CSV_COLUMNS}
             values["created_at"] = _as_utc(row.created_at).isoformat()
             probs = {**json.loads(row.fine_probs), **json.loads(row.coarse_probs)}
-            writer.writerow([*values.values(), *(probs.get(c, "") for c in classes)])
+            writer.writerow([csv_safe(v) for v in [*values.values(), *(probs.get(c, "") for c in classes)]])
     return len(rows)

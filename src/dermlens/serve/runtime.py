@@ -333,29 +333,42 @@ class Predictor:
         timing = {"model": (t1 - t0) * 1000.0}
         if cam:
             timing["cam"] = (time.perf_counter() - t1) * 1000.0
-        top = int(r["top"][0])
+        return self.result_at(r, 0, (int(rgb.shape[1]), int(rgb.shape[0])), timing, cam_png)
+
+    def result_at(
+        self,
+        r: dict[str, Any],
+        i: int,
+        size: tuple[int, int] | None,
+        timing: dict[str, float],
+        cam_png: bytes | None = None,
+    ) -> PredictResult:
+        """Image `i` of a predict_arrays() result as a PredictResult (size: the input's width, height)."""
+        top = int(r["top"][i])
         nd = r["not_dermoscopy_score"]
         alpha = self.trust.conformal_alpha
         return PredictResult(
-            fine={c: float(p) for c, p in zip(self.classes, r["probs"][0], strict=True)},
-            coarse={c: float(p) for c, p in zip(self.coarse_classes, r["coarse_probs"][0], strict=True)},
+            fine={c: float(p) for c, p in zip(self.classes, r["probs"][i], strict=True)},
+            coarse={c: float(p) for c, p in zip(self.coarse_classes, r["coarse_probs"][i], strict=True)},
             top=self.classes[top],
-            confidence=float(r["confidence"][0]),
-            p_malignant=float(r["malignant"][0]),
-            ood_score=float(r["ood_score"][0]),
-            ood=bool(r["ood"][0]),
-            refer=bool(r["refer"][0]),
-            refer_reason=refer_reasons(r["ood"], r["low_confidence"], r["refer_codes"])[0],
+            confidence=float(r["confidence"][i]),
+            p_malignant=float(r["malignant"][i]),
+            ood_score=float(r["ood_score"][i]),
+            ood=bool(r["ood"][i]),
+            refer=bool(r["refer"][i]),
+            refer_reason=refer_reasons(
+                r["ood"][i : i + 1], r["low_confidence"][i : i + 1], r["refer_codes"][i : i + 1]
+            )[0],
             model_version=self.version,
             precision=self.precision,
             timing_ms=timing,
-            refer_codes=list(r["refer_codes"][0]),
-            prediction_set=set_labels(r["prediction_sets"], r["probs"], self.classes)[0],
+            refer_codes=list(r["refer_codes"][i]),
+            prediction_set=set_labels(r["prediction_sets"], r["probs"], self.classes)[i],
             set_coverage=None if r["prediction_sets"] is None or alpha is None else 1.0 - alpha,
-            not_dermoscopy=bool(r["not_dermoscopy"][0]),
-            not_dermoscopy_score=None if nd is None else float(nd[0]),
-            calibration_condition="meta" if r["has_meta"][0] else "no_meta",
-            image_size=(int(rgb.shape[1]), int(rgb.shape[0])),
+            not_dermoscopy=bool(r["not_dermoscopy"][i]),
+            not_dermoscopy_score=None if nd is None else float(nd[i]),
+            calibration_condition="meta" if r["has_meta"][i] else "no_meta",
+            image_size=size,
             cam_png=cam_png,
         )
 

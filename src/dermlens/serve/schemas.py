@@ -122,6 +122,9 @@ class Prediction(BaseModel):
     cam_png_base64: str | None = Field(
         None, description="Class activation map overlay (PNG, base64) if cam=true"
     )
+    dicom_sr_base64: str | None = Field(
+        None, description="DICOM Structured Report of this prediction (base64) if dicom_sr=true"
+    )
     disclaimer: str
 
 

@@ -21,7 +21,21 @@ class Limits(BaseModel):
     model_config = ConfigDict(extra="forbid")
     max_upload_bytes: int = Field(20_000_000, gt=0)
     max_pixels: int = Field(40_000_000, gt=0)
+    max_decoded_bytes: int = Field(256_000_000, gt=0)
+    memory_budget_bytes: int = Field(1_000_000_000, gt=0)
     max_batch_files: int = Field(16, gt=0)
+    max_in_flight: int = Field(64, gt=0)
+    retry_after_s: int = Field(1, ge=0)
+
+
+class Batching(BaseModel):
+    """Dynamic batching of concurrent requests into one onnxruntime call."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = True
+    max_batch: int = Field(16, gt=0)
+    max_wait_ms: float = Field(4.0, ge=0)
+    max_queue: int = Field(128, gt=0)
 
 
 class Inference(BaseModel):
@@ -30,6 +44,17 @@ class Inference(BaseModel):
     model_config = ConfigDict(extra="forbid")
     max_concurrent: int = Field(2, gt=0)
     threads: int | None = Field(None, gt=0)
+    batching: Batching = Field(default_factory=Batching)
+
+
+class Http(BaseModel):
+    """uvicorn connection limits and time-outs."""
+
+    model_config = ConfigDict(extra="forbid")
+    header_timeout_s: float = Field(10.0, gt=0)
+    keep_alive_s: int = Field(5, gt=0)
+    max_header_bytes: int = Field(16384, gt=0)
+    max_connections: int = Field(256, gt=0)
 
 
 class RecordsSettings(BaseModel):
@@ -39,6 +64,8 @@ class RecordsSettings(BaseModel):
     url: str | None = None
     store_images: bool = False
     image_dir: str | None = None
+    store_filename: bool = False
+    lock_timeout_s: float = Field(2.0, gt=0)
 
 
 class ServeSettings(BaseModel):
@@ -50,9 +77,38 @@ class ServeSettings(BaseModel):
     model: str | None = None
     precision: str | None = None
     api_token: str | None = None
+    allow_insecure_bind: bool = False
+    trusted_hosts: list[str] | None = None
+    cors_origins: list[str] = Field(default_factory=list)
     limits: Limits = Field(default_factory=Limits)
     inference: Inference = Field(default_factory=Inference)
+    http: Http = Field(default_factory=Http)
     records: RecordsSettings = Field(default_factory=RecordsSettings)
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def is_loopback(host: str) -> bool:
+    """True for loopback bind addresses (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def trusted_hosts(settings: ServeSettings) -> list[str]:
+    """Host header values to serve: the configured list, else loopback names plus a specific bind host."""
+    if settings.trusted_hosts is not None:
+        return list(settings.trusted_hosts)
+    hosts = [*LOOPBACK_HOSTS, "[::1]"]
+    if settings.host not in ("0.0.0.0", "::", "") and settings.host not in hosts:
+        hosts.append(settings.host)
+    return hosts
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

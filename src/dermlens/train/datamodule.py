@@ -22,6 +22,7 @@ from dermlens.data.taxonomy import COARSE_CLASSES, UNKNOWN, coarse_label, label_
 from dermlens.metadata import META_BLOCKS, META_DIM, encode_rows, mark_missing
 from dermlens.preprocess import Preprocessing
 from dermlens.train.augment import eval_transform, to_chw, train_transform
+from dermlens.train.folds import fold_split
 from dermlens.train.sampling import DistributedWeightedSampler, sample_weights
 
 
@@ -124,6 +125,7 @@ class DermDataModule(L.LightningDataModule):
         self.dcfg = cfg["data"]
         self.prep = preprocessing_from(cfg)
         df, self.images = read_prepared(Path(self.dcfg["dir"]).expanduser(), self.prep)
+        df = fold_split(df, self.dcfg.get("val_fold"), str(self.dcfg.get("fold_pool") or "train+val"))
         self.classes = label_space(set(df["diagnosis"].astype(str)))
         seed = int(cfg.get("seed", 42))
         self.train = SplitData(df, "train", self.classes, self.dcfg.get("limit_train"), seed)

@@ -109,7 +109,7 @@ def _keep_csv_history(csv_dir: Path) -> None:
         old.rename(csv_dir / f"metrics.part{n}.csv")
 
 
-def build_trainer(cfg: dict, run_dir: Path):
+def build_trainer(cfg: dict, run_dir: Path, extra_callbacks: list | None = None):
     """A Lightning Trainer configured from the `trainer:` section (CPU, one GPU or DDP via torchrun)."""
     import lightning as L
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -130,7 +130,7 @@ def build_trainer(cfg: dict, run_dir: Path):
         gradient_clip_val=t.get("gradient_clip_val"),
         limit_train_batches=t.get("limit_train_batches") or 1.0,
         limit_val_batches=t.get("limit_val_batches") or 1.0,
-        callbacks=_callbacks(cfg, run_dir / "checkpoints"),
+        callbacks=_callbacks(cfg, run_dir / "checkpoints") + list(extra_callbacks or []),
         logger=[
             CSVLogger(run_dir, name="logs", version="csv"),
             TensorBoardLogger(run_dir, name="logs", version="tb"),
@@ -254,8 +254,18 @@ def stop_reason(trainer, clock) -> str:
     return f"Stopped after {epochs} epoch(s): trainer.max_time reached or another stop condition."
 
 
-def train(cfg: dict, resume: bool | None = None) -> dict | None:
-    """Train from a resolved config; resumes from checkpoints/last.ckpt when present (or when resume=True)."""
+def train(
+    cfg: dict,
+    resume: bool | None = None,
+    callbacks: list | None = None,
+    module_cls: type | None = None,
+    datamodule_cls: type | None = None,
+) -> dict | None:
+    """Train from a resolved config; resumes from checkpoints/last.ckpt when present (or when resume=True).
+
+    callbacks are added to the trainer's; module_cls / datamodule_cls replace DermModule / DermDataModule
+    (research tools: pruning in `dermlens tune`, soft targets in `dermlens distill`).
+    """
     import lightning as L
 
     from dermlens.train.config import check_arch
@@ -263,6 +273,10 @@ def train(cfg: dict, resume: bool | None = None) -> dict | None:
     from dermlens.train.module import DermModule
 
     check_arch(cfg)
+
+    module_cls = module_cls or DermModule
+    datamodule_cls = datamodule_cls or DermDataModule
+
     t = cfg["trainer"]
     threads = int(t.get("threads", 0) or 0)
     torch.set_num_threads(threads if threads > 0 else (os.cpu_count() or 1))
@@ -277,9 +291,9 @@ def train(cfg: dict, resume: bool | None = None) -> dict | None:
     if resume and not last.is_file():
         raise FileNotFoundError(f"--resume given but {last} does not exist")
     ckpt_path = str(last) if last.is_file() and resume is not False else None
-    dm = DermDataModule(cfg)
-    module = DermModule(cfg, list(dm.classes), dm.class_counts().tolist(), dm.prep.to_dict())
-    trainer = build_trainer(cfg, run_dir)
+    dm = datamodule_cls(cfg)
+    module = module_cls(cfg, list(dm.classes), dm.class_counts().tolist(), dm.prep.to_dict())
+    trainer = build_trainer(cfg, run_dir, callbacks)
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
@@ -298,7 +312,7 @@ def train(cfg: dict, resume: bool | None = None) -> dict | None:
     dm.trainer = None
     ckpt = best if best.is_file() else last
     print(f"Evaluating {ckpt.name} on the validation split ({len(dm.val)} images)...", flush=True)
-    metrics = finish(run_dir, dm, DermModule, ckpt, cfg, total, str(trainer.precision))
+    metrics = finish(run_dir, dm, module_cls, ckpt, cfg, total, str(trainer.precision))
     record = {"reason": stop_reason(trainer, clock), "checkpoint": str(ckpt), "config": config_hash(cfg)}
     done.write_text(json.dumps(record) + "\n")
     return metrics

@@ -1,0 +1,56 @@
+"""Shared error handling of the research commands (tune, ensemble, distill, release build)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import typer
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input or missing data: reported in one line, never as a traceback."""
+    from dermlens.bundle import BundleError
+    from dermlens.data.manifest import DataError
+    from dermlens.model.export import ExportError
+    from dermlens.model.weights import WeightsError
+    from dermlens.train.config import ConfigError
+    from dermlens.train.datamodule import DataSetupError
+    from dermlens.train.distill import DistillError
+    from dermlens.train.ensemble import EnsembleError
+    from dermlens.train.folds import FoldError
+
+    return (
+        ConfigError,
+        DataSetupError,
+        DataError,
+        BundleError,
+        ExportError,
+        WeightsError,
+        EnsembleError,
+        DistillError,
+        FoldError,
+        FileNotFoundError,
+    )
+
+
+def run_or_exit(fn: Callable[[], Any]) -> Any:
+    """Call fn; known failures print `error: ...` and exit 2, a missing extra says what to install."""
+    try:
+        errors = user_errors()
+    except ImportError as e:
+        typer.echo(f"error: {e.name} is not installed: pip install 'dermlens[train]'", err=True)
+        raise typer.Exit(2) from None
+    try:
+        return fn()
+    except ImportError as e:
+        typer.echo(f"error: {e.name} is not installed: pip install 'dermlens[train]'", err=True)
+        raise typer.Exit(2) from None
+    except errors as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
+def echo(message: str) -> None:
+    """Progress lines go to stderr, results to stdout."""
+    typer.echo(message, err=True)

@@ -1,0 +1,1 @@
+"""Drift monitoring of served predictions: reference outputs, statistical tests, HTML report."""

@@ -1,0 +1,285 @@
+"""`dermlens predict --ray`: the same predictions as `run_batch`, on Ray Data.
+
+Images are read, decoded and resized in parallel Ray tasks; the ONNX model (shipped to the cluster through
+the object store, so workers need dermlens but not the bundle path) runs in a pool of actors, each
+calling `Predictor.predict_arrays` like the single-process path. Rows come back in any order and are
+written sorted by image id with the single-process CSV writers, so the files are identical.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import time
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from dermlens.bundle import TRUST, read_card
+from dermlens.data.taxonomy import HAM_CLASSES
+from dermlens.serve.batch import (
+    BatchInputError,
+    BatchSummary,
+    Failure,
+    Item,
+    RowWriter,
+    _csv_row,
+    _fmt,
+    _reason,
+    _rows,
+    isic2018_header,
+    prediction_header,
+)
+from dermlens.serve.runtime import PRECISIONS, Predictor, cpu_count
+
+INSTALL_HINT = "pip install 'dermlens[ray]'"
+
+
+class RayUnavailable(RuntimeError):
+    """Ray is not installed or the cluster cannot be reached (one-line message)."""
+
+
+@cache
+def ray_config() -> dict:
+    """Settings from configs/ray.yaml."""
+    return yaml.safe_load(resources.files("dermlens.configs").joinpath("ray.yaml").read_text())
+
+
+def _import_ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise RayUnavailable(f"--ray needs Ray Data: {INSTALL_HINT}") from None
+    return ray
+
+
+def connect(address: str | None) -> tuple[Any, bool]:
+    """ray.init for `address` ('local'/None: a new local instance on this machine's cores); (ray, started)."""
+    ray = _import_ray()
+    for name in ("ray", "ray.data"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    if ray.is_initialized():
+        return ray, False
+    cfg = ray_config()
+    kwargs: dict[str, Any] = {
+        "log_to_driver": False,
+        "logging_level": logging.ERROR,
+        "runtime_env": {"env_vars": {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}},
+    }
+    try:
+        if address in (None, "", "local"):
+            wait = str(int(cfg["start_timeout_s"]))
+            os.environ.setdefault(
+                "RAY_raylet_start_wait_time_s", wait
+            )  # read by the processes ray.init starts
+            os.environ.setdefault("RAY_agent_register_timeout_ms", wait + "000")
+            ray.init(
+                num_cpus=int(cfg["local_cpus"] or cpu_count()),
+                include_dashboard=False,
+                object_store_memory=int(cfg["object_store_mb"]) * 1024 * 1024,
+                **kwargs,
+            )
+        else:
+            ray.init(address=address, **kwargs)
+    except Exception as e:  # noqa: BLE001 - Ray raises bare Exception on startup timeouts
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RayUnavailable(f"cannot start or reach Ray at {address or 'local'}: {first}") from None
+    return ray, True
+
+
+def bundle_files(predictor: Predictor) -> dict[str, bytes]:
+    """The files a worker needs to load the same model: card, trust statistics, one ONNX graph."""
+    names = ["card.json", TRUST, PRECISIONS[predictor.precision]]
+    return {n: (predictor.bundle_dir / n).read_bytes() for n in names}
+
+
+def decode_row(row: dict[str, Any], prep: dict[str, Any]) -> dict[str, Any]:
+    """Read + decode + resize one image (a Ray task); a failure travels as `error`, not as an exception."""
+    from dermlens.preprocess import ImageDecodeError, Preprocessing, load_rgb
+
+    prep = Preprocessing.from_dict(prep)
+    height, width = prep.height, prep.width
+    try:
+        row["image"], row["error"] = prep.resize(load_rgb(row["path"])), ""
+    except ImageDecodeError as e:
+        row["image"], row["error"] = np.zeros((height, width, 3), np.uint8), _reason(e, Path(row["path"]))
+    except Exception as e:  # noqa: BLE001 - any decoder crash is one failed file, as in run_batch
+        row["image"], row["error"] = np.zeros((height, width, 3), np.uint8), f"{type(e).__name__}: {e}"
+    return row
+
+
+class Scorer:
+    """A Ray actor holding one Predictor; scores batches of decoded images like run_batch's flush."""
+
+    def __init__(self, bundle: str | dict[str, bytes], precision: str, tta: bool | None) -> None:
+        if isinstance(bundle, str):  # a local instance shares the driver's files
+            self.dir = Path(bundle)
+        else:  # a cluster: the bundle's bytes by file name
+            self.dir = Path(tempfile.mkdtemp(prefix="dermlens-bundle-"))
+            for name, data in bundle.items():
+                (self.dir / name).write_bytes(data)
+        self.predictor = Predictor.load(self.dir, precision, threads=int(ray_config()["actor_cpus"]))
+        self.tta = tta
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ok = np.asarray([not e for e in batch["error"]], bool)
+        n = len(ok)
+        out: dict[str, Any] = {
+            "image_id": batch["image_id"],
+            "path": batch["path"],
+            "error": batch["error"],
+            "probs": np.zeros((n, len(self.predictor.classes)), np.float64),
+        }
+        for k in ("p_malignant", "confidence", "ood_score"):
+            out[k] = np.zeros(n, np.float64)
+        out["top"], out["refer_reason"] = np.array([""] * n, object), np.array([""] * n, object)
+        out["ood"], out["refer"] = np.zeros(n, bool), np.zeros(n, bool)
+        if ok.any():
+            idx = np.flatnonzero(ok)
+            meta = [
+                {"age": batch["age"][i], "sex": batch["sex"][i] or None, "site": batch["site"][i] or None}
+                for i in idx
+            ]
+            res = self.predictor.predict_arrays(list(batch["image"][idx]), meta, tta=self.tta)
+            items = [Item(Path(str(batch["path"][i])), str(batch["image_id"][i])) for i in idx]
+            for j, r in zip(idx, _rows(self.predictor, items, res), strict=True):
+                for k in ("p_malignant", "confidence", "ood_score", "ood", "refer", "top", "refer_reason"):
+                    out[k][j] = r[k]
+                out["probs"][j] = r["probs"]
+        return out
+
+
+def _input_rows(items: list[Item]) -> list[dict[str, Any]]:
+    def meta(it: Item, key: str) -> Any:
+        v = (it.meta or {}).get(key)
+        return v if v is not None else (math.nan if key == "age" else "")
+
+    rows = []
+    for it in items:
+        age = meta(it, "age")
+        try:
+            age = float(age)
+        except (TypeError, ValueError):
+            age = math.nan
+        rows.append(
+            {
+                "image_id": it.image_id,
+                "path": str(it.path),
+                "age": age,
+                "sex": str(meta(it, "sex")),
+                "site": str(meta(it, "site")),
+            }
+        )
+    return rows
+
+
+def run_ray(
+    predictor: Predictor,
+    items: list[Item],
+    address: str | None = None,
+    out_csv: Path | None = None,
+    isic_csv: Path | None = None,
+    batch_size: int = 32,
+    tta: bool | None = None,
+) -> BatchSummary:
+    """Predict `items` on Ray Data; write the CSVs ordered by image id; keep finished rows on Ctrl-C."""
+    if isic_csv is not None and tuple(predictor.classes) != HAM_CLASSES:
+        raise BatchInputError(
+            f"--isic-csv writes ISIC 2018 columns, but the model's classes are {predictor.classes}"
+        )
+    read_card(predictor.bundle_dir)  # the bundle the driver loaded is the one shipped
+    start = time.perf_counter()
+    ray, started = connect(address)
+    summary = BatchSummary(total=len(items))
+    rows: list[dict[str, Any]] = []
+    try:
+        bundle = str(predictor.bundle_dir) if started and address in (None, "", "local") else None
+        ds = _dataset(ray, predictor, items, batch_size, tta, bundle)
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            rows += _collect(batch, summary)
+    except KeyboardInterrupt:
+        summary.interrupted = True
+    finally:
+        _write(predictor, rows, out_csv, isic_csv)
+        if started:
+            ray.shutdown()
+        summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _dataset(
+    ray: Any, predictor: Predictor, items: list[Item], batch_size: int, tta: bool | None, bundle: str | None
+) -> Any:
+    """from_items -> map(decode_row) -> map_batches(Scorer actor pool); bundle: a path workers can read."""
+    cfg = ray_config()
+    ctx = ray.data.DataContext.get_current()
+    ctx.print_on_execution_start = False
+    cpus = float(ray.cluster_resources().get("CPU", 1))
+    actors = int(cfg["actors"] or max(1, int(cpus // 2)))
+    blocks = max(1, min(len(items), actors * int(cfg["blocks_per_actor"])))
+    p = predictor.prep
+    ds = ray.data.from_items(_input_rows(items), override_num_blocks=blocks)
+    ds = ds.map(
+        decode_row,
+        fn_kwargs={
+            "height": p.height,
+            "width": p.width,
+            "resample": p.resample,
+            "mean": p.mean,
+            "std": p.std,
+        },
+        num_cpus=float(cfg["decode_cpus"]),
+    )
+    return ds.map_batches(
+        Scorer,
+        fn_constructor_kwargs={
+            "files_ref": ray.put(bundle_files(predictor)),
+            "precision": predictor.precision,
+            "tta": tta,
+        },
+        batch_size=batch_size,
+        batch_format="numpy",
+        concurrency=actors,
+        num_cpus=float(cfg["actor_cpus"]),
+    )
+
+
+def _collect(batch: dict[str, np.ndarray], summary: BatchSummary) -> list[dict[str, Any]]:
+    """Result rows of one output batch; failures go to the summary."""
+    rows = []
+    for i, err in enumerate(batch["error"]):
+        if err:
+            summary.failures.append(Failure(str(batch["path"][i]), str(err)))
+            continue
+        row = {k: batch[k][i] for k in ("image_id", "path", "top", "refer_reason")}
+        row = {k: str(v) for k, v in row.items()}
+        row.update({k: float(batch[k][i]) for k in ("p_malignant", "confidence", "ood_score")})
+        row.update({k: bool(batch[k][i]) for k in ("ood", "refer")})
+        row["probs"] = np.asarray(batch["probs"][i])
+        rows.append(row)
+    summary.done += len(rows)
+    summary.referred += sum(r["refer"] for r in rows)
+    summary.ood += sum(r["ood"] for r in rows)
+    return rows
+
+
+def _write(
+    predictor: Predictor, rows: list[dict[str, Any]], out_csv: Path | None, isic_csv: Path | None
+) -> None:
+    """The single-process writers, rows ordered by image id (then path)."""
+    rows = sorted(rows, key=lambda r: (r["image_id"], r["path"]))
+    if out_csv is not None:
+        w = RowWriter(out_csv, prediction_header(predictor.classes))
+        w.write([_csv_row(r, predictor.classes) for r in rows])
+        w.close()
+    if isic_csv is not None:
+        w = RowWriter(isic_csv, isic2018_header())
+        w.write([[r["image_id"], *(_fmt(r["probs"][i]) for i in range(len(HAM_CLASSES)))] for r in rows])
+        w.close()

@@ -1,0 +1,418 @@
+"""Ensembles: train k members on the manifest's grouped folds (and/or several architectures), combine them
+by averaging or by a stacked logistic regression fitted on out-of-fold predictions, export ONE bundle.
+
+Every member is an ordinary `dermlens train` run (resumes from last.ckpt; a finished member, marked by
+the engine's finished.json, is never retrained). The combined network is model.ensemble.EnsembleNet,
+exported by the ordinary export step, so `predict`, `serve` and `evaluate` take the bundle like any other.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from dermlens.train.config import ConfigError, load_config
+
+Log = Callable[[str], None]
+
+
+class EnsembleError(RuntimeError):
+    """An ensemble recipe or member set that cannot be used (one-line message)."""
+
+
+def default_recipe() -> dict[str, Any]:
+    """configs/ensemble.yaml."""
+    return yaml.safe_load(resources.files("dermlens.configs").joinpath("ensemble.yaml").read_text())
+
+
+def merge_sections(base: dict[str, Any], over: dict[str, Any], where: str) -> dict[str, Any]:
+    """base <- over, one level of nested dicts merged; unknown top-level keys are errors."""
+    out = dict(base)
+    for k, v in (over or {}).items():
+        if k not in base:
+            raise ConfigError(f"unknown key {k!r} in {where} (known: {', '.join(sorted(base))})")
+        out[k] = {**base[k], **v} if isinstance(base[k], dict) and isinstance(v, dict) else v
+    return out
+
+
+def read_yaml(path: str | Path, what: str) -> dict[str, Any]:
+    """A YAML mapping from a file, or one from the packaged configs/, with one-line errors."""
+    p = Path(path)
+    if not p.is_file():
+        packaged = resources.files("dermlens.configs").joinpath(str(path))
+        if not packaged.is_file():
+            raise ConfigError(f"{what} not found: {path}")
+        text = packaged.read_text()
+    else:
+        text = p.read_text()
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"cannot parse {path}: {str(e).splitlines()[0]}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must be a YAML mapping")
+    return data
+
+
+def load_recipe(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """configs/ensemble.yaml <- a recipe file <- overrides (a dict of top-level sections)."""
+    recipe = default_recipe()
+    if path is not None:
+        recipe = merge_sections(recipe, read_yaml(path, "ensemble recipe"), str(path))
+    return merge_sections(recipe, overrides or {}, "ensemble overrides")
+
+
+# ---- members -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Member:
+    """One member run: its name, combination group (architecture), fold and full training config."""
+
+    name: str
+    group: int
+    fold: int | None
+    cfg: dict[str, Any] = field(repr=False)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg["trainer"]["run_dir"])
+
+
+def plan_members(recipe: dict[str, Any]) -> list[Member]:
+    """Members = recipe architectures x folds (folds 0: one member per architecture, on train/val)."""
+    out = Path(recipe["out"])
+    folds = int(recipe.get("folds") or 0)
+    specs = recipe.get("members") or [{"name": "m", "overrides": []}]
+    members = []
+    for g, spec in enumerate(specs):
+        if "name" not in spec:
+            raise ConfigError(f"ensemble member {g} has no name")
+        for fold in range(folds) if folds > 0 else [None]:
+            name = str(spec["name"]) + (f"-fold{fold}" if fold is not None else "")
+            over = [*recipe.get("overrides", []), *spec.get("overrides", [])]
+            if fold is not None:
+                over += [f"data.val_fold={fold}", f"data.fold_pool={recipe.get('fold_pool', 'train')}"]
+            over += [f"trainer.run_dir={out / 'members' / name}", f"trainer.name={name}"]
+            members.append(Member(name, g, fold, load_config(recipe.get("base_config"), over)))
+    return members
+
+
+def config_hash(cfg: dict[str, Any]) -> str:
+    """The engine's identity of a resolved config (what its finished.json records)."""
+    from dermlens.train.engine import config_hash as engine_hash
+
+    return engine_hash(cfg)
+
+
+def monitored_best(run_dir: Path, monitor: str) -> float | None:
+    """Best (max) logged value of the monitored metric over all sessions' CSV logs of a run."""
+    import pandas as pd
+
+    best = None
+    for f in sorted((Path(run_dir) / "logs" / "csv").glob("metrics*.csv")):
+        df = pd.read_csv(f)
+        if monitor in df.columns and df[monitor].notna().any():
+            v = float(df[monitor].max())
+            best = v if best is None else max(best, v)
+    return best
+
+
+def finished(run_dir: Path, cfg: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """A finished run's summary (the engine's finished.json + metrics_val.json), None while unfinished or
+    (when cfg is given) when it finished with another config: the engine then resumes it from last.ckpt."""
+    from dermlens.train.engine import FINISHED
+
+    path = Path(run_dir) / FINISHED
+    if not path.is_file() or not (Path(run_dir) / "metrics_val.json").is_file():
+        return None
+    record = json.loads(path.read_text())
+    if cfg is not None and record.get("config") != config_hash(cfg):
+        return None
+    metrics = json.loads((Path(run_dir) / "metrics_val.json").read_text())
+    keys = ("bal_acc", "macro_auc", "accuracy", "n", "best_epoch", "train_seconds", "arch")
+    monitor = str((cfg or {}).get("trainer", {}).get("monitor") or "val/bal_acc")
+    return {
+        "config_hash": record.get("config"),
+        "reason": record.get("reason"),
+        "metrics": {k: metrics.get(k) for k in keys},
+        "monitor": {"name": monitor, "best": monitored_best(run_dir, monitor)},
+    }
+
+
+def train_run(cfg: dict[str, Any], log: Log = print, **engine_kwargs: Any) -> dict[str, Any]:
+    """Train one run with the engine: skipped when it finished with this config, else resumed from
+    last.ckpt when there is one. Returns finished()'s summary."""
+    from dermlens.train.engine import LAST, run_dir_for, train
+
+    run_dir = run_dir_for(cfg)
+    done = finished(run_dir, cfg)
+    if done is not None:
+        log(f"{run_dir}: finished earlier (val balanced accuracy {done['metrics']['bal_acc']:.4f}), skipped")
+        return done
+    last = run_dir / "checkpoints" / LAST
+    log(f"{run_dir}: {'resuming from ' + str(last) if last.is_file() else 'training'}")
+    if train(cfg, **engine_kwargs) is None:  # not rank 0 under DDP
+        return {}
+    done = finished(run_dir, cfg)
+    if done is None:
+        raise EnsembleError(f"{run_dir} did not record a finished run")
+    log(f"{run_dir}: done, val balanced accuracy {done['metrics']['bal_acc']:.4f}")
+    return done
+
+
+def train_members(recipe: dict[str, Any], log: Log = print) -> list[Member]:
+    """Train (or skip, or resume) every member of the recipe; returns the member plan."""
+    members = plan_members(recipe)
+    for i, m in enumerate(members, 1):
+        log(f"member {i}/{len(members)}: {m.name}")
+        train_run(m.cfg, log)
+    return members
+
+
+# ---- out-of-fold predictions and stacking --------------------------------------------------------------
+
+
+@dataclass
+class OOF:
+    """Out-of-fold log-probabilities per group, aligned by image: features [N, G*C] for fine and coarse."""
+
+    image_ids: np.ndarray
+    fine_labels: np.ndarray
+    coarse_labels: np.ndarray
+    fine: np.ndarray
+    coarse: np.ndarray
+    classes: tuple[str, ...]
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = np.asarray(z, np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def _group_logp(parts: list[dict[str, np.ndarray]], ids: np.ndarray, key: str) -> np.ndarray:
+    """log mean probability over the members of one group that predicted each id."""
+    acc, cnt = None, np.zeros(len(ids))
+    pos = {i: n for n, i in enumerate(ids)}
+    for p in parts:
+        prob = np.exp(_log_softmax(p[key]))
+        idx = np.array([pos.get(i, -1) for i in p["image_ids"]])
+        ok = idx >= 0
+        if acc is None:
+            acc = np.zeros((len(ids), prob.shape[1]))
+        np.add.at(acc, idx[ok], prob[ok])
+        np.add.at(cnt, idx[ok], 1)
+    return np.log(np.clip(acc / cnt[:, None], 1e-12, None))
+
+
+def out_of_fold(members: list[Member]) -> OOF:
+    """Each member's val_outputs.npz (its held-out fold) joined into per-group features on common images."""
+    groups: dict[int, list[dict[str, np.ndarray]]] = {}
+    labels: dict[str, tuple[int, int]] = {}
+    classes = None
+    for m in members:
+        path = m.run_dir / "val_outputs.npz"
+        if not path.is_file():
+            raise EnsembleError(f"member {m.name} has no {path}: train it first")
+        with np.load(path) as z:
+            part = {k: np.array(z[k]) for k in ("fine_logits", "coarse_logits", "image_ids")}
+            labels.update(
+                zip(z["image_ids"], zip(z["fine_labels"], z["coarse_labels"], strict=True), strict=True)
+            )
+            c = tuple(str(x) for x in z["classes"])
+        if classes is not None and c != classes:
+            raise EnsembleError(f"member {m.name} has classes {c}, others {classes}")
+        classes = c
+        groups.setdefault(m.group, []).append(part)
+    common = set.intersection(*[{i for p in parts for i in p["image_ids"]} for parts in groups.values()])
+    ids = np.array(sorted(common))
+    if len(ids) == 0:
+        raise EnsembleError("the members' validation images do not overlap across architectures")
+    order = sorted(groups)
+    fine = np.concatenate([_group_logp(groups[g], ids, "fine_logits") for g in order], axis=1)
+    coarse = np.concatenate([_group_logp(groups[g], ids, "coarse_logits") for g in order], axis=1)
+    lab = np.array([labels[i] for i in ids])
+    return OOF(ids, lab[:, 0], lab[:, 1], fine, coarse, classes or ())
+
+
+def _fit_lr(
+    x: np.ndarray, y: np.ndarray, n_classes: int, cfg: dict[str, Any]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Multinomial logistic regression -> (weight [n_classes, F], bias [n_classes]); absent classes ~ p=0."""
+    from sklearn.linear_model import LogisticRegression
+
+    lr = LogisticRegression(C=float(cfg.get("C", 1.0)), max_iter=int(cfg.get("max_iter", 2000)))
+    lr.fit(x, y)
+    w, b = np.zeros((n_classes, x.shape[1])), np.full(n_classes, -30.0)
+    if len(lr.classes_) == 2 and lr.coef_.shape[0] == 1:  # binary: logits (0, z)
+        w[lr.classes_[1]], b[lr.classes_[1]] = lr.coef_[0], lr.intercept_[0]
+        b[lr.classes_[0]] = 0.0
+    else:
+        w[lr.classes_], b[lr.classes_] = lr.coef_, lr.intercept_
+    return w, b
+
+
+def _cv_probs(x: np.ndarray, y: np.ndarray, groups: np.ndarray, n: int, cfg: dict[str, Any]) -> np.ndarray:
+    """Cross-validated stacker probabilities (folds grouped by lesion) for an honest OOF figure."""
+    from sklearn.model_selection import GroupKFold
+
+    k = min(int(cfg.get("cv_folds", 5)), len(set(groups)))
+    probs = np.zeros((len(y), n))
+    for tr, te in GroupKFold(n_splits=k).split(x, y, groups):
+        w, b = _fit_lr(x[tr], y[tr], n, cfg)
+        probs[te] = np.exp(_log_softmax(x[te] @ w.T + b))
+    return probs
+
+
+@dataclass
+class Stacker:
+    """Fitted meta-learner weights for the fine and coarse heads, plus how it scored out of fold."""
+
+    fine_w: np.ndarray
+    fine_b: np.ndarray
+    coarse_w: np.ndarray
+    coarse_b: np.ndarray
+    info: dict[str, Any]
+
+
+def fit_stacker(oof: OOF, cfg: dict[str, Any], lesion_groups: np.ndarray | None = None) -> Stacker:
+    """Logistic regression on the OOF log-probabilities; reports OOF balanced accuracy of stacking (cross-
+    validated by lesion) against plain probability averaging on the same images."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    n, nc = len(oof.classes), 2
+    fw, fb = _fit_lr(oof.fine, oof.fine_labels, n, cfg)
+    cw, cb = _fit_lr(oof.coarse, oof.coarse_labels, nc, cfg)
+    g = oof.fine.shape[1] // n
+    mean = np.log(np.exp(oof.fine.reshape(len(oof.fine), g, n)).mean(axis=1))
+    groups = lesion_groups if lesion_groups is not None else oof.image_ids
+    cv = _cv_probs(oof.fine, oof.fine_labels, groups, n, cfg)
+    info = {
+        "n_oof": int(len(oof.image_ids)),
+        "features": int(oof.fine.shape[1]),
+        "C": float(cfg.get("C", 1.0)),
+        "oof_bal_acc_mean_prob": float(balanced_accuracy_score(oof.fine_labels, mean.argmax(1))),
+        "oof_bal_acc_stack_cv": float(balanced_accuracy_score(oof.fine_labels, cv.argmax(1))),
+    }
+    return Stacker(fw, fb, cw, cb, info)
+
+
+def lesion_groups(data_dir: str | Path, image_ids: np.ndarray) -> np.ndarray:
+    """group_id of each image id from the prepared manifest (lesion-grouped CV for the stacker)."""
+    from dermlens.data.manifest import read_manifest
+
+    df = read_manifest(data_dir).set_index("image_id")
+    return df.loc[list(image_ids), "group_id"].astype(str).to_numpy()
+
+
+# ---- the combined model --------------------------------------------------------------------------------
+
+
+def build_ensemble_model(members: list[Member], recipe: dict[str, Any], stacker: Stacker | None = None):
+    """Load every member's best checkpoint into one EnsembleNet (a LoadedModel, ready for export_bundle)."""
+    from dermlens.model.ensemble import EnsembleNet
+    from dermlens.model.export import LoadedModel, find_checkpoint, load_checkpoint
+
+    loaded = [load_checkpoint(find_checkpoint(m.run_dir)) for m in members]
+    first = loaded[0]
+    for m, lm in zip(members, loaded, strict=True):
+        if lm.classes != first.classes:
+            raise EnsembleError(
+                f"member {m.name} has classes {lm.classes}, {members[0].name} {first.classes}"
+            )
+        if lm.prep.to_dict() != first.prep.to_dict():
+            raise EnsembleError(
+                f"member {m.name} uses preprocessing {lm.prep.to_dict()}, {members[0].name} "
+                f"{first.prep.to_dict()}: ensemble members must share one input definition"
+            )
+        lm.net.model_cfg = dict(lm.model_cfg)
+    combine = str(recipe.get("combine", "mean_prob"))
+    net = EnsembleNet(
+        [lm.net for lm in loaded], combine, str(recipe.get("features", "mean")), [m.group for m in members]
+    )
+    if combine == "stack":
+        if stacker is None:
+            raise EnsembleError("combine: stack needs a fitted stacker")
+        net.set_stacker("fine", stacker.fine_w, stacker.fine_b)
+        net.set_stacker("coarse", stacker.coarse_w, stacker.coarse_b)
+    info = {
+        "members": [
+            {"name": m.name, "fold": m.fold, "group": m.group, "checkpoint": str(lm.source), **lm.info}
+            for m, lm in zip(members, loaded, strict=True)
+        ],
+        "fold_pool": recipe.get("fold_pool") if recipe.get("folds") else None,
+        "stacker": stacker.info if stacker is not None else None,
+    }
+    source = Path(recipe["out"]) / "ensemble.json"
+    return LoadedModel(net.float().eval(), first.classes, first.prep, net.spec(), source, info)
+
+
+def ensemble_export_config(recipe: dict[str, Any]) -> dict[str, Any]:
+    """configs/export.yaml with the recipe's `export` sections; the stacker's MatMul stays fp32 in int8."""
+    from dermlens.model.export import export_config
+
+    cfg = export_config()
+    for k, v in (recipe.get("export") or {}).items():
+        cfg[k] = {**cfg[k], **v} if isinstance(cfg.get(k), dict) and isinstance(v, dict) else v
+    cfg["int8"] = {**cfg["int8"], "exclude": [*cfg["int8"].get("exclude", []), "MatMul"]}
+    return cfg
+
+
+def record_in_card(bundle: Path, info: dict[str, Any]) -> None:
+    """Add an `ensemble` section (members, folds, stacker, whether val was seen) to the bundle's card.json."""
+    path = Path(bundle) / "card.json"
+    card = json.loads(path.read_text())
+    card["ensemble"] = info
+    path.write_text(json.dumps(card, indent=2, default=float) + "\n")
+
+
+def data_dir_of(members: list[Member]) -> Path:
+    return Path(members[0].cfg["data"]["dir"]).expanduser()
+
+
+def build_ensemble(
+    recipe: dict[str, Any],
+    bundle: str | Path | None = None,
+    log: Log = print,
+    members: list[Member] | None = None,
+) -> dict:
+    """Members (trained, resumed or skipped; given `members` are taken as trained) -> OOF stacker -> one
+    exported bundle; returns a summary (also written to OUT/ensemble.json)."""
+    from dermlens.model.export import export_bundle
+
+    members = members if members is not None else train_members(recipe, log)
+    out = Path(recipe["out"])
+    bundle = Path(bundle) if bundle is not None else out / "bundle"
+    stacker = None
+    oof = out_of_fold(members)
+    data_dir = data_dir_of(members)
+    stacker = fit_stacker(oof, recipe.get("stack") or {}, lesion_groups(data_dir, oof.image_ids))
+    log(
+        f"out-of-fold ({stacker.info['n_oof']} images): balanced accuracy mean_prob "
+        f"{stacker.info['oof_bal_acc_mean_prob']:.4f}, stacking (lesion-grouped CV) "
+        f"{stacker.info['oof_bal_acc_stack_cv']:.4f}"
+    )
+    model = build_ensemble_model(members, recipe, stacker)
+    card = export_bundle(None, data_dir, bundle, ensemble_export_config(recipe), log, loaded=model)
+    seen = bool(recipe.get("folds")) and recipe.get("fold_pool") == "train+val"
+    record_in_card(bundle, {**model.info, "combine": recipe.get("combine"), "val_seen_in_training": seen})
+    summary = {
+        "bundle": str(bundle),
+        "version": card["version"],
+        "architecture": card["architecture"],
+        "combine": recipe.get("combine"),
+        "members": {m.name: finished(m.run_dir)["metrics"] for m in members},
+        "stacker": stacker.info,
+        "val": card["metrics"]["val"],
+        "val_seen_in_training": seen,
+    }
+    (out / "ensemble.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
+    return summary

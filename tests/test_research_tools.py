@@ -1,0 +1,311 @@
+"""Research tools on a real ~280-image HAM10000 subset at 64x80: fold members -> ensemble bundle ->
+distilled student -> student bundle (the resumable release build), stacking on out-of-fold predictions,
+and the Optuna study that resumes from SQLite."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from dermlens.preprocess import Preprocessing
+
+pytestmark = pytest.mark.slow
+torch.set_num_threads(1)
+SMALL = Preprocessing.from_dict({**Preprocessing.default().to_dict(), "height": 64, "width": 80})
+TINY = [
+    "preprocess.height=64",
+    "preprocess.width=80",
+    "data.batch_size=16",
+    "trainer.threads=1",
+    "trainer.patience=0",
+    "trainer.log_every_n_steps=1",
+    "trainer.time_budget_min=null",
+    "trainer.max_time=null",
+    "trainer.freeze_epochs=0",
+    "augment.color_jitter=0",
+]
+FAST_EXPORT = {
+    "int8": {"calibration_images": 32, "fallbacks": []},
+    "trust": {"train_images": 96},
+    "parity": {"images": 8},
+}
+
+
+@pytest.fixture(scope="module")
+def small_dir(ham_small_prepared: Path) -> Path:
+    """The small prepared HAM subset with a 64x80 cache (kept if test_train already built it)."""
+    from dermlens.data.cache import build_cache
+    from dermlens.data.manifest import read_manifest
+
+    build_cache(read_manifest(ham_small_prepared), ham_small_prepared, SMALL, workers=1, progress=False)
+    return ham_small_prepared
+
+
+def run_cli(*args: str) -> tuple[int, str]:
+    from typer.testing import CliRunner
+
+    from dermlens.cli.main import app
+
+    r = CliRunner().invoke(app, list(args))
+    return r.exit_code, r.output
+
+
+@pytest.fixture(scope="module")
+def build(small_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One tiny release build: 2 fold members (mean_prob) -> ensemble bundle -> student -> student bundle."""
+    out = tmp_path_factory.mktemp("release_build")
+    recipe = {
+        "out": str(out),
+        "overrides": [
+            f"data.dir={small_dir}",
+            *TINY,
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=3",
+        ],
+        "ensemble": {
+            "base_config": "train.yaml",
+            "folds": 2,
+            "fold_pool": "train",
+            "combine": "mean_prob",
+            "export": FAST_EXPORT,
+        },
+        "distill": {
+            "config": "train.yaml",
+            "overrides": ["trainer.max_epochs=3", "trainer.limit_train_batches=4", "optim.lr=3e-3"],
+        },
+        "export": FAST_EXPORT,
+    }
+    path = out / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    code, output = run_cli("release", "build", "--recipe", str(path))
+    assert code == 0, output
+    return {"out": out, "recipe": path, "data": small_dir, "output": output}
+
+
+def test_fold_split_moves_only_the_pool(small_dir: Path) -> None:
+    from dermlens.data.manifest import read_manifest
+    from dermlens.train.folds import FoldError, fold_split
+
+    df = read_manifest(small_dir)
+    got = fold_split(df, 1, "train")
+    was_train = df["split"] == "train"
+    assert (got.loc[was_train & (df["fold"] == 1), "split"] == "val").all()
+    assert (got.loc[was_train & (df["fold"] != 1), "split"] == "train").all()
+    assert (got.loc[df["split"] == "val", "split"] == "heldout").all()  # the val split stays unseen
+    assert (got.loc[df["split"] == "test", "split"] == "test").all()
+    assert not set(got.loc[got["split"] == "val", "group_id"]) & set(
+        got.loc[got["split"] == "train", "group_id"]
+    )
+    both = fold_split(df, 0, "train+val")
+    assert set(both.loc[df["split"] == "val", "split"]) <= {"train", "val"}
+    with pytest.raises(FoldError, match="fold 9"):
+        fold_split(df, 9, "train")
+
+
+def test_ensemble_bundle_is_the_mean_of_its_members(build: dict) -> None:
+    """The ensemble bundle loads in the Predictor like any bundle; its probabilities are the members' mean."""
+    import onnx
+
+    from dermlens.data.manifest import read_manifest
+    from dermlens.model.export import export_onnx, find_checkpoint, load_checkpoint
+    from dermlens.preprocess import load_rgb
+    from dermlens.serve.runtime import OUTPUTS, OnnxModel, Predictor, encode_meta
+
+    bundle = build["out"] / "ensemble" / "bundle"
+    graph = onnx.load(str(bundle / "model.onnx")).graph
+    assert [i.name for i in graph.input] == ["image", "meta"] and [o.name for o in graph.output] == list(
+        OUTPUTS
+    )
+    pred = Predictor.load(bundle, precision="fp32", threads=1)
+    assert pred.card.architecture == "ensemble(2x tf_efficientnet_lite0, mean_prob)"
+    df = read_manifest(build["data"])
+    rows = df[df["split"] == "val"].head(12)
+    images = [load_rgb(p) for p in rows["image_path"]]
+    meta = [
+        {"age": a, "sex": s, "site": t}
+        for a, s, t in zip(rows["age"], rows["sex"], rows["site"], strict=True)
+    ]
+    got = pred.predict_arrays(images, meta, cam=True)
+    x = pred.prep.normalize(pred.prepare(images))
+    m = encode_meta(meta, len(images))
+    members = sorted((build["out"] / "ensemble" / "members").iterdir())
+    assert [p.name for p in members] == ["lite0-fold0", "lite0-fold1"]
+    probs = []
+    for i, run in enumerate(members):
+        net = load_checkpoint(find_checkpoint(run)).net
+        onnx_path = export_onnx(net, build["out"] / f"member{i}.onnx", pred.prep)
+        logits = OnnxModel(onnx_path, threads=1).run(x, m, feature_map=False)["fine_logits"]
+        e = np.exp(logits - logits.max(1, keepdims=True))
+        probs.append(e / e.sum(1, keepdims=True))
+    assert np.abs(got["probs_uncalibrated"] - np.mean(probs, axis=0)).max() <= 1e-4
+    assert got["probs"].shape == (12, 7) and len(got["cam"]) == 12 and np.isfinite(got["ood_score"]).all()
+
+
+def test_stacking_fits_on_out_of_fold_predictions(build: dict) -> None:
+    from sklearn.linear_model import LogisticRegression
+
+    from dermlens.data.manifest import read_manifest
+    from dermlens.model.export import load_split
+    from dermlens.train.ensemble import build_ensemble_model, fit_stacker, out_of_fold, plan_members
+    from dermlens.train.release_build import load_build_recipe
+
+    recipe = load_build_recipe(build["recipe"])["ensemble"]
+    members = plan_members(recipe)
+    oof = out_of_fold(members)
+    df = read_manifest(build["data"])
+    pool = df[(df["split"] == "train") & df["fold"].isin([0, 1])]
+    assert sorted(oof.image_ids) == sorted(
+        pool["image_id"]
+    )  # every fold-0/1 image once, by its held-out member
+    stacker = fit_stacker(
+        oof, recipe["stack"], pool.set_index("image_id").loc[oof.image_ids, "group_id"].to_numpy()
+    )
+    assert stacker.fine_w.shape == (7, 7) and 0 <= stacker.info["oof_bal_acc_stack_cv"] <= 1
+    model = build_ensemble_model(members, {**recipe, "combine": "stack"}, stacker)
+    val = load_split(build["data"], "val", model.classes, model.prep)
+    with torch.no_grad():
+        fine = model.net.forward_all(
+            torch.from_numpy(model.prep.normalize(val.images)), torch.from_numpy(val.meta)
+        )[0]
+        member_logits = torch.stack(
+            [
+                m.forward_all(torch.from_numpy(model.prep.normalize(val.images)), torch.from_numpy(val.meta))[
+                    0
+                ]
+                for m in model.net.members
+            ]
+        )
+        feats = model.net.group_log_probs(member_logits).numpy()
+    lr = LogisticRegression(C=recipe["stack"]["C"], max_iter=recipe["stack"]["max_iter"]).fit(
+        oof.fine, oof.fine_labels
+    )
+    ref = np.zeros((len(feats), 7))
+    ref[:, lr.classes_] = lr.predict_proba(feats)
+    assert np.abs(torch.softmax(fine, 1).numpy() - ref).max() <= 1e-4  # the LR is folded into the graph
+
+
+def test_distilled_student_learns_and_exports(build: dict) -> None:
+    from dermlens.serve.runtime import Predictor
+
+    student = build["out"] / "student"
+    log = pd.read_csv(student / "logs" / "csv" / "metrics.csv")
+    per_epoch = (
+        log.dropna(subset=["train/loss_epoch"]).groupby("epoch")[["train/loss_epoch", "train/kd"]].mean()
+    )
+    assert (
+        len(per_epoch) == 3 and per_epoch["train/loss_epoch"].iloc[-1] < per_epoch["train/loss_epoch"].iloc[0]
+    )
+    with np.load(student / "teacher.npz") as z:
+        assert z["fine_logits"].shape == (len(z["image_ids"]), 7)
+        assert (
+            str(z["teacher_version"])
+            == json.loads((build["out"] / "ensemble" / "bundle" / "card.json").read_text())["version"]
+        )
+    pred = Predictor.load(build["out"] / "student_bundle", threads=1)
+    assert pred.card.architecture == "tf_efficientnet_lite0"
+    summary = json.loads((build["out"] / "release_build.json").read_text())
+    assert summary["choice"]["default"] in ("student", "ensemble")
+    assert summary["ensemble"]["size_bytes"]["model.onnx"] > summary["student"]["size_bytes"]["model.onnx"]
+
+
+def test_release_build_resumes_and_never_retrains(build: dict) -> None:
+    members = build["out"] / "ensemble" / "members"
+    ckpts = {p: p.stat().st_mtime_ns for p in build["out"].rglob("*.ckpt")}
+    (members / "lite0-fold1" / "finished.json").unlink()  # as if killed after its last epoch was saved
+    code, output = run_cli("release", "build", "--recipe", str(build["recipe"]))
+    assert code == 0, output
+    assert "lite0-fold0: finished earlier" in output and f"resuming from {members / 'lite0-fold1'}" in output
+    assert "stage ensemble: finished earlier, skipped" in output
+    assert "student: finished earlier" in output and "stage student_export: finished earlier" in output
+    last = torch.load(
+        members / "lite0-fold1" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
+    )
+    assert last["epoch"] == 0 and last["global_step"] == 3  # nothing trained again
+    assert {p: p.stat().st_mtime_ns for p in build["out"].rglob("*.ckpt")} == ckpts
+    assert (members / "lite0-fold1" / "finished.json").is_file()
+
+
+def test_tune_resumes_from_sqlite(small_dir: Path, tmp_path: Path) -> None:
+    import optuna
+
+    from dermlens.train.tune import load_study_config, run_study
+
+    study = {
+        "study": "tiny",
+        "out": str(tmp_path / "tune"),
+        "n_trials": 1,
+        "base_config": "train.yaml",
+        "sampler": {"type": "random", "seed": 3},
+        "overrides": [
+            f"data.dir={small_dir}",
+            *TINY,
+            "trainer.max_epochs=2",
+            "trainer.limit_train_batches=2",
+        ],
+        "space": {
+            "optim.lr": {"type": "float", "low": 1e-4, "high": 3e-3, "log": True},
+            "model.dropout": {"type": "categorical", "choices": [0.1, 0.3]},
+        },
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    first = run_study(load_study_config(path), print)
+    assert (
+        first["counts"]["COMPLETE"] == 1 and first["trials"][0]["epochs_reported"] == 2
+    )  # reported per epoch
+    done0 = Path(first["trials"][0]["run_dir"]) / "finished.json"
+    stamp = done0.stat().st_mtime_ns
+    db = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'tune' / 'study.db'}")
+    db.enqueue_trial({"optim.lr": 1e-3, "model.dropout": 0.3})
+    db.ask()  # a trial left RUNNING, as by a killed process
+    code, output = run_cli("tune", "--study", str(path), "--n-trials", "2")
+    assert code == 0, output
+    assert "trial 1 was interrupted: queued again" in output
+    res = json.loads((tmp_path / "tune" / "results.json").read_text())
+    states = {t["trial"]: t["state"] for t in res["trials"]}
+    assert states == {0: "COMPLETE", 1: "FAIL", 2: "COMPLETE"}
+    rerun = next(t for t in res["trials"] if t["trial"] == 2)
+    assert rerun["param:optim.lr"] == 1e-3 and rerun["param:model.dropout"] == 0.3
+    assert done0.stat().st_mtime_ns == stamp  # trial 0 was not trained again
+    for name in ("results.csv", "results.md", "optimization_history.png", "param_importances.png"):
+        assert (tmp_path / "tune" / name).is_file(), name
+
+
+def test_research_cli_errors_are_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"space": {"optim.nope": {"type": "float", "low": 0, "high": 1}}}))
+    for args, msg in (
+        (["tune", "--study", str(bad)], "unknown config key 'optim.nope'"),
+        (["ensemble", "--recipe", str(tmp_path / "missing.yaml")], "ensemble recipe not found"),
+        (["distill"], "no teacher bundle"),
+        (["release", "build", "--recipe", str(bad)], "unknown key 'space'"),
+    ):
+        code, output = run_cli(*args)
+        assert code == 2 and msg in output and "Traceback" not in output, (args, output)
+
+
+@pytest.mark.skipif(
+    not os.environ.get("DERMLENS_CORE_PYTHON"), reason="needs DERMLENS_CORE_PYTHON (CI sets it)"
+)
+def test_core_install_predicts_with_the_ensemble(build: dict, tmp_path: Path) -> None:
+    """The torch-free install predicts a folder with the ensemble bundle."""
+    from dermlens.data.manifest import read_manifest
+
+    df = read_manifest(build["data"])
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for p in df["image_path"].head(4):
+        os.symlink(p, folder / Path(p).name)
+    cmd = [os.environ["DERMLENS_CORE_PYTHON"], "-m", "dermlens.cli.main", "predict", str(folder)]
+    cmd += ["--model", str(build["out"] / "ensemble" / "bundle"), "--out", str(tmp_path / "p.csv")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert len(pd.read_csv(tmp_path / "p.csv")) == 4
