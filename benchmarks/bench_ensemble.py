@@ -1,9 +1,10 @@
 """Size and speed of an ensemble bundle against a single model (the baseline, timed in the same process).
 
 The ensemble is either an existing bundle (--ensemble DIR, e.g. from `dermlens ensemble`) or, by default,
-K members built from the single bundle's own weights (model.pt) into ONE EnsembleNet graph and exported
-like `dermlens ensemble` does (fp32 + int8): its size and speed are those of any K-member ensemble of that
-architecture; its accuracy is meaningless (the members are identical). Usage:
+K members built from the single bundle's own weights (model.pt, each copy perturbed by ~1e-6 so the
+exporter cannot share their tensors) into ONE EnsembleNet graph and exported like `dermlens ensemble`
+does (fp32 + int8): its size and speed are those of any K-member ensemble of that architecture; its
+accuracy is meaningless (the members are near-identical). Usage:
 
     .venv/bin/python benchmarks/bench_ensemble.py [--bundle DIR] [--members 3] [--ensemble DIR]
         [--threads 2] [--batch 32] [--seconds 8] [--json docs/results/bench_ensemble.json]
@@ -60,9 +61,14 @@ def replicated_ensemble(bundle: Path, k: int, out: Path, calib: np.ndarray) -> P
     from dermlens.model.export import export_config, export_onnx, load_checkpoint, quantize_int8
 
     loaded = load_checkpoint(bundle / TORCH_WEIGHTS)
+    import torch
+
     members = [copy.deepcopy(loaded.net) for _ in range(k)]
-    for m in members:
-        m.model_cfg = dict(loaded.model_cfg)
+    with torch.no_grad():
+        for i, m in enumerate(members):
+            m.model_cfg = dict(loaded.model_cfg)
+            for p in m.parameters():  # distinct tensors: the exporter would share identical initializers
+                p.add_(torch.randn_like(p) * 1e-6 * i)
     net = EnsembleNet(members, "mean_prob", "mean").eval()
     export_onnx(net, out / ONNX_FP32, loaded.prep)
     q = export_config()["int8"]

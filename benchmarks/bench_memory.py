@@ -74,6 +74,7 @@ def fire(url: str, route: str, files: list, copies: int) -> list[int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--before-src", type=Path, default=None, help="src/ of an older checkout to compare")
+    ap.add_argument("--cases", default=None, help="comma-separated subset of the cases (default: all)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     big, deep = big_png(), deep_png()
@@ -90,6 +91,8 @@ def main() -> None:
         "png16_6300": ("/predict", [("file", ("deep.png", deep, "image/png"))], 1),
         "4x_png16_6300": ("/predict", [("file", ("deep.png", deep, "image/png"))], 4),
     }
+    if args.cases:
+        cases = {k: v for k, v in cases.items() if k in args.cases.split(",")}
     modes = {"after": SRC}
     if args.before_src:
         modes = {"before": args.before_src.resolve(), **modes}

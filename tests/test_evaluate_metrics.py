@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -274,12 +273,11 @@ def test_lesion_bootstrap_differs_from_image_bootstrap(ham):
     np.testing.assert_array_equal(same.low["macro_auc"], img.low["macro_auc"])
 
 
-def test_bootstrap_is_fast(isic2019):
+def test_bootstrap_runs_every_resample(isic2019):
+    """1,000 lesion resamples of all ISIC 2019 images (speed is a benchmark's business, not a test's)."""
     _, y, classes, lesions = isic2019
     probs = noisy_predictions(y, len(classes), seed=10)
-    start = time.perf_counter()
     res = evaluate_arrays(probs, y, classes, groups=lesions, config=EvaluateConfig.load(n_resamples=1000))
-    assert time.perf_counter() - start < 20  # ~1 s on one core
     assert res["bootstrap"]["n_resamples"] == 1000
     assert res["overall"]["balanced_accuracy"]["n_valid"] == 1000
 

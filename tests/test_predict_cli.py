@@ -97,7 +97,7 @@ def test_bad_files_are_listed_and_finished_rows_kept(image_folder: Path, tmp_pat
     assert "4 input(s) could not be predicted" in res.output
     for name, reason in [
         ("empty.jpg", "empty"),
-        ("garbage.png", "not a readable image"),
+        ("garbage.png", "not a supported image format"),
         ("half.jpg", "truncated"),
         ("missing.jpg", "no such file"),
     ]:

@@ -81,7 +81,7 @@ class EnsembleNet(nn.Module):
         if self.combine == "mean_logit":
             return logits.float().mean(dim=0)
         if self.combine == "mean_prob":
-            return torch.logsumexp(F.log_softmax(logits.float(), dim=-1), dim=0) - math.log(len(logits))
+            return torch.logsumexp(F.log_softmax(logits.float(), dim=-1), dim=0) - math.log(len(self.members))
         w, b = getattr(self, f"stack_{head}_w"), getattr(self, f"stack_{head}_b")
         return self.group_log_probs(logits) @ w.t() + b
 

@@ -22,7 +22,7 @@ def default_config() -> dict[str, Any]:
 
 def _check_type(key: str, default: Any, value: Any) -> None:
     """A value must have the type of the shipped default (numbers may be int or float; null is allowed)."""
-    if default is None or value is None:
+    if default is None or value is None or default == "auto":  # "auto" keys also take a number or list
         return
     ok = {
         bool: lambda v: isinstance(v, bool),
