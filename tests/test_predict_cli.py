@@ -59,6 +59,8 @@ def test_folder_to_csv_and_isic(image_folder: Path, tmp_path: Path) -> None:
         "ood",
         "refer",
         "refer_reason",
+        "prediction_set",
+        "refer_codes",
     ]
     assert len(df) == 5 and df["image_id"].str.startswith("ISIC_").all()
     probs = df[[f"p_{c}" for c in HAM_CLASSES]].to_numpy()

@@ -84,7 +84,8 @@ def browser():
 def accepted_lesion(predictor, ham_root: Path) -> Path:
     """A HAM10000 image the model accepts (not OOD), so the page shows a full result."""
     for path in sorted((ham_root / "images").glob("*.jpg"))[:40]:
-        if not predictor.predict_file(path).ood:
+        r = predictor.predict_file(path, {"age": 55, "sex": "female", "site": "lower extremity"})
+        if not r.ood and not r.not_dermoscopy:
             return path
     pytest.fail("the model refuses the first 40 HAM10000 images as OOD")
 
@@ -93,7 +94,7 @@ def referred_lesion(predictor, ham_root: Path) -> Path | None:
     """A HAM10000 image the model accepts but refers (low confidence), if any of the first 60 is."""
     for path in sorted((ham_root / "images").glob("*.jpg"))[:60]:
         r = predictor.predict_file(path)
-        if r.refer and not r.ood:
+        if r.refer and not r.ood and not r.not_dermoscopy:
             return path
     return None
 
@@ -163,10 +164,16 @@ def test_web_page_upload_result_cam_and_refusal(server, browser, predictor, ham_
     assert page.inner_text("#confidence").endswith("%")
     assert page.is_hidden("#ood-warning")
     assert page.is_visible("#disclaimer")
-    refer = predictor.predict_file(lesion, {"age": 55, "sex": "female", "site": "lower extremity"}).refer
+    direct = predictor.predict_file(lesion, {"age": 55, "sex": "female", "site": "lower extremity"})
+    refer = direct.refer
     assert page.is_visible("#refer-warning") == refer
     if refer:
         assert "Refer to a dermatologist" in page.inner_text("#refer-warning")
+        codes = page.locator("#refer-list li").evaluate_all("els => els.map(e => e.dataset.code)")
+        assert codes == direct.refer_codes
+    if direct.prediction_set is not None:  # the conformal set, in plain words
+        assert page.is_visible("#pset") and FINE_NAMES[direct.prediction_set[0]] in page.inner_text("#pset")
+        assert "prediction set" in page.inner_text("#pset-title")
 
     # CAM overlay toggle.
     assert page.is_enabled("#cam-toggle")

@@ -34,6 +34,8 @@ class _Inputs:
     train_counts: dict[str, int] | None = None
     source: str = ""
     predictor: object = None
+    frame: object = None  # model mode: the evaluated manifest rows (age/sex/site for the subgroup audit)
+    arrays: dict | None = None  # model mode: every Predictor output (incl. nometa_* without metadata)
 
 
 def _train_counts(side) -> dict[str, int] | None:
@@ -107,8 +109,9 @@ def _from_csv(
     return out
 
 
-def _predict_rows(predictor, rows, batch_size: int, use_metadata: bool = True) -> dict:
-    """Predict every manifest row (image plus age/sex/site where present, unless use_metadata is False)."""
+def _predict_rows(predictor, rows, batch_size: int, use_metadata: bool = True, no_meta: bool = False) -> dict:
+    """Predict every manifest row (image plus age/sex/site where present, unless use_metadata is False);
+    with no_meta, also each image without metadata (keys prefixed 'nometa_'), decoded once."""
     import math
 
     import numpy as np
@@ -132,8 +135,15 @@ def _predict_rows(predictor, rows, batch_size: int, use_metadata: bool = True) -
             }
             for r in batch.itertuples()
         ]
-        for k, v in predictor.predict_arrays(images, meta if use_metadata else None).items():
-            parts.setdefault(k, []).append(np.asarray(v))
+        outs = {"": predictor.predict_arrays(images, meta if use_metadata else None)}
+        if no_meta and use_metadata:
+            outs["nometa_"] = predictor.predict_arrays(images, None)
+        for prefix, res in outs.items():
+            for k, v in res.items():
+                if v is not None and k != "refer_codes":
+                    parts.setdefault(prefix + k, []).append(np.asarray(v))
+                elif k == "refer_codes":
+                    parts.setdefault(prefix + k, []).append(np.array(["|".join(c) for c in v], dtype=object))
         typer.echo(f"predicted {min(start + batch_size, len(rows))}/{len(rows)}", err=True)
     return {k: np.concatenate(v) for k, v in parts.items()}
 
@@ -187,7 +197,7 @@ def _from_model(
         )
     if labelled.empty:
         raise EvaluationInputError(f"{manifest}: no labelled images in split {split!r}")
-    arr = _predict_rows(predictor, labelled, cfg.batch_size, use_metadata)
+    arr = _predict_rows(predictor, labelled, cfg.batch_size, use_metadata, no_meta=True)
     truth = np.array([classes.index(c) for c in labelled["diagnosis"]])
     group_col = "group_id" if "group_id" in labelled.columns else "lesion_id"
     return _Inputs(
@@ -204,7 +214,90 @@ def _from_model(
         source=f"model {model or 'release bundle'}, {manifest.name} split {split}"
         + ("" if use_metadata else ", metadata withheld"),
         predictor=predictor,
+        frame=labelled.reset_index(drop=True),
+        arrays=arr,
     )
+
+
+def _condition_tables(name: str, arr: dict, truth, classes, groups, cfg) -> tuple[dict, dict]:
+    """ECE and conformal coverage of one evaluated set, with metadata and without (lesion-level CIs)."""
+    import numpy as np
+
+    from dermlens.evaluate.audit import coverage_with_ci, ece_with_ci
+
+    ece, cov = {}, {}
+    for prefix in ("", "nometa_"):
+        if f"{prefix}probs" not in arr:
+            continue
+        given = prefix == "" and bool(np.asarray(arr.get("has_meta", [True])).any())
+        cond = "meta" if given else "no_meta"
+        if f"{name}/{cond}" in ece:
+            continue  # no image had metadata: both passes are the 'no_meta' condition
+        ece[f"{name}/{cond}"] = ece_with_ci(arr[f"{prefix}probs"], truth, groups, cfg)
+        sets = arr.get(f"{prefix}prediction_sets")
+        if sets is not None:
+            cov[f"{name}/{cond}"] = coverage_with_ci(sets, truth, classes, groups, cfg)
+    return ece, cov
+
+
+def _refer_table(arr: dict) -> dict:
+    """Share of images flagged by each refer reason, and referred at all."""
+    import numpy as np
+
+    keys = ("ood", "not_dermoscopy", "low_confidence", "set_too_large", "refer")
+    return {k: float(np.mean(arr[k])) for k in keys if k in arr}
+
+
+def _trust_block(inputs: _Inputs, split_name: str, external: Path | None, external_split: str, cfg) -> dict:
+    """Calibration per condition, conformal coverage / set sizes, refer reasons and the subgroup audit."""
+    import numpy as np
+
+    from dermlens.evaluate.audit import subgroup_audit
+
+    arr, classes = inputs.arrays, inputs.classes
+    frame = inputs.frame
+    name = f"{frame['dataset'].iloc[0] if 'dataset' in frame.columns else 'manifest'}/{split_name}"
+    ece, cov = _condition_tables(name, arr, inputs.truth, classes, inputs.groups, cfg)
+    from dermlens.trust.clinical_probe import cpu_name
+
+    block: dict = {
+        "model_version": inputs.predictor.card.version,
+        "precision": inputs.predictor.precision,
+        "cpu": cpu_name(),
+        "calibration_conditions": ece,
+        "conformal": cov,
+        "conformal_alpha": getattr(inputs.predictor.trust, "conformal_alpha", None),
+        "refer_reasons": {f"{name}/{'meta' if arr['has_meta'].any() else 'no_meta'}": _refer_table(arr)},
+        "subgroups": subgroup_audit(
+            inputs.frame, arr["probs"], inputs.truth, classes, arr.get("refer"), inputs.groups, cfg
+        ),
+    }
+    if external is not None:
+        ext = _external_rows(external, external_split, classes)
+        ext_arr = _predict_rows(inputs.predictor, ext, cfg.batch_size, no_meta=True)
+        truth = np.array([classes.index(c) for c in ext["diagnosis"]])
+        ext_name = f"{ext['dataset'].iloc[0] if 'dataset' in ext.columns else external.name}/{external_split}"
+        e2, c2 = _condition_tables(ext_name, ext_arr, truth, classes, None, cfg)
+        block["calibration_conditions"].update(e2)
+        block["conformal"].update(c2)
+        cond = "meta" if ext_arr["has_meta"].any() else "no_meta"
+        block["refer_reasons"][f"{ext_name}/{cond}"] = _refer_table(ext_arr)
+        block["external_note"] = (
+            "External labels mapped to the model's classes (ISIC 2017: melanoma -> mel, seborrheic "
+            "keratosis -> bkl, nevus -> nv); rows with another or an unknown label are left out."
+        )
+    return block
+
+
+def _external_rows(manifest: Path, split: str, classes: tuple[str, ...]):
+    """Labelled rows of an external manifest split (diagnosis one of the model's classes)."""
+    from dermlens.data.manifest import read_manifest
+
+    df = read_manifest(manifest)
+    rows = df[(df["split"] == split) & df["diagnosis"].isin(classes)]
+    if rows.empty:
+        raise EvaluationInputError(f"{manifest}: no labelled rows in split {split!r}")
+    return rows.reset_index(drop=True)
 
 
 def _provenance(inputs: _Inputs, manifest: Path | None, split: str, metadata: bool) -> dict:
@@ -258,6 +351,20 @@ def _print_summary(result: dict, paths: list[Path]) -> None:
             table.add_row(metric_label(key), f(iv["value"]), f"[{f(iv['ci_low'])}, {f(iv['ci_high'])}]")
     console = Console()
     console.print(table)
+    trust = result.get("trust") or {}
+    for name, t in trust.get("calibration_conditions", {}).items():
+        cov = trust.get("conformal", {}).get(name)
+        extra = (
+            f"; {1 - trust['conformal_alpha']:.0%} set coverage {f(cov['coverage']['value'])}, "
+            f"mean size {f(cov['mean_set_size']['value'])}"
+            if cov and trust.get("conformal_alpha") is not None
+            else ""
+        )
+        console.print(
+            f"{name}: ECE {f(t['ece']['value'])} [{f(t['ece']['ci_low'])}, {f(t['ece']['ci_high'])}]{extra}"
+        )
+    if trust.get("subgroups"):
+        console.print(f"subgroups flagged: {', '.join(trust['subgroups']['flagged']) or 'none'}")
     for p in paths:
         console.print(f"wrote {p}")
     console.print(Panel(DISCLAIMER, title="Disclaimer", border_style="red"))
@@ -324,6 +431,17 @@ def evaluate(
         int | None, typer.Option("--n-bootstrap", min=1, help="Bootstrap resamples (default from config).")
     ] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Bootstrap seed.")] = None,
+    external: Annotated[
+        Path | None,
+        typer.Option(
+            "--external",
+            help="Model mode: a prepared external manifest (e.g. work/isic2017) whose --external-split is "
+            "also scored for calibration per condition and conformal coverage.",
+        ),
+    ] = None,
+    external_split: Annotated[
+        str, typer.Option("--external-split", help="Split of --external to score (its test split).")
+    ] = "test",
     metadata: Annotated[
         bool,
         typer.Option("--metadata/--no-metadata", help="Model mode: give age/sex/site, or withhold them all."),
@@ -350,7 +468,7 @@ def evaluate(
     import yaml
 
     from dermlens.bundle import BundleError
-    from dermlens.evaluate import EvaluateConfig, evaluate_arrays
+    from dermlens.evaluate import EvaluateConfig, evaluate_arrays, json_safe
     from dermlens.evaluate.isic_csv import PredictionFileError
     from dermlens.evaluate.report import ReportInputs, worst_misclassifications, write_outputs
     from dermlens.preprocess import ImageDecodeError
@@ -392,6 +510,10 @@ def evaluate(
             refer=inputs.refer,
             config=cfg,
         )
+        if inputs.arrays is not None:
+            result["trust"] = json_safe(_trust_block(inputs, split, external, external_split, cfg))
+        elif external is not None:
+            raise EvaluationInputError("--external needs model mode (--manifest)")
         gallery = (
             worst_misclassifications(
                 inputs.probs,

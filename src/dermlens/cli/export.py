@@ -25,6 +25,14 @@ def export(
         Path | None, typer.Option("--config", "-c", help="YAML overriding configs/export.yaml sections")
     ] = None,
     threads: Annotated[int, typer.Option(help="torch threads for the parity check (0 = all cores)")] = 0,
+    external: Annotated[
+        Path | None,
+        typer.Option(
+            "--external",
+            help="prepared external manifest (e.g. work/isic2017): its train split joins the choice and fit "
+            "of calibration per condition",
+        ),
+    ] = None,
 ) -> None:
     """Export a model to ONNX (fp32 + int8), fit calibration/OOD/refer on val, and write card.json."""
     import torch
@@ -32,6 +40,7 @@ def export(
     from dermlens.bundle import BundleError
     from dermlens.data.manifest import DataError
     from dermlens.model.export import ExportError, export_bundle, export_config, find_checkpoint
+    from dermlens.trust.refit import RefitError
 
     if (run is None) == (checkpoint is None):
         typer.echo("error: give exactly one of --run RUN_DIR or --checkpoint CKPT", err=True)
@@ -41,9 +50,14 @@ def export(
     try:
         ckpt = checkpoint if checkpoint is not None else find_checkpoint(run)
         card = export_bundle(
-            ckpt, manifest, out, export_config(config), log=lambda m: typer.echo(m, err=True)
+            ckpt,
+            manifest,
+            out,
+            export_config(config),
+            log=lambda m: typer.echo(m, err=True),
+            external=external,
         )
-    except (ExportError, DataError, BundleError, FileNotFoundError) as e:
+    except (ExportError, DataError, BundleError, RefitError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     _write_monitor_reference(out, manifest)

@@ -17,6 +17,7 @@ from dermlens.cli import records as records_cli
 from dermlens.cli import release as release_cli
 from dermlens.cli import serve as serve_cli
 from dermlens.cli import train as train_cli
+from dermlens.cli import trust as trust_cli
 from dermlens.cli import tune as tune_cli
 
 app = typer.Typer(
@@ -41,6 +42,7 @@ app.command("tune")(tune_cli.tune)
 app.command("ensemble")(ensemble_cli.ensemble)
 app.command("distill")(distill_cli.distill)
 app.add_typer(release_cli.app, name="release")
+app.add_typer(trust_cli.app, name="trust")
 
 
 @app.command()

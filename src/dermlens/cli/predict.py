@@ -163,7 +163,9 @@ def predict(
         flag = f"  REFER: {r['refer_reason']}" if r["refer"] else ""
         typer.echo(
             f"{r['path']}: {r['top']} {r['confidence']:.3f}  p_malignant {r['p_malignant']:.3f}  "
-            f"ood_score {r['ood_score']:.4g}{flag}"
+            f"ood_score {r['ood_score']:.4g}"
+            + (f"  set {{{r['prediction_set'].replace('|', ', ')}}}" if r.get("prediction_set") else "")
+            + flag
         )
     failures += summary.failures
     rate = summary.done / summary.seconds if summary.seconds > 0 else 0.0

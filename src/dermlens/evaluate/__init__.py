@@ -69,6 +69,10 @@ class EvaluateConfig:
     gallery_size: int = 12
     row_sum_tolerance: float = 0.01
     batch_size: int = 32
+    subgroup_age_edges: tuple[float, ...] = (30, 45, 60, 75)
+    subgroup_specificity: float = 0.80
+    subgroup_min_images: int = 30
+    subgroup_alpha: float = 0.05
 
     @classmethod
     def load(cls, path: str | Path | None = None, **overrides: object) -> EvaluateConfig:
@@ -84,6 +88,8 @@ class EvaluateConfig:
         values.update({k: v for k, v in overrides.items() if v is not None})
         if "specificity_levels" in values:
             values["specificity_levels"] = tuple(float(x) for x in values["specificity_levels"])
+        if "subgroup_age_edges" in values:
+            values["subgroup_age_edges"] = tuple(float(x) for x in values["subgroup_age_edges"])
         return cls(**values)
 
     @property

@@ -229,6 +229,7 @@ img{max-width:100%;height:auto}
 .gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(270px,1fr));gap:12px}
 figure.g{margin:0;background:#fff;border:1px solid #d6dbe1;border-radius:6px;padding:8px}
 figure.g img{width:100%;margin-bottom:4px}figcaption{font-size:.85em}
+.ci{color:#5b6570;font-size:.85em}.flag{color:#b3261e}
 .note{color:#4a545e;font-size:.9em;max-width:980px}
 footer{margin-top:40px;font-size:.85em;color:#5b6570}
 """
@@ -261,6 +262,16 @@ NOTES = {
     "no-gallery": "No gallery: no misclassified image with a readable image path was given.",
     "isic": "As the ISIC scorer defines them: a class counts as predicted when its own probability is "
     "above 0.5 (not argmax), and an undefined ratio scores 1.0.",
+    "conditions": "The model is used with patient metadata (age, sex, site) and without it; each condition "
+    "has its own calibration parameters, chosen on validation. 'no_meta': the same images predicted with "
+    "every metadata field missing, as for an upload without age/sex/site. External rows: another clinic's "
+    "images (labels mapped to the model's classes). Intervals: lesion-level bootstrap.",
+    "refer-reasons": "Share of images flagged by each refer reason (an image can have several); "
+    "'referred' is any of them.",
+    "conformal": "A prediction set contains every diagnosis whose calibrated probability is high enough "
+    "for its class-specific (Mondrian) split-conformal threshold, fitted on the validation split, plus "
+    "the top class. Coverage: share of images whose true class is in the set; it should be at least the "
+    "target for every class on exchangeable data, which external data need not be.",
     "methods": "ECE: sum over bins of |accuracy - mean confidence| weighted by the bin's share of images. "
     "Brier: mean over images of the squared distance between the probability vector and the one-hot "
     "truth (0..2). Sensitivity at a specificity: best sensitivity of any threshold meeting that "
@@ -317,6 +328,110 @@ def _training(inputs: ReportInputs) -> str:
     return _fig(png, "training curves") if png else _note(NOTES["no-log"])
 
 
+def _ci_text(iv: dict | None) -> str:
+    if not iv or iv.get("value") is None:
+        return "n/a"
+    return (
+        f'{_fmt(iv["value"])} <span class="ci">[{_fmt(iv.get("ci_low"))}, {_fmt(iv.get("ci_high"))}]</span>'
+    )
+
+
+def _table(head: list[str], rows: list[list[str]]) -> str:
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
+    return f'<div class="scroll"><table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table></div>'
+
+
+def _conditions_html(trust: dict) -> str:
+    rows = [
+        [html.escape(name), str(t["n_images"]), _ci_text(t.get("ece")), _ci_text(t.get("accuracy"))]
+        for name, t in trust.get("calibration_conditions", {}).items()
+    ]
+    refer = trust.get("refer_reasons", {})
+    ref_rows = [
+        [html.escape(name)]
+        + [_fmt(r.get(k)) for k in ("ood", "not_dermoscopy", "low_confidence", "set_too_large", "refer")]
+        for name, r in refer.items()
+    ]
+    return (
+        _table(["condition", "images", "ECE (95% CI)", "accuracy"], rows)
+        + _note(NOTES["conditions"])
+        + (
+            _table(["set", "OOD", "not dermoscopy", "low confidence", "set too large", "referred"], ref_rows)
+            + _note(NOTES["refer-reasons"])
+            if ref_rows
+            else ""
+        )
+    )
+
+
+def _conformal_html(trust: dict) -> str:
+    alpha = trust.get("conformal_alpha")
+    parts = []
+    for name, t in trust.get("conformal", {}).items():
+        rows = [["all", str(t["n_images"]), _ci_text(t["coverage"]), _ci_text(t["mean_set_size"])]]
+        rows += [
+            [html.escape(c), str(v["n"]), _ci_text(v["coverage"]), _ci_text(v["mean_set_size"])]
+            for c, v in t["per_class"].items()
+        ]
+        parts.append(
+            f"<h3>{html.escape(name)}</h3>"
+            + _table(["true class", "images", "coverage", "mean set size"], rows)
+        )
+    target = f"Target coverage {1 - alpha:.0%} per class. " if alpha is not None else ""
+    return "".join(parts) + _note(target + NOTES["conformal"])
+
+
+def _subgroups_html(sub: dict) -> str:
+    names = {
+        "balanced_accuracy": "BA",
+        "mel_sensitivity": f"mel sens @ {sub['specificity']:.0%} spec",
+        "ece": "ECE",
+        "refer_rate": "refer rate",
+    }
+    rows = []
+    for r in sub["rows"]:
+        cells = [
+            html.escape(r["attribute"]),
+            html.escape(str(r["group"])),
+            str(r["n_images"]),
+            str(r["n_lesions"]),
+            str(r["n_melanoma"]),
+        ]
+        for k in names:
+            m = r["metrics"].get(k)
+            cell = _ci_text(m) if m else "n/a"
+            if m and m.get("flag"):
+                p_holm = f'<span class="ci">p<sub>Holm</sub>={m["p_holm"]:.3g}</span>'
+                cell = f'<b class="flag">{cell} &#9873;</b> {p_holm}'
+            cells.append(cell)
+        rows.append(cells)
+    flagged = ", ".join(html.escape(f) for f in sub["flagged"]) or "none"
+    note = (
+        f"Flagged (differs from the rest of the images at family-wise error {sub['alpha']:.0%}): {flagged}. "
+        f"Test: {html.escape(sub['test'])}; {sub['n_tests']} tests; groups under {sub['min_images']} images "
+        "are listed but not tested. Melanoma sensitivity is read at the threshold giving the stated "
+        "specificity within the group."
+    )
+    head = ["attribute", "group", "images", "lesions", "melanomas", *names.values()]
+    return _table(head, rows) + _note(note)
+
+
+def _trust_sections(result: dict) -> list[tuple[str, str, str]]:
+    """Report sections for the trust block (model-driven evaluation only)."""
+    trust = result.get("trust")
+    if not trust:
+        return []
+    out = [("calibration-conditions", "Calibration per condition of use", _conditions_html(trust))]
+    if trust.get("conformal"):
+        out.append(("conformal", "Conformal prediction sets: coverage and size", _conformal_html(trust)))
+    if trust.get("subgroups"):
+        out.append(
+            ("subgroups", "Subgroup audit (sex, age band, body site)", _subgroups_html(trust["subgroups"]))
+        )
+    return out
+
+
 def render_html(result: dict, inputs: ReportInputs) -> str:
     """The report as one HTML string with every figure embedded."""
     from dermlens.evaluate import plots
@@ -365,6 +480,7 @@ def render_html(result: dict, inputs: ReportInputs) -> str:
             f'<div class="scroll">{_class_table(result["isic_per_class"], ISIC_PER_CLASS)}</div>'
             + _note(NOTES["isic"]),
         ),
+        *_trust_sections(result),
         ("methods", "Definitions", _note(html.escape(methods + NOTES["methods"]))),
     ]
     body = "".join(_section(*s) for s in sections)

@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from dermlens import DISCLAIMER, __version__
-from dermlens.bundle import CARD, ONNX_FP32, ONNX_INT8, TORCH_WEIGHTS, TRUST, ModelCard, write_card
+from dermlens.bundle import CARD, ONNX_FP32, ONNX_INT8, TORCH_WEIGHTS, TRUST, ModelCard, read_card, write_card
 from dermlens.data.taxonomy import COARSE_CLASSES, UNKNOWN, coarse_label
 from dermlens.metadata import META_DIM, META_FIELDS, encode_rows, missing_vector
 from dermlens.model.network import DermNet, build_network
@@ -529,6 +529,7 @@ def export_bundle(
     cfg: dict[str, Any] | None = None,
     log: Callable[[str], None] = print,
     loaded: LoadedModel | None = None,
+    external: str | Path | None = None,
 ) -> dict[str, Any]:
     """Checkpoint (or an already `loaded` model, e.g. an ensemble) + prepared data -> bundle (model.onnx,
     model.int8.onnx, trust.npz, model.pt, card.json)."""
@@ -669,4 +670,9 @@ def export_bundle(
     }
     write_card(out, card)
     log(f"wrote {out / CARD}")
+    if t.get("shift_fit", True):
+        from dermlens.trust.refit import refit_bundle
+
+        refit_bundle(out, data_dir, external or t.get("external_manifest"), log=log)
+        card = read_card(out)
     return card.to_dict()

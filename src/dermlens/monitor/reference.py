@@ -106,7 +106,9 @@ def build_reference(
     ]
     top, conf, ood, refer = [], [], [], []
     for s in range(0, len(rows), batch_size):
-        r = predictor.predict_arrays(np.asarray(images[rows[s : s + batch_size]]), meta[s : s + batch_size])
+        r = predictor.predict_arrays(
+            np.asarray(images[rows[s : s + batch_size]]), meta[s : s + batch_size], prepared=True
+        )
         top += [predictor.classes[i] for i in r["top"]]
         conf += [round(float(v), 6) for v in r["confidence"]]
         ood += [round(float(v), 4) for v in r["ood_score"]]

@@ -8,7 +8,6 @@ full, 503 with Retry-After.
 """
 
 import base64
-import dataclasses
 import hashlib
 import hmac
 import logging
@@ -312,7 +311,7 @@ class Service:
         self.limiter = anyio.CapacityLimiter(settings.inference.max_concurrent)
         self.memory = MemoryBudget(settings.limits.memory_budget_bytes)
         # Model-size resize only: colour constancy (if any) is applied once, by predict_arrays.
-        self.geometry = dataclasses.replace(predictor.prep, color_constancy="none")
+        self.geometry = predictor.prep.geometry
         b = settings.inference.batching
         self.batcher = (
             DynamicBatcher(predictor, b.max_batch, b.max_wait_ms, b.max_queue) if b.enabled else None
@@ -422,7 +421,13 @@ class Service:
             top_class_name=FINE_NAMES.get(r.top, r.top),
             confidence=r.confidence,
             ood=schemas.OODInfo(score=r.ood_score, flagged=r.ood),
-            refer=schemas.ReferInfo(refer=r.refer, reason=r.refer_reason),
+            refer=schemas.ReferInfo(refer=r.refer, reason=r.refer_reason, codes=r.refer_codes),
+            prediction_set=None
+            if r.prediction_set is None
+            else schemas.PredictionSetInfo(
+                classes=r.prediction_set, coverage=r.set_coverage, condition=r.calibration_condition
+            ),
+            not_dermoscopy=schemas.NotDermoscopyInfo(score=r.not_dermoscopy_score, flagged=r.not_dermoscopy),
             model_name=self.predictor.card.name,
             model_version=r.model_version,
             precision=r.precision,

@@ -16,7 +16,7 @@ import numpy as np
 
 from dermlens.data.taxonomy import HAM_CLASSES, ISIC2018_COLUMNS
 from dermlens.preprocess import ImageDecodeError, load_rgb
-from dermlens.serve.runtime import Predictor, cpu_count, refer_reasons
+from dermlens.serve.runtime import Predictor, cpu_count, refer_reasons, set_labels
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".dcm", ".dicom"}
@@ -217,6 +217,8 @@ def prediction_header(classes: tuple[str, ...]) -> list[str]:
         "ood",
         "refer",
         "refer_reason",
+        "prediction_set",
+        "refer_codes",
     ]
 
 
@@ -244,14 +246,14 @@ def _decoded(
         it = iter(items)
         try:
             for item in it:
-                queue.append((item, pool.submit(_decode, item, predictor.prep.resize, keep)))
+                queue.append((item, pool.submit(_decode, item, predictor.prep.geometry.resize, keep)))
                 if len(queue) >= window:
                     break
             while queue:
                 item, fut = queue.popleft()
                 nxt = next(it, None)
                 if nxt is not None:
-                    queue.append((nxt, pool.submit(_decode, nxt, predictor.prep.resize, keep)))
+                    queue.append((nxt, pool.submit(_decode, nxt, predictor.prep.geometry.resize, keep)))
                 try:
                     yield item, fut.result()
                 except ImageDecodeError as e:
@@ -349,7 +351,8 @@ def _reason(err: Exception, path: Path) -> str:
 
 
 def _rows(predictor: Predictor, items: list[Item], res: dict[str, Any]) -> list[dict[str, Any]]:
-    reasons = refer_reasons(res["ood"], res["low_confidence"])
+    reasons = refer_reasons(res["ood"], res["low_confidence"], res.get("refer_codes"))
+    sets = set_labels(res.get("prediction_sets"), res["probs"], predictor.classes)
     return [
         {
             "image_id": it.image_id,
@@ -362,6 +365,8 @@ def _rows(predictor: Predictor, items: list[Item], res: dict[str, Any]) -> list[
             "ood": bool(res["ood"][i]),
             "refer": bool(res["refer"][i]),
             "refer_reason": reasons[i] or "",
+            "prediction_set": "|".join(sets[i] or []),
+            "refer_codes": "|".join(res["refer_codes"][i]) if "refer_codes" in res else "",
         }
         for i, it in enumerate(items)
     ]
@@ -379,4 +384,6 @@ def _csv_row(r: dict[str, Any], classes: tuple[str, ...]) -> list[str]:
         str(r["ood"]).lower(),
         str(r["refer"]).lower(),
         r["refer_reason"],
+        r["prediction_set"],
+        r["refer_codes"],
     ]

@@ -106,7 +106,7 @@ def decode_row(row: dict[str, Any], prep: dict[str, Any]) -> dict[str, Any]:
     prep = Preprocessing.from_dict(prep)
     height, width = prep.height, prep.width
     try:
-        row["image"], row["error"] = prep.resize(load_rgb(row["path"])), ""
+        row["image"], row["error"] = prep.geometry.resize(load_rgb(row["path"])), ""  # CC: predict_arrays
     except ImageDecodeError as e:
         row["image"], row["error"] = np.zeros((height, width, 3), np.uint8), _reason(e, Path(row["path"]))
     except Exception as e:  # noqa: BLE001 - any decoder crash is one failed file, as in run_batch

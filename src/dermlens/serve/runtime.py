@@ -105,6 +105,15 @@ def encode_meta(meta: list[dict[str, Any] | None] | None, n: int) -> np.ndarray:
     return np.stack([encode_metadata(**_meta_fields(m)) for m in meta]).astype(np.float32)
 
 
+def meta_given(meta: list[dict[str, Any] | None] | None, n: int) -> np.ndarray:
+    """Per image: True when any of age, sex, site was given (selects the 'meta' calibration condition)."""
+    if meta is None:
+        return np.zeros(n, bool)
+    return np.array(
+        [any(v is not None and str(v).strip() != "" for v in _meta_fields(m).values()) for m in meta], bool
+    )
+
+
 def _meta_fields(m: dict[str, Any] | None) -> dict[str, Any]:
     m = m or {}
     return {"age": m.get("age"), "sex": m.get("sex"), "site": m.get("site")}
@@ -126,6 +135,12 @@ class PredictResult:
     model_version: str
     precision: str
     timing_ms: dict[str, float] = field(default_factory=dict)
+    refer_codes: list[str] = field(default_factory=list)  # machine-readable: ood, not_dermoscopy, ...
+    prediction_set: list[str] | None = None  # conformal set, most probable first; None if not fitted
+    set_coverage: float | None = None  # the set's target coverage (1 - alpha)
+    not_dermoscopy: bool = False
+    not_dermoscopy_score: float | None = None
+    calibration_condition: str = "meta"  # "meta" (age/sex/site given) or "no_meta"
     image_size: tuple[int, int] | None = None  # (width, height) of the decoded input
     cam_png: bytes | None = None
 
@@ -137,15 +152,27 @@ class PredictResult:
         return d
 
 
-def refer_reasons(ood: np.ndarray, low_confidence: np.ndarray) -> list[str | None]:
-    """Human-readable reason per image for the refer flag, None when not referred."""
-    out: list[str | None] = []
-    for o, lc in zip(np.asarray(ood, bool), np.asarray(low_confidence, bool), strict=True):
-        parts = (["does not look like a dermoscopic lesion image (out of distribution)"] if o else []) + (
-            ["low confidence"] if lc else []
-        )
-        out.append("; ".join(parts) or None)
-    return out
+def refer_reasons(
+    ood: np.ndarray, low_confidence: np.ndarray, codes: list[list[str]] | None = None
+) -> list[str | None]:
+    """Plain-words reason per image for the refer flag (from the reason codes when given), None when not
+    referred."""
+    from dermlens.trust.selective import refer_message
+
+    if codes is None:
+        flags = {"ood": np.asarray(ood, bool), "low_confidence": np.asarray(low_confidence, bool)}
+        codes = [[k for k, f in flags.items() if f[i]] for i in range(len(flags["ood"]))]
+    return [refer_message(c) for c in codes]
+
+
+def set_labels(
+    sets: np.ndarray | None, probs: np.ndarray, classes: tuple[str, ...]
+) -> list[list[str] | None]:
+    """Class codes of each image's prediction set, most probable first (None per image without sets)."""
+    if sets is None:
+        return [None] * len(probs)
+    order = np.argsort(-np.asarray(probs), axis=1, kind="stable")
+    return [[classes[j] for j in row if s[j]] for row, s in zip(order, np.asarray(sets, bool), strict=True)]
 
 
 class Predictor:
@@ -221,30 +248,36 @@ class Predictor:
         meta: list[dict[str, Any] | None] | None = None,
         cam: bool = False,
         tta: bool | None = None,
+        prepared: bool = False,
     ) -> dict[str, Any]:
-        """Score decoded RGB uint8 HxWx3 images of any size (meta: dicts of age/sex/site, or None).
+        """Score decoded RGB uint8 HxWx3 images of any size (meta: dicts of age/sex/site, or None);
+        prepared=True: the images are already model input (e.g. a cache built with the bundle's
+        preprocessing), so resizing and colour constancy are not applied again.
 
-        Returns numpy arrays: probs [N,C] (calibrated), probs_uncalibrated, coarse_probs [N,2], malignant [N]
-        (calibrated coarse head), top [N] class index, confidence [N], ood_score [N] (higher = less like
-        dermoscopy), ood, low_confidence and refer [N] bool, embedding [N,D]; plus cam (list of [h,w]
-        heat maps in 0..1 for the top class) when cam=True. tta=None follows the card.
+        Returns numpy arrays: probs [N,C] (calibrated for the image's condition: metadata given or not),
+        probs_uncalibrated, coarse_probs [N,2], malignant [N] (calibrated coarse head), top [N] class index,
+        confidence [N], ood_score [N] (higher = less like dermoscopy), not_dermoscopy_score [N] (or None),
+        prediction_sets [N,C] bool (conformal; None if the bundle has none), the refer flags ood,
+        not_dermoscopy, low_confidence, set_too_large and refer [N] bool, refer_codes (list of reason
+        codes per image), has_meta [N], embedding [N,D]; plus cam (list of [h,w] heat maps in 0..1 for
+        the top class) when cam=True. tta=None follows the card.
         """
-        from dermlens.trust import selective
         from dermlens.trust.calibration import softmax
 
-        batch = self.prepare(list(images))
+        batch = np.asarray(images, dtype=np.uint8) if prepared else self.prepare(list(images))
         n, tta = len(batch), self.card.tta if tta is None else tta
         if n == 0:
             raise ValueError("predict_arrays needs at least one image")
         m = encode_meta(meta, n) if self.card.uses_metadata else np.zeros((n, META_DIM), np.float32)
+        has_meta = meta_given(meta, n)
         out = self._forward(batch, m, feature_map=cam)
         state = self.trust
-        probs = softmax(out["fine_logits"], state.temperature_fine)
-        coarse = softmax(out["coarse_logits"], state.temperature_coarse)
+        coarse, tta_probs = softmax(out["coarse_logits"], state.temperature_coarse), None
         if tta:  # average calibrated probabilities over the views with the TTA temperatures
             fine_v, coarse_v = self.view_logits(batch, m, out)
-            probs, coarse = state.tta_probs(fine_v, "fine"), state.tta_probs(coarse_v, "coarse")
-        score = state.ood_score(out["fine_logits"], out["embedding"])
+            tta_probs, coarse = state.tta_probs(fine_v, "fine"), state.tta_probs(coarse_v, "coarse")
+        d = state.decide(out["fine_logits"], out["embedding"], has_meta, probs=tta_probs)
+        probs = d["probs"]
         conf = probs.max(axis=1)
         result: dict[str, Any] = {
             "probs": probs,
@@ -253,10 +286,16 @@ class Predictor:
             "malignant": coarse[:, self.malignant_index],
             "top": probs.argmax(axis=1),
             "confidence": conf,
-            "ood_score": score,
-            "ood": score > state.ood_threshold,
-            "low_confidence": conf < state.min_confidence,
-            "refer": selective.refer_decision(probs, score, state),
+            "ood_score": d["ood_score"],
+            "ood": d["ood"],
+            "not_dermoscopy_score": d["not_dermoscopy_score"],
+            "not_dermoscopy": d["not_dermoscopy"],
+            "low_confidence": d["low_confidence"],
+            "set_too_large": d["set_too_large"],
+            "prediction_sets": d["sets"],
+            "refer": d["refer"],
+            "refer_codes": d["refer_codes"],
+            "has_meta": has_meta,
             "embedding": out["embedding"],
         }
         if cam:
@@ -309,6 +348,8 @@ class Predictor:
     ) -> PredictResult:
         """Image `i` of a predict_arrays() result as a PredictResult (size: the input's width, height)."""
         top = int(r["top"][i])
+        nd = r["not_dermoscopy_score"]
+        alpha = self.trust.conformal_alpha
         return PredictResult(
             fine={c: float(p) for c, p in zip(self.classes, r["probs"][i], strict=True)},
             coarse={c: float(p) for c, p in zip(self.coarse_classes, r["coarse_probs"][i], strict=True)},
@@ -318,10 +359,18 @@ class Predictor:
             ood_score=float(r["ood_score"][i]),
             ood=bool(r["ood"][i]),
             refer=bool(r["refer"][i]),
-            refer_reason=refer_reasons(r["ood"][i : i + 1], r["low_confidence"][i : i + 1])[0],
+            refer_reason=refer_reasons(
+                r["ood"][i : i + 1], r["low_confidence"][i : i + 1], r["refer_codes"][i : i + 1]
+            )[0],
             model_version=self.version,
             precision=self.precision,
             timing_ms=timing,
+            refer_codes=list(r["refer_codes"][i]),
+            prediction_set=set_labels(r["prediction_sets"], r["probs"], self.classes)[i],
+            set_coverage=None if r["prediction_sets"] is None or alpha is None else 1.0 - alpha,
+            not_dermoscopy=bool(r["not_dermoscopy"][i]),
+            not_dermoscopy_score=None if nd is None else float(nd[i]),
+            calibration_condition="meta" if r["has_meta"][i] else "no_meta",
             image_size=size,
             cam_png=cam_png,
         )

@@ -74,7 +74,25 @@ class OODInfo(BaseModel):
 
 class ReferInfo(BaseModel):
     refer: bool = Field(description="True: refer to a dermatologist")
-    reason: str | None
+    reason: str | None = Field(description="Why, in plain words (None when not referred)")
+    codes: list[str] = Field(
+        default_factory=list,
+        description="Machine-readable reasons: ood, not_dermoscopy, low_confidence, set_too_large",
+    )
+
+
+class PredictionSetInfo(BaseModel):
+    """Conformal prediction set: contains the true diagnosis with probability >= coverage, for each
+    diagnosis on its own (class-conditional split-conformal, calibrated on the validation split)."""
+
+    classes: list[str] = Field(description="Diagnosis codes in the set, most probable first")
+    coverage: float = Field(description="Target coverage, e.g. 0.9")
+    condition: str = Field(description="Calibration condition used: meta (age/sex/site given) or no_meta")
+
+
+class NotDermoscopyInfo(BaseModel):
+    score: float | None = Field(description="Not-dermoscopy head logit (higher = more like a clinical photo)")
+    flagged: bool = Field(description="True: the image looks like a clinical/phone photo, not dermoscopy")
 
 
 class Prediction(BaseModel):
@@ -91,6 +109,10 @@ class Prediction(BaseModel):
     confidence: float = Field(description="Calibrated probability of the top class")
     ood: OODInfo
     refer: ReferInfo
+    prediction_set: PredictionSetInfo | None = Field(
+        None, description="Conformal prediction set (None if the model bundle has no conformal thresholds)"
+    )
+    not_dermoscopy: NotDermoscopyInfo | None = None
     model_name: str
     model_version: str
     precision: str = Field(description="fp32 or int8 ONNX graph")

@@ -46,8 +46,17 @@ class TrustState:
     knn_bank: np.ndarray | None = None  # [M, D] float16
     cam_weight: np.ndarray | None = None  # [C, D]
     info: dict[str, Any] = field(default_factory=dict)  # fit provenance and validation figures
+    # ---- calibration per condition, conformal sets, not-dermoscopy head (trust.refit) ----------------
+    calibration_method: str = "temperature"
+    calibration: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # condition -> {w, b}
+    conformal_alpha: float | None = None
+    conformal_thresholds: dict[str, list[float]] = field(default_factory=dict)  # condition -> q_c [C]
+    clinical_weight: np.ndarray | None = None  # [D] not-dermoscopy logistic head on the L2 embedding
+    clinical_bias: float = 0.0
+    clinical_threshold: float = float("inf")
+    max_set_size: int = 0  # refer when the prediction set has at least this many classes (0 = never)
 
-    _ARRAYS = ("class_means", "precision", "knn_bank", "cam_weight")
+    _ARRAYS = ("class_means", "precision", "knn_bank", "cam_weight", "clinical_weight")
 
     # ---- scoring -------------------------------------------------------------------------------------
     def score(self, method: str, fine_logits: np.ndarray, embedding: np.ndarray | None = None) -> np.ndarray:
@@ -81,6 +90,76 @@ class TrustState:
         if t is None:
             t = self.temperature_fine if head == "fine" else self.temperature_coarse
         return mean_softmax(view_logits, t)
+
+    def calibrated(self, fine_logits: np.ndarray, has_meta: np.ndarray | None = None) -> np.ndarray:
+        """Calibrated fine probabilities, each image with its condition's parameters (metadata given or
+        not); the single fine temperature when no per-condition calibration was fitted."""
+        if not self.calibration:
+            return softmax(fine_logits, self.temperature_fine)
+        from dermlens.trust.scaling import calibrate
+
+        n = len(fine_logits)
+        cond = np.ones(n, bool) if has_meta is None else np.asarray(has_meta, bool)
+        return calibrate(fine_logits, cond, self.calibration)
+
+    def prediction_sets(self, probs: np.ndarray, has_meta: np.ndarray | None = None) -> np.ndarray | None:
+        """Conformal prediction sets [N, C] bool (Mondrian, coverage 1 - alpha), or None if not fitted."""
+        if not self.conformal_thresholds:
+            return None
+        from dermlens.trust.conformal import prediction_sets
+
+        probs = np.asarray(probs, dtype=np.float64)
+        cond = np.ones(len(probs), bool) if has_meta is None else np.asarray(has_meta, bool)
+        out = np.zeros(probs.shape, bool)
+        for name, sel in (("meta", cond), ("no_meta", ~cond)):
+            if sel.any():
+                q = self.conformal_thresholds.get(name) or self.conformal_thresholds["meta"]
+                out[sel] = prediction_sets(probs[sel], np.asarray(q))
+        return out
+
+    def not_dermoscopy_score(self, embedding: np.ndarray | None) -> np.ndarray | None:
+        """Logit of the not-dermoscopy head (higher = more like a clinical photo), None if not fitted."""
+        if self.clinical_weight is None or embedding is None:
+            return None
+        from dermlens.trust.clinical import score
+
+        return score(embedding, self.clinical_weight, self.clinical_bias)
+
+    def decide(
+        self,
+        fine_logits: np.ndarray,
+        embedding: np.ndarray | None = None,
+        has_meta: np.ndarray | None = None,
+        probs: np.ndarray | None = None,
+    ) -> dict[str, Any]:
+        """Everything the refer rule uses for a batch: calibrated probs, prediction sets, the four flags
+        (OOD, not dermoscopy, low confidence, set too large), refer and the reason codes per image.
+        `probs` overrides the calibrated probabilities (e.g. TTA-averaged ones)."""
+        probs = self.calibrated(fine_logits, has_meta) if probs is None else np.asarray(probs, np.float64)
+        score = self.ood_score(fine_logits, embedding)
+        sets = self.prediction_sets(probs, has_meta)
+        nd = self.not_dermoscopy_score(embedding)
+        n = len(probs)
+        flags = {
+            "ood": score > self.ood_threshold,
+            "not_dermoscopy": np.zeros(n, bool) if nd is None else nd > self.clinical_threshold,
+            "low_confidence": probs.max(axis=1) < self.min_confidence,
+            "set_too_large": np.zeros(n, bool)
+            if sets is None or self.max_set_size <= 0
+            else sets.sum(axis=1) >= self.max_set_size,
+        }
+        refer = np.zeros(n, bool)
+        for f in flags.values():
+            refer |= f
+        return {
+            "probs": probs,
+            "ood_score": score,
+            "not_dermoscopy_score": nd,
+            "sets": sets,
+            **flags,
+            "refer": refer,
+            "refer_codes": selective.refer_codes(flags),
+        }
 
     def ood_score(self, fine_logits: np.ndarray, embedding: np.ndarray | None = None) -> np.ndarray:
         """Score of the default method."""
@@ -128,9 +207,33 @@ class TrustState:
             "ood": self.card_fields(),
             "refer": {
                 "min_confidence": self.min_confidence,
-                "rule": "ood_score > threshold or p_max < min_confidence",
+                "max_set_size": self.max_set_size,
+                "not_dermoscopy_threshold": self.clinical_threshold
+                if np.isfinite(self.clinical_threshold)
+                else None,
+                "rule": selective.RULE,
             },
+            **self.shift_sections(),
         }
+
+    def shift_sections(self) -> dict[str, Any]:
+        """card.json sections of the per-condition calibration, conformal sets and not-dermoscopy head."""
+        out: dict[str, Any] = {}
+        if self.calibration:
+            out["calibration"] = {"method": self.calibration_method, "conditions": self.calibration}
+        if self.conformal_thresholds:
+            out["conformal"] = {
+                "alpha": self.conformal_alpha,
+                "coverage": None if self.conformal_alpha is None else 1.0 - self.conformal_alpha,
+                "score": "1 - p_class (LAC), Mondrian by true class, split-conformal on validation",
+                "thresholds": self.conformal_thresholds,
+            }
+        if self.clinical_weight is not None:
+            out["not_dermoscopy"] = {
+                "head": "logistic regression on the L2-normalized embedding",
+                "threshold": self.clinical_threshold,
+            }
+        return out
 
     def save(self, path: str | Path) -> Path:
         """Write trust.npz (arrays + a JSON header); returns the path."""

@@ -113,14 +113,56 @@ function oodText(score) {
   return ` · OOD score ${fmt(score)}` + (typeof thr === "number" ? ` (refused above ${fmt(thr)})` : "");
 }
 
-function render(r) {
-  const refused = r.ood.flagged;
-  show($("ood-warning"), refused);
+// Plain-words explanation of each machine-readable refer reason the API returns.
+const REFER_TEXT = {
+  ood: "The image does not look like the dermoscopic lesion images the model learned from.",
+  not_dermoscopy: "The image looks like an ordinary clinical or phone photo, not a dermoscopy image.",
+  low_confidence: "The model is not confident enough in its most likely diagnosis.",
+  set_too_large: (r) =>
+    `Too many diagnoses remain possible: to be ${pct(r.prediction_set ? r.prediction_set.coverage : 0.9)} ` +
+    `sure of including the right one, the model needs ${r.prediction_set ? r.prediction_set.classes.length : "several"} diagnoses.`,
+};
+
+function renderRefer(r, refused) {
+  const codes = r.refer.codes || [];
   show($("refer-warning"), r.refer.refer && !refused);
+  const list = $("refer-list");
+  list.replaceChildren();
+  for (const code of codes) {
+    const t = REFER_TEXT[code];
+    if (!t) continue;
+    const li = document.createElement("li");
+    li.textContent = typeof t === "function" ? t(r) : t;
+    li.dataset.code = code;
+    list.appendChild(li);
+  }
   const reason = r.refer.reason || "";
-  $("refer-reason").textContent = reason
-    ? `This result should not be relied on: ${reason}.`
-    : "The model flags this image for expert review.";
+  $("refer-reason").textContent = codes.length
+    ? "This result should not be relied on:"
+    : reason
+      ? `This result should not be relied on: ${reason}.`
+      : "The model flags this image for expert review.";
+}
+
+function renderSet(r) {
+  const ps = r.prediction_set;
+  show($("pset"), !!ps);
+  if (!ps) return;
+  $("pset-title").textContent = `${pct(ps.coverage)} prediction set`;
+  $("pset-classes").textContent = ps.classes.map((c) => className(c)).join(", ");
+  $("pset-note").textContent =
+    `The right diagnosis is among these ${ps.classes.length} with about ${pct(ps.coverage)} probability, ` +
+    "for each diagnosis on its own (conformal prediction, checked on held-out images)." +
+    (ps.condition === "no_meta" ? " Calibrated for images without age, sex or body site." : "");
+}
+
+function render(r) {
+  const notDerm = !!(r.not_dermoscopy && r.not_dermoscopy.flagged);
+  const refused = r.ood.flagged || notDerm;
+  show($("ood-warning"), r.ood.flagged);
+  show($("not-dermoscopy-warning"), notDerm && !r.ood.flagged);
+  renderRefer(r, refused);
+  renderSet(r);
   show($("scores"), !refused);
 
   $("top-class").textContent = r.top_class_name;

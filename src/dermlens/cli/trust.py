@@ -1,0 +1,104 @@
+"""`dermlens trust fit` (re)fits calibration per condition, conformal sets and the not-dermoscopy head on an
+existing bundle; `dermlens trust probe` measures the not-dermoscopy refusal on the proxy probe.
+
+Heavy imports happen inside the commands.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(help="Trust statistics of a model bundle: fit and measure.", no_args_is_help=True)
+
+
+def _write(out: Path | None, report: dict) -> None:
+    if out is None:
+        return
+    from dermlens.evaluate import json_safe
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(json_safe(report), indent=2) + "\n")
+    typer.echo(f"wrote {out}", err=True)
+
+
+def _fail(e: Exception) -> None:
+    typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2) from None
+
+
+@app.command("fit")
+def fit(
+    bundle: Annotated[Path, typer.Option("--bundle", help="model bundle folder (rewritten in place)")],
+    manifest: Annotated[
+        Path, typer.Option("--manifest", help="prepared HAM10000 folder (val: calibration; train: head)")
+    ] = Path("work/ham10000"),
+    external: Annotated[
+        Path | None,
+        typer.Option(
+            "--external", help="prepared external folder (e.g. work/isic2017); its TRAIN split only"
+        ),
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="also write the fit report JSON here")] = None,
+    threads: Annotated[int, typer.Option(help="onnxruntime threads (0 = all cores)")] = 0,
+) -> None:
+    """Fit calibration per condition (with/without metadata), Mondrian conformal thresholds, the
+    not-dermoscopy head and the refer thresholds into BUNDLE/trust.npz and card.json (a few minutes)."""
+    from dermlens.bundle import BundleError
+    from dermlens.data.manifest import DataError
+    from dermlens.trust.clinical_probe import cpu_name
+    from dermlens.trust.refit import RefitError, refit_bundle
+
+    try:
+        report = refit_bundle(
+            bundle, manifest, external, threads=threads or None, log=lambda m: typer.echo(m, err=True)
+        )
+    except (RefitError, BundleError, DataError, FileNotFoundError, ValueError) as e:
+        _fail(e)
+    report["cpu"] = cpu_name()
+    _write(out, report)
+    cal = report["calibration"]
+    typer.echo(
+        f"calibration {cal['chosen']}; conformal alpha {report['conformal']['alpha']}; "
+        f"val refer rate {report['refer']['val_rates']['refer']:.3f}"
+    )
+
+
+@app.command("probe")
+def probe(
+    bundle: Annotated[Path | None, typer.Option("--bundle", help="model bundle (default: packaged)")] = None,
+    manifest: Annotated[Path, typer.Option("--manifest", help="prepared HAM10000 folder")] = Path(
+        "work/ham10000"
+    ),
+    external: Annotated[
+        Path | None, typer.Option("--external", help="prepared external dermoscopy folder (its test split)")
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="write the probe JSON here")] = None,
+    threads: Annotated[int, typer.Option(help="onnxruntime threads (0 = all cores)")] = 0,
+) -> None:
+    """Not-dermoscopy refusal on the PROXY probe: near-OOD AUROC and the in-distribution refusal rate."""
+    from dermlens.bundle import BundleError, release_dir
+    from dermlens.data.manifest import DataError
+    from dermlens.trust.clinical_probe import measure_not_dermoscopy
+    from dermlens.trust.refit import RefitError
+
+    try:
+        res = measure_not_dermoscopy(
+            bundle or release_dir(),
+            manifest,
+            external,
+            threads=threads or None,
+            log=lambda m: typer.echo(m, err=True),
+        )
+    except (RefitError, BundleError, DataError, FileNotFoundError, ValueError) as e:
+        _fail(e)
+    _write(out, res)
+    ind = res["in_distribution_test"]
+    typer.echo(
+        f"near-OOD AUROC (proxy) {res['near_ood_auroc_not_dermoscopy']:.3f}; in-distribution test refused "
+        f"as not dermoscopy {ind['refused_not_dermoscopy']:.3%} "
+        f"(by OOD or not dermoscopy {ind['refused_either']:.3%})"
+    )
