@@ -67,7 +67,15 @@ class Reference:
                 f"no {REFERENCE_FILE} in {bundle}: run `dermlens monitor-reference --manifest DIR` "
                 "(or re-export the bundle)"
             )
-        return cls(**json.loads(path.read_text()))
+        ref = cls(**json.loads(path.read_text()))
+        card = Path(bundle) / "card.json"
+        version = json.loads(card.read_text()).get("version") if card.is_file() else ref.model_version
+        if version != ref.model_version:
+            raise MissingReference(
+                f"{path} is for model {ref.model_version}, the bundle is {version}: run "
+                "`dermlens monitor-reference --manifest DIR` for this model"
+            )
+        return ref
 
 
 def _decode(paths: Any, rows: np.ndarray, predictor: Any) -> np.ndarray:

@@ -76,9 +76,8 @@ def connect(address: str | None) -> tuple[Any, bool]:
     try:
         if address in (None, "", "local"):
             wait = str(int(cfg["start_timeout_s"]))
-            os.environ.setdefault(
-                "RAY_raylet_start_wait_time_s", wait
-            )  # read by the processes ray.init starts
+            # read by the processes ray.init starts
+            os.environ.setdefault("RAY_raylet_start_wait_time_s", wait)
             os.environ.setdefault("RAY_agent_register_timeout_ms", wait + "000")
             ray.init(
                 num_cpus=int(cfg["local_cpus"] or cpu_count()),
@@ -224,23 +223,12 @@ def _dataset(
     cpus = float(ray.cluster_resources().get("CPU", 1))
     actors = int(cfg["actors"] or max(1, int(cpus // 2)))
     blocks = max(1, min(len(items), actors * int(cfg["blocks_per_actor"])))
-    p = predictor.prep
     ds = ray.data.from_items(_input_rows(items), override_num_blocks=blocks)
-    ds = ds.map(
-        decode_row,
-        fn_kwargs={
-            "height": p.height,
-            "width": p.width,
-            "resample": p.resample,
-            "mean": p.mean,
-            "std": p.std,
-        },
-        num_cpus=float(cfg["decode_cpus"]),
-    )
+    ds = ds.map(decode_row, fn_kwargs={"prep": predictor.prep.to_dict()}, num_cpus=float(cfg["decode_cpus"]))
     return ds.map_batches(
         Scorer,
         fn_constructor_kwargs={
-            "files_ref": ray.put(bundle_files(predictor)),
+            "bundle": bundle or bundle_files(predictor),
             "precision": predictor.precision,
             "tta": tta,
         },
