@@ -208,7 +208,7 @@ def test_web_page_upload_result_cam_and_refusal(server, browser, predictor, ham_
         "#file-input", files=[{"name": "notes.txt", "mimeType": "text/plain", "buffer": b"hi"}]
     )
     page.wait_for_selector("#error:not(.hidden)")
-    assert "not a readable image" in page.inner_text("#error")
+    assert "not a supported image format" in page.inner_text("#error")
     page.set_input_files("#file-input", str(lesion))
     page.wait_for_selector("#result:not(.hidden)", timeout=60_000)
     assert page.is_hidden("#error")
