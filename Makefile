@@ -39,7 +39,8 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
 ## release: the whole release build, resumable (re-run the same command after an interruption):
-## prepare HAM10000 + ISIC 2017, build their caches, train (resumes from last.ckpt), export, evaluate.
+## prepare HAM10000 + ISIC 2017, build their caches, train (resumes from last.ckpt), export, fit trust on
+## HAM10000 val + the ISIC 2017 hold-out the model never trained on, write the monitor reference, evaluate.
 RELEASE_CFG ?= src/dermlens/configs/release.yaml
 BUNDLE ?= src/dermlens/models/release
 DATA ?= ../shared/data
@@ -51,6 +52,9 @@ release: $(VENV)/.installed
 	$(DL) data cache work/isic2017 --height 192 --width 256 --color-constancy shades_of_gray
 	$(DL) train --config $(RELEASE_CFG)
 	$(DL) export --run runs/release --manifest work/ham10000 --out $(BUNDLE)
+	$(DL) data holdout work/isic2017 --out work/isic2017-holdout
+	$(DL) trust fit --bundle $(BUNDLE) --manifest work/ham10000 --external work/isic2017-holdout --out docs/results/trust_fit.json
+	$(DL) monitor-reference --manifest work/ham10000 --model $(BUNDLE)
 	$(MAKE) release-eval
 
 ## release-eval: score the bundle once on the held-out test splits, with and without metadata; record the

@@ -74,7 +74,7 @@ def test_any_size_uses_shared_preprocessing(predictor, data_root: Path) -> None:
     rgb = load_rgb(path)
     assert rgb.shape[:2] != (predictor.prep.height, predictor.prep.width)
     a = predictor.predict_arrays([rgb])
-    b = predictor.predict_arrays([predictor.card.preprocessing.resize(rgb)])
+    b = predictor.predict_arrays([predictor.card.preprocessing.geometry.resize(rgb)])
     np.testing.assert_array_equal(a["probs"], b["probs"])
     big = np.asarray(Image.fromarray(rgb).resize((1024, 768)))
     assert predictor.predict_arrays([big])["probs"].shape == (1, len(HAM_CLASSES))

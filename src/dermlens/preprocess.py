@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import io
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import BinaryIO
@@ -70,6 +70,12 @@ class Preprocessing:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
+
+    @property
+    def geometry(self) -> Preprocessing:
+        """The resize step alone (no colour constancy): for shrinking decoded images early, before
+        `Predictor.predict_arrays` applies the whole preprocessing once."""
+        return replace(self, color_constancy="none")
 
     @property
     def cache_name(self) -> str:

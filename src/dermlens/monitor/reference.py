@@ -67,7 +67,15 @@ class Reference:
                 f"no {REFERENCE_FILE} in {bundle}: run `dermlens monitor-reference --manifest DIR` "
                 "(or re-export the bundle)"
             )
-        return cls(**json.loads(path.read_text()))
+        ref = cls(**json.loads(path.read_text()))
+        card = Path(bundle) / "card.json"
+        version = json.loads(card.read_text()).get("version") if card.is_file() else ref.model_version
+        if version != ref.model_version:
+            raise MissingReference(
+                f"{path} is for model {ref.model_version}, the bundle is {version}: run "
+                "`dermlens monitor-reference --manifest DIR` for this model"
+            )
+        return ref
 
 
 def _decode(paths: Any, rows: np.ndarray, predictor: Any) -> np.ndarray:
@@ -98,7 +106,9 @@ def build_reference(
     ]
     top, conf, ood, refer = [], [], [], []
     for s in range(0, len(rows), batch_size):
-        r = predictor.predict_arrays(np.asarray(images[rows[s : s + batch_size]]), meta[s : s + batch_size])
+        r = predictor.predict_arrays(
+            np.asarray(images[rows[s : s + batch_size]]), meta[s : s + batch_size], prepared=True
+        )
         top += [predictor.classes[i] for i in r["top"]]
         conf += [round(float(v), 6) for v in r["confidence"]]
         ood += [round(float(v), 4) for v in r["ood_score"]]

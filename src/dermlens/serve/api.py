@@ -8,7 +8,6 @@ full, 503 with Retry-After.
 """
 
 import base64
-import dataclasses
 import hashlib
 import hmac
 import logging
@@ -312,7 +311,7 @@ class Service:
         self.limiter = anyio.CapacityLimiter(settings.inference.max_concurrent)
         self.memory = MemoryBudget(settings.limits.memory_budget_bytes)
         # Model-size resize only: colour constancy (if any) is applied once, by predict_arrays.
-        self.geometry = dataclasses.replace(predictor.prep, color_constancy="none")
+        self.geometry = predictor.prep.geometry
         b = settings.inference.batching
         self.batcher = (
             DynamicBatcher(predictor, b.max_batch, b.max_wait_ms, b.max_queue) if b.enabled else None

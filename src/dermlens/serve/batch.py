@@ -246,14 +246,14 @@ def _decoded(
         it = iter(items)
         try:
             for item in it:
-                queue.append((item, pool.submit(_decode, item, predictor.prep.resize, keep)))
+                queue.append((item, pool.submit(_decode, item, predictor.prep.geometry.resize, keep)))
                 if len(queue) >= window:
                     break
             while queue:
                 item, fut = queue.popleft()
                 nxt = next(it, None)
                 if nxt is not None:
-                    queue.append((nxt, pool.submit(_decode, nxt, predictor.prep.resize, keep)))
+                    queue.append((nxt, pool.submit(_decode, nxt, predictor.prep.geometry.resize, keep)))
                 try:
                     yield item, fut.result()
                 except ImageDecodeError as e:

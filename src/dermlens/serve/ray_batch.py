@@ -76,9 +76,8 @@ def connect(address: str | None) -> tuple[Any, bool]:
     try:
         if address in (None, "", "local"):
             wait = str(int(cfg["start_timeout_s"]))
-            os.environ.setdefault(
-                "RAY_raylet_start_wait_time_s", wait
-            )  # read by the processes ray.init starts
+            # read by the processes ray.init starts
+            os.environ.setdefault("RAY_raylet_start_wait_time_s", wait)
             os.environ.setdefault("RAY_agent_register_timeout_ms", wait + "000")
             ray.init(
                 num_cpus=int(cfg["local_cpus"] or cpu_count()),
@@ -107,7 +106,7 @@ def decode_row(row: dict[str, Any], prep: dict[str, Any]) -> dict[str, Any]:
     prep = Preprocessing.from_dict(prep)
     height, width = prep.height, prep.width
     try:
-        row["image"], row["error"] = prep.resize(load_rgb(row["path"])), ""
+        row["image"], row["error"] = prep.geometry.resize(load_rgb(row["path"])), ""  # CC: predict_arrays
     except ImageDecodeError as e:
         row["image"], row["error"] = np.zeros((height, width, 3), np.uint8), _reason(e, Path(row["path"]))
     except Exception as e:  # noqa: BLE001 - any decoder crash is one failed file, as in run_batch
@@ -224,23 +223,12 @@ def _dataset(
     cpus = float(ray.cluster_resources().get("CPU", 1))
     actors = int(cfg["actors"] or max(1, int(cpus // 2)))
     blocks = max(1, min(len(items), actors * int(cfg["blocks_per_actor"])))
-    p = predictor.prep
     ds = ray.data.from_items(_input_rows(items), override_num_blocks=blocks)
-    ds = ds.map(
-        decode_row,
-        fn_kwargs={
-            "height": p.height,
-            "width": p.width,
-            "resample": p.resample,
-            "mean": p.mean,
-            "std": p.std,
-        },
-        num_cpus=float(cfg["decode_cpus"]),
-    )
+    ds = ds.map(decode_row, fn_kwargs={"prep": predictor.prep.to_dict()}, num_cpus=float(cfg["decode_cpus"]))
     return ds.map_batches(
         Scorer,
         fn_constructor_kwargs={
-            "files_ref": ray.put(bundle_files(predictor)),
+            "bundle": bundle or bundle_files(predictor),
             "precision": predictor.precision,
             "tta": tta,
         },

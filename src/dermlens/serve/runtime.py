@@ -248,8 +248,11 @@ class Predictor:
         meta: list[dict[str, Any] | None] | None = None,
         cam: bool = False,
         tta: bool | None = None,
+        prepared: bool = False,
     ) -> dict[str, Any]:
-        """Score decoded RGB uint8 HxWx3 images of any size (meta: dicts of age/sex/site, or None).
+        """Score decoded RGB uint8 HxWx3 images of any size (meta: dicts of age/sex/site, or None);
+        prepared=True: the images are already model input (e.g. a cache built with the bundle's
+        preprocessing), so resizing and colour constancy are not applied again.
 
         Returns numpy arrays: probs [N,C] (calibrated for the image's condition: metadata given or not),
         probs_uncalibrated, coarse_probs [N,2], malignant [N] (calibrated coarse head), top [N] class index,
@@ -261,7 +264,7 @@ class Predictor:
         """
         from dermlens.trust.calibration import softmax
 
-        batch = self.prepare(list(images))
+        batch = np.asarray(images, dtype=np.uint8) if prepared else self.prepare(list(images))
         n, tta = len(batch), self.card.tta if tta is None else tta
         if n == 0:
             raise ValueError("predict_arrays needs at least one image")
