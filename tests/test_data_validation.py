@@ -71,7 +71,7 @@ def test_validate_finds_every_problem(damaged):
     found = {i.kind: sorted(df.loc[i.rows, "image_id"]) for i in report.issues}
     assert found == {k: sorted(v) for k, v in expected.items()}
     corrupt = next(i for i in report.issues if i.kind == "corrupt_image")
-    assert any("empty" in e or "not a readable" in e for e in corrupt.examples)
+    assert any("empty" in e or "not a supported image format" in e for e in corrupt.examples)
     assert any("truncated" in e for e in corrupt.examples)
     clean = drop_bad_rows(df, report)
     assert len(clean) == len(df) - len(report.bad_rows)

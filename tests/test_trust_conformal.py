@@ -186,7 +186,7 @@ def test_api_returns_set_and_reason_codes(predictor, test_rows: pd.DataFrame, tm
     view = clinical.clinical_views(predictor.prep.resize(load_rgb(path))[None], seed=7, family="zoom_out")[0]
     jpg = tmp_path / "view.jpg"
     Image.fromarray(view).save(jpg)
-    with TestClient(create_app(settings, predictor=predictor)) as c:
+    with TestClient(create_app(settings, predictor=predictor), base_url="http://127.0.0.1") as c:
         ok = c.post(
             "/predict", files={"file": ("a.jpg", Path(path).read_bytes(), "image/jpeg")}, data={"age": "60"}
         )

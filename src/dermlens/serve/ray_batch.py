@@ -45,6 +45,10 @@ class RayUnavailable(RuntimeError):
     """Ray is not installed or the cluster cannot be reached (one-line message)."""
 
 
+# Text columns of a result row that travel through Ray batches (same names as the single-process rows).
+TEXT_FIELDS: tuple[str, ...] = ("top", "refer_reason", "prediction_set", "refer_codes")
+
+
 @cache
 def ray_config() -> dict:
     """Settings from configs/ray.yaml."""
@@ -138,7 +142,8 @@ class Scorer:
         }
         for k in ("p_malignant", "confidence", "ood_score"):
             out[k] = np.zeros(n, np.float64)
-        out["top"], out["refer_reason"] = np.array([""] * n, object), np.array([""] * n, object)
+        for k in TEXT_FIELDS:
+            out[k] = np.array([""] * n, object)
         out["ood"], out["refer"] = np.zeros(n, bool), np.zeros(n, bool)
         if ok.any():
             idx = np.flatnonzero(ok)
@@ -149,7 +154,7 @@ class Scorer:
             res = self.predictor.predict_arrays(list(batch["image"][idx]), meta, tta=self.tta)
             items = [Item(Path(str(batch["path"][i])), str(batch["image_id"][i])) for i in idx]
             for j, r in zip(idx, _rows(self.predictor, items, res), strict=True):
-                for k in ("p_malignant", "confidence", "ood_score", "ood", "refer", "top", "refer_reason"):
+                for k in ("p_malignant", "confidence", "ood_score", "ood", "refer", *TEXT_FIELDS):
                     out[k][j] = r[k]
                 out["probs"][j] = r["probs"]
         return out
@@ -246,7 +251,7 @@ def _collect(batch: dict[str, np.ndarray], summary: BatchSummary) -> list[dict[s
         if err:
             summary.failures.append(Failure(str(batch["path"][i]), str(err)))
             continue
-        row = {k: batch[k][i] for k in ("image_id", "path", "top", "refer_reason")}
+        row = {k: batch[k][i] for k in ("image_id", "path", *TEXT_FIELDS)}
         row = {k: str(v) for k, v in row.items()}
         row.update({k: float(batch[k][i]) for k in ("p_malignant", "confidence", "ood_score")})
         row.update({k: bool(batch[k][i]) for k in ("ood", "refer")})

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from dermlens.bundle import ONNX_FP32, ONNX_INT8, TRUST, BundleError, ModelCard, read_card, release_dir
-from dermlens.metadata import META_DIM, encode_metadata
+from dermlens.metadata import META_DIM, encode_metadata, missing_vector
 from dermlens.preprocess import DEFAULT_MAX_PIXELS, Preprocessing, load_rgb
 
 OUTPUTS: tuple[str, ...] = ("fine_logits", "coarse_logits", "embedding", "feature_map")
@@ -109,9 +109,8 @@ def meta_given(meta: list[dict[str, Any] | None] | None, n: int) -> np.ndarray:
     """Per image: True when any of age, sex, site was given (selects the 'meta' calibration condition)."""
     if meta is None:
         return np.zeros(n, bool)
-    return np.array(
-        [any(v is not None and str(v).strip() != "" for v in _meta_fields(m).values()) for m in meta], bool
-    )
+    none = missing_vector()  # the one metadata encoding decides: NaN, blanks and unknown values are missing
+    return np.array([not np.array_equal(encode_metadata(**_meta_fields(m)), none) for m in meta], bool)
 
 
 def _meta_fields(m: dict[str, Any] | None) -> dict[str, Any]:
