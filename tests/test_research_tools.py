@@ -15,11 +15,8 @@ import pytest
 import torch
 import yaml
 
-from dermlens.preprocess import Preprocessing
-
 pytestmark = pytest.mark.slow
 torch.set_num_threads(1)
-SMALL = Preprocessing.from_dict({**Preprocessing.default().to_dict(), "height": 64, "width": 80})
 TINY = [
     "preprocess.height=64",
     "preprocess.width=80",
@@ -39,16 +36,6 @@ FAST_EXPORT = {
 }
 
 
-@pytest.fixture(scope="module")
-def small_dir(ham_small_prepared: Path) -> Path:
-    """The small prepared HAM subset with a 64x80 cache (kept if test_train already built it)."""
-    from dermlens.data.cache import build_cache
-    from dermlens.data.manifest import read_manifest
-
-    build_cache(read_manifest(ham_small_prepared), ham_small_prepared, SMALL, workers=1, progress=False)
-    return ham_small_prepared
-
-
 def run_cli(*args: str) -> tuple[int, str]:
     from typer.testing import CliRunner
 
@@ -59,13 +46,13 @@ def run_cli(*args: str) -> tuple[int, str]:
 
 
 @pytest.fixture(scope="module")
-def build(small_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def build(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One tiny release build: 2 fold members (mean_prob) -> ensemble bundle -> student -> student bundle."""
     out = tmp_path_factory.mktemp("release_build")
     recipe = {
         "out": str(out),
         "overrides": [
-            f"data.dir={small_dir}",
+            f"data.dir={tiny_dir}",
             *TINY,
             "trainer.max_epochs=1",
             "trainer.limit_train_batches=3",
@@ -87,14 +74,14 @@ def build(small_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     path.write_text(yaml.safe_dump(recipe))
     code, output = run_cli("release", "build", "--recipe", str(path))
     assert code == 0, output
-    return {"out": out, "recipe": path, "data": small_dir, "output": output}
+    return {"out": out, "recipe": path, "data": tiny_dir, "output": output}
 
 
-def test_fold_split_moves_only_the_pool(small_dir: Path) -> None:
+def test_fold_split_moves_only_the_pool(tiny_dir: Path) -> None:
     from dermlens.data.manifest import read_manifest
     from dermlens.train.folds import FoldError, fold_split
 
-    df = read_manifest(small_dir)
+    df = read_manifest(tiny_dir)
     got = fold_split(df, 1, "train")
     was_train = df["split"] == "train"
     assert (got.loc[was_train & (df["fold"] == 1), "split"] == "val").all()
@@ -233,7 +220,7 @@ def test_release_build_resumes_and_never_retrains(build: dict) -> None:
     assert (members / "lite0-fold1" / "finished.json").is_file()
 
 
-def test_tune_resumes_from_sqlite(small_dir: Path, tmp_path: Path) -> None:
+def test_tune_resumes_from_sqlite(tiny_dir: Path, tmp_path: Path) -> None:
     import optuna
 
     from dermlens.train.tune import load_study_config, run_study
@@ -245,7 +232,7 @@ def test_tune_resumes_from_sqlite(small_dir: Path, tmp_path: Path) -> None:
         "base_config": "train.yaml",
         "sampler": {"type": "random", "seed": 3},
         "overrides": [
-            f"data.dir={small_dir}",
+            f"data.dir={tiny_dir}",
             *TINY,
             "trainer.max_epochs=2",
             "trainer.limit_train_batches=2",

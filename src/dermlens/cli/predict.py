@@ -174,13 +174,18 @@ def predict(
         f"({rate:.1f} img/s); "
         f"{summary.referred} referred, {summary.ood} out of distribution"
     )
-    for path in (out, isic_csv):
-        if path is not None:
-            err.print(f"wrote {path}")
     if sr_writer is not None:
         failures += sr_writer.report(err)
+    _finish(err, (out, isic_csv), failures, summary.interrupted)
+
+
+def _finish(err, written: tuple[Path | None, ...], failures: list, interrupted: bool) -> None:
+    """Name the files written, list the failures, and exit 130 (interrupted) or 1 (failures)."""
+    for path in written:
+        if path is not None:
+            err.print(f"wrote {path}")
     _show_failures(err, failures)
-    if summary.interrupted:
+    if interrupted:
         _echo_err("interrupted: rows for finished images were written")
         raise typer.Exit(130)
     if failures:
@@ -286,13 +291,4 @@ def _predict_on_ray(err, predictor, items, failures, address, out, isic_csv, bat
         f"{summary.done} of {summary.total} image(s) predicted on Ray in {summary.seconds:.1f} s "
         f"({rate:.1f} img/s); {summary.referred} referred, {summary.ood} out of distribution"
     )
-    for path in (out, isic_csv):
-        if path is not None:
-            err.print(f"wrote {path}")
-    failures = failures + summary.failures
-    _show_failures(err, failures)
-    if summary.interrupted:
-        _echo_err("interrupted: rows for finished images were written")
-        raise typer.Exit(130)
-    if failures:
-        raise typer.Exit(1)
+    _finish(err, (out, isic_csv), failures + summary.failures, summary.interrupted)
