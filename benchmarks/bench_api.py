@@ -129,8 +129,8 @@ def load(url: str, images: list[bytes], total: int, clients: int) -> dict:
 
 def batch_predict_rate(images: list[bytes], tmp: Path, n: int) -> float:
     """img/s of `dermlens predict`'s engine (run_batch: decode threads, batches of 32) on the same JPEGs."""
+    from dermlens.infer.predictor import Predictor
     from dermlens.serve.batch import collect_inputs, run_batch
-    from dermlens.serve.runtime import Predictor
 
     folder = tmp / "predict_images"
     folder.mkdir()

@@ -56,9 +56,12 @@ def cpu_name() -> str:
 def replicated_ensemble(bundle: Path, k: int, out: Path, calib: np.ndarray) -> Path:
     """K copies of the bundle's network as one EnsembleNet, exported to OUT/model.onnx + model.int8.onnx."""
     from dermlens.bundle import ONNX_FP32, ONNX_INT8, TORCH_WEIGHTS
+    from dermlens.export.checkpoint import load_checkpoint
+    from dermlens.export.graph import export_onnx
+    from dermlens.export.quantize import quantize_int8
+    from dermlens.export.stage import export_config
     from dermlens.metadata import META_DIM
     from dermlens.model.ensemble import EnsembleNet
-    from dermlens.model.export import export_config, export_onnx, load_checkpoint, quantize_int8
 
     loaded = load_checkpoint(bundle / TORCH_WEIGHTS)
     import torch
@@ -80,9 +83,9 @@ def replicated_ensemble(bundle: Path, k: int, out: Path, calib: np.ndarray) -> P
 
 def main() -> None:
     from dermlens.bundle import ONNX_FP32, ONNX_INT8, read_card, release_dir
+    from dermlens.infer.session import OnnxModel
     from dermlens.metadata import META_DIM
     from dermlens.preprocess import load_rgb
-    from dermlens.serve.runtime import OnnxModel
     from dermlens.settings import data_root
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -51,7 +51,7 @@ def measure_all(
 def openvino_engines(engines: dict, bundle: Path, x: np.ndarray, meta: np.ndarray, threads: int) -> dict:
     """Add OpenVINO engines on the bundle's ONNX files (when installed); returns notes on what differs."""
     from dermlens.bundle import ONNX_FP32, ONNX_INT8
-    from dermlens.serve.runtime import OnnxModel
+    from dermlens.infer.session import OnnxModel
 
     try:
         import openvino as ov
@@ -84,10 +84,10 @@ def main() -> None:
     import torch
 
     from dermlens.bundle import ONNX_FP32, ONNX_INT8, TORCH_WEIGHTS, read_card, release_dir
+    from dermlens.export.checkpoint import load_checkpoint
+    from dermlens.infer.session import OnnxModel
     from dermlens.metadata import META_DIM
-    from dermlens.model.export import load_checkpoint
     from dermlens.preprocess import load_rgb
-    from dermlens.serve.runtime import OnnxModel
     from dermlens.settings import data_root
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

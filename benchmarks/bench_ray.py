@@ -28,9 +28,10 @@ def cpu_name() -> str:
 def main() -> None:
     import ray
 
+    from dermlens.infer.predictor import Predictor
+    from dermlens.infer.session import cpu_count
     from dermlens.serve.batch import collect_inputs, run_batch
     from dermlens.serve.ray_batch import connect, run_ray
-    from dermlens.serve.runtime import Predictor, cpu_count
     from dermlens.settings import data_root
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

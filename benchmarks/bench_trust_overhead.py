@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dermlens.trust.cam import cam, overlay_png, upsample
-from dermlens.trust.fit import TrustState
-from dermlens.trust.selective import refer_decision
+from dermlens.infer.cam import cam, overlay_png, upsample
+from dermlens.infer.refer import refer_decision
+from dermlens.infer.state import TrustState
 
 
 def _state(bundle: Path | None, d: int, c: int) -> TrustState:

@@ -26,8 +26,8 @@ import numpy as np  # noqa: E402
 
 def main() -> None:
     from dermlens import dicom
+    from dermlens.infer.predictor import Predictor
     from dermlens.preprocess import load_rgb
-    from dermlens.serve.runtime import Predictor
     from dicom_files import SYNTAXES, write_photo  # tests/dicom_files.py: real VL Photographic images
     from monitor_shift import ham_test
 

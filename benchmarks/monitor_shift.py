@@ -76,12 +76,12 @@ def run(n: int, db: Path, report_dir: Path | None = None) -> dict:
     """Serve both windows, then test each; returns the two summaries."""
     from fastapi.testclient import TestClient
 
+    from dermlens.infer.predictor import Predictor
     from dermlens.monitor.drift import compare, records_frame, select_window
     from dermlens.monitor.reference import Reference
     from dermlens.monitor.report import write_report
     from dermlens.serve.api import create_app
     from dermlens.serve.records import RecordStore
-    from dermlens.serve.runtime import Predictor
     from dermlens.serve.settings import load_settings
 
     predictor = Predictor.load(threads=1)
@@ -117,7 +117,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("docs/results/monitor_shift.json"))
     ap.add_argument("--report-dir", type=Path, default=None)
     args = ap.parse_args()
-    from dermlens.serve.runtime import Predictor
+    from dermlens.infer.predictor import Predictor
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:

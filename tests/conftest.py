@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -10,6 +11,9 @@ import pytest
 
 from dermlens.preprocess import Preprocessing
 from dermlens.settings import data_root as _data_root
+
+# benchmarks/_ham.py and benchmarks/_server.py are test and benchmark helpers shared by both folders
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
 @pytest.fixture(scope="session")

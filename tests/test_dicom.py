@@ -161,7 +161,7 @@ def test_predict_dicom_equals_jpeg_with_tag_metadata_and_writes_sr(
 
 def check_srs(sr_dir: Path, dicom_dir: Path, preds: pd.DataFrame) -> None:
     """Each SR reads back with pydicom, parses with highdicom and carries the CSV's numbers."""
-    from dermlens.serve.runtime import Predictor
+    from dermlens.infer.predictor import Predictor
 
     version = Predictor.load(bundle_dir(), threads=1).version
     files = sorted(sr_dir.glob("*.sr.dcm"))
@@ -201,9 +201,9 @@ def walk_text(item) -> list[tuple[str, str]]:
 
 
 def test_api_dicom_upload_and_sr(dicom_dir: Path, ham_rows: pd.DataFrame, tmp_path: Path) -> None:
+    from dermlens.infer.predictor import Predictor
     from dermlens.serve.api import create_app
     from dermlens.serve.records import RecordStore
-    from dermlens.serve.runtime import Predictor
     from dermlens.serve.settings import load_settings
 
     predictor = Predictor.load(bundle_dir(), threads=1)

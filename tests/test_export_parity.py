@@ -13,17 +13,13 @@ import torch
 from bundles import bundle_dir  # tests/bundles.py
 from dermlens.bundle import CARD, ONNX_FP32, ONNX_INT8, TORCH_WEIGHTS, TRUST, read_card
 from dermlens.data.taxonomy import HAM_CLASSES
+from dermlens.export.checkpoint import load_checkpoint
+from dermlens.export.graph import SamePadConv, export_onnx, torch_outputs
+from dermlens.infer.calibration import softmax
+from dermlens.infer.session import OUTPUTS, OnnxModel
 from dermlens.metadata import META_DIM, encode_rows
-from dermlens.model.export import (
-    SamePadConv,
-    classification_metrics,
-    export_onnx,
-    load_checkpoint,
-    softmax,
-    torch_outputs,
-)
+from dermlens.metrics import classification_metrics
 from dermlens.preprocess import Preprocessing, load_rgb
-from dermlens.serve.runtime import OUTPUTS, OnnxModel
 
 MAX_FILE_BYTES = 30 * 1024 * 1024
 
@@ -97,7 +93,7 @@ def test_int8_balanced_accuracy_within_one_point(val_split) -> None:
     imgs, meta, labels = val_split["images"], val_split["meta"], val_split["labels"]
     bal = {
         name: classification_metrics(
-            OnnxModel(bundle_dir() / name, threads=2).run_images(imgs, prep, meta)["fine_logits"],
+            softmax(OnnxModel(bundle_dir() / name, threads=2).run_images(imgs, prep, meta)["fine_logits"]),
             labels,
             len(HAM_CLASSES),
         )["bal_acc"]
@@ -173,7 +169,7 @@ def test_export_command_end_to_end(ham_small_prepared: Path, tmp_path: Path) -> 
     from typer.testing import CliRunner
 
     from dermlens.cli.main import app
-    from dermlens.serve.runtime import Predictor
+    from dermlens.infer.predictor import Predictor
 
     ckpt = _fake_training_checkpoint(tmp_path / "best.ckpt", metadata=False)
     cfg = tmp_path / "small.yaml"

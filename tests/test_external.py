@@ -15,7 +15,7 @@ from dermlens.preprocess import load_rgb
 @pytest.fixture(scope="module")
 def isic2017_sample(data_root):
     """60 labelled ISIC 2017 test images (20 per class) scored by the release model."""
-    from dermlens.serve.runtime import Predictor
+    from dermlens.infer.predictor import Predictor
 
     labels = pd.read_csv(data_root / "isic2017" / "ISIC-2017_labels.csv")
     test = labels[labels["split"] == "test"]

@@ -27,8 +27,8 @@ TOKEN = "monitor-test-token"
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory):
     """A record store holding N HAM10000 test predictions, then N ISIC 2017 predictions; the boundaries."""
+    from dermlens.infer.predictor import Predictor
     from dermlens.serve.api import create_app
-    from dermlens.serve.runtime import Predictor
     from dermlens.serve.settings import load_settings
 
     url = f"sqlite:///{tmp_path_factory.mktemp('monitor') / 'records.db'}"

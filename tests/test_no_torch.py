@@ -118,7 +118,7 @@ def test_predictor_never_imports_torch(core_python: Path, ham_root: Path, tmp_pa
 import json, sys
 from typer.testing import CliRunner
 from dermlens.cli.main import app
-from dermlens.serve.runtime import Predictor
+from dermlens.infer.predictor import Predictor
 p = Predictor.load({bundle!r}, precision="fp32", threads=1)
 r = p.predict_file({str(image)!r}, cam=True)
 cli = CliRunner().invoke(app, ["predict", {str(image)!r}, *{_model_args()!r}])
@@ -130,7 +130,7 @@ print(json.dumps({{"fine": r.fine, "cam": len(r.cam_png or b""), "heavy": heavy}
     assert res.returncode == 0, res.stdout + res.stderr
     got = json.loads(res.stdout.strip().splitlines()[-1])
     assert got["heavy"] == [] and got["cam"] > 0
-    from dermlens.serve.runtime import Predictor  # same answer as this (full) environment
+    from dermlens.infer.predictor import Predictor  # same answer as this (full) environment
 
     ref = Predictor.load(bundle, precision="fp32", threads=1).predict_file(image)
     np.testing.assert_allclose([got["fine"][c] for c in ref.fine], list(ref.fine.values()), atol=1e-4)

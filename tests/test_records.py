@@ -200,8 +200,8 @@ def test_previous_schema_upgrades_cleanly(records_url):
 
 
 def test_locked_database_is_503_and_nothing_acknowledged(records_url, tmp_path, ham_root):
+    from dermlens.infer.predictor import Predictor
     from dermlens.serve.api import create_app
-    from dermlens.serve.runtime import Predictor
 
     RecordStore(records_url).close()  # create the schema
     locker = create_engine(records_url)
@@ -314,8 +314,8 @@ def test_settings_read_the_environment(monkeypatch, tmp_path):
 
 
 def test_api_stores_image_bytes_when_configured(tmp_path, ham_root):
+    from dermlens.infer.predictor import Predictor
     from dermlens.serve.api import create_app
-    from dermlens.serve.runtime import Predictor
 
     predictor = Predictor.load(bundle_dir(), threads=1)
     settings = load_settings(

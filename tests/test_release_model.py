@@ -50,7 +50,7 @@ def test_card_records_lineage_and_refuses_foreign_metrics(tmp_path: Path) -> Non
 @pytest.mark.parametrize("metadata", [True, False], ids=["with_metadata", "no_metadata"])
 def test_runtime_reaches_recorded_val_accuracy(ham_manifest, metadata: bool) -> None:
     from dermlens.cli.evaluate import _predict_rows
-    from dermlens.serve.runtime import Predictor
+    from dermlens.infer.predictor import Predictor
 
     card = read_card(bundle_dir())
     recorded = card.extra["metrics"]["val"].get("int8" if metadata else "int8_no_metadata")

@@ -102,9 +102,12 @@ def test_ensemble_bundle_is_the_mean_of_its_members(build: dict) -> None:
     import onnx
 
     from dermlens.data.manifest import read_manifest
-    from dermlens.model.export import export_onnx, find_checkpoint, load_checkpoint
+    from dermlens.export.checkpoint import find_checkpoint, load_checkpoint
+    from dermlens.export.graph import export_onnx
+    from dermlens.infer.inputs import encode_meta
+    from dermlens.infer.predictor import Predictor
+    from dermlens.infer.session import OUTPUTS, OnnxModel
     from dermlens.preprocess import load_rgb
-    from dermlens.serve.runtime import OUTPUTS, OnnxModel, Predictor, encode_meta
 
     bundle = build["out"] / "ensemble" / "bundle"
     graph = onnx.load(str(bundle / "model.onnx")).graph
@@ -140,9 +143,10 @@ def test_stacking_fits_on_out_of_fold_predictions(build: dict) -> None:
     from sklearn.linear_model import LogisticRegression
 
     from dermlens.data.manifest import read_manifest
-    from dermlens.model.export import load_split
-    from dermlens.train.ensemble import build_ensemble_model, fit_stacker, out_of_fold, plan_members
-    from dermlens.train.release_build import load_build_recipe
+    from dermlens.export.splits import load_split
+    from dermlens.pipeline.ensemble import build_ensemble_model
+    from dermlens.pipeline.release_build import load_build_recipe
+    from dermlens.train.ensemble import fit_stacker, out_of_fold, plan_members
 
     recipe = load_build_recipe(build["recipe"])["ensemble"]
     members = plan_members(recipe)
@@ -180,7 +184,7 @@ def test_stacking_fits_on_out_of_fold_predictions(build: dict) -> None:
 
 
 def test_distilled_student_learns_and_exports(build: dict) -> None:
-    from dermlens.serve.runtime import Predictor
+    from dermlens.infer.predictor import Predictor
 
     student = build["out"] / "student"
     log = pd.read_csv(student / "logs" / "csv" / "metrics.csv")

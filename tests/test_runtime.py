@@ -18,7 +18,7 @@ from dermlens.preprocess import ImageDecodeError, load_rgb
 
 @pytest.fixture(scope="module")
 def predictor():
-    from dermlens.serve.runtime import Predictor
+    from dermlens.infer.predictor import Predictor
 
     return Predictor.load(bundle_dir(), precision="int8", threads=1)
 
@@ -34,7 +34,7 @@ def reference(ham_images: list[Path]) -> np.ndarray:
 
 
 def test_load_defaults_and_errors(tmp_path: Path) -> None:
-    from dermlens.serve.runtime import Predictor
+    from dermlens.infer.predictor import Predictor
 
     p = Predictor.load(bundle_dir(), threads=1)
     assert p.classes == HAM_CLASSES == tuple(p.card.classes)
@@ -210,7 +210,7 @@ def test_unreadable_input(predictor, ham_images: list[Path], tmp_path: Path) -> 
 
 
 def test_fp32_and_int8_agree(ham_images: list[Path]) -> None:
-    from dermlens.serve.runtime import Predictor
+    from dermlens.infer.predictor import Predictor
 
     imgs = [load_rgb(p) for p in ham_images]
     p32 = Predictor.load(bundle_dir(), precision="fp32", threads=1).predict_arrays(imgs)

@@ -20,10 +20,11 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from typer.testing import CliRunner
 
+from _server import BackgroundServer
 from bundles import bundle_dir  # tests/bundles.py
 from dermlens.cli.serve import app as serve_app
 from dermlens.preprocess import ImageDecodeError, load_rgb, probe
-from dermlens.serve.api import BackgroundServer, create_app
+from dermlens.serve.api import create_app
 from dermlens.serve.batching import DynamicBatcher, QueueFull
 from dermlens.serve.records import RecordStore
 from dermlens.serve.settings import load_settings
@@ -49,7 +50,7 @@ FORBIDDEN = [
 
 @pytest.fixture(scope="module")
 def predictor():
-    from dermlens.serve.runtime import Predictor
+    from dermlens.infer.predictor import Predictor
 
     return Predictor.load(bundle_dir(), threads=1)
 

@@ -7,11 +7,14 @@ import json
 import numpy as np
 import pytest
 
-from dermlens.trust.calibration import ece, fit_temperature, fit_temperature_tta, mean_softmax, nll, softmax
-from dermlens.trust.fit import TrustState, coarse_from_fine, fit_trust
-from dermlens.trust.measure import ham_reference
-from dermlens.trust.selective import confidence_for_coverage, refer_decision, risk_coverage
-from dermlens.trust.tta import VIEWS, average_probs, tta_views
+from _ham import ham_reference
+from dermlens.infer.calibration import mean_softmax, softmax
+from dermlens.infer.refer import refer_decision
+from dermlens.infer.state import TrustState
+from dermlens.infer.tta import VIEWS, average_probs, tta_views
+from dermlens.trust.calibration import ece, fit_temperature, fit_temperature_tta, nll
+from dermlens.trust.fit import coarse_from_fine, fit_trust
+from dermlens.trust.selective import confidence_for_coverage, risk_coverage
 
 
 @pytest.fixture(scope="module")

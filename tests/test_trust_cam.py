@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from _ham import ham_sample
 from dermlens.bundle import release_dir
+from dermlens.infer.cam import cam, jet, overlay_png, upsample
 from dermlens.preprocess import load_rgb
 from dermlens.settings import data_root
-from dermlens.trust.cam import cam, dilated_fraction, heat_in_mask, jet, overlay_png, pointing_hit, upsample
-from dermlens.trust.measure import ham_sample
+from dermlens.trust.cam import dilated_fraction, heat_in_mask, pointing_hit
 
 IMAGE_ID = "ISIC_0024306"
 
@@ -20,8 +21,8 @@ IMAGE_ID = "ISIC_0024306"
 @pytest.fixture(scope="module")
 def lesion() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(model-size RGB, its ImageNet-backbone feature map [D,h,w], its lesion mask) for one HAM image."""
+    from _ham import imagenet_features
     from dermlens.preprocess import Preprocessing
-    from dermlens.trust.measure import imagenet_features
 
     prep = Preprocessing.default()
     rgb = prep.resize(load_rgb(data_root() / "ham10000" / "images" / f"{IMAGE_ID}.jpg"))
@@ -81,7 +82,7 @@ def test_release_bundle_cam_from_onnx() -> None:
     bundle = release_dir()
     if not (bundle / "card.json").is_file() or not (bundle / "trust.npz").is_file():
         pytest.skip(f"no release bundle with trust.npz at {bundle} yet (the release model trains later)")
-    from dermlens.serve.runtime import Predictor
+    from dermlens.infer.predictor import Predictor
 
     pred = Predictor.load(bundle, precision="fp32", threads=1)
     if pred.trust.cam_weight is None:

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow  # scores ~560 real test images twice (~1 min on 2
 
 @pytest.fixture(scope="module")
 def predictor():
-    from dermlens.serve.runtime import Predictor
+    from dermlens.infer.predictor import Predictor
 
     p = Predictor.load(bundle_dir(), threads=1)
     if not p.trust.conformal_thresholds:
@@ -97,7 +97,7 @@ def test_mondrian_sets_match_crepes(scored) -> None:
 
 
 def test_conditions_use_their_own_calibration(predictor, scored, test_rows: pd.DataFrame) -> None:
-    from dermlens.serve.runtime import encode_meta
+    from dermlens.infer.inputs import encode_meta
 
     st = predictor.trust
     assert set(st.calibration) == {"meta", "no_meta"}
@@ -153,7 +153,7 @@ def test_refer_reasons_fire_for_their_cause(predictor, scored, test_rows: pd.Dat
     refer is exactly 'any reason', and the plain-words text names every reason."""
     from skimage import data as skdata
 
-    from dermlens.trust.selective import REFER_MESSAGES
+    from dermlens.infer.refer import REFER_MESSAGES
 
     r = scored["meta"]
     assert (r["refer"] == np.array([bool(c) for c in r["refer_codes"]])).all()
@@ -211,7 +211,7 @@ def test_trust_fit_cli_refits_a_bundle_copy(ham_small_prepared, tmp_path) -> Non
     from typer.testing import CliRunner
 
     from dermlens.cli.main import app
-    from dermlens.serve.runtime import Predictor
+    from dermlens.infer.predictor import Predictor
 
     bundle = tmp_path / "bundle"
     shutil.copytree(bundle_dir(), bundle, ignore=shutil.ignore_patterns("model.pt", "model.onnx"))

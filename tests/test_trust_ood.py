@@ -5,19 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from _ham import ham_reference, imagenet_features
 from dermlens.bundle import release_dir
+from dermlens.infer.ood import energy_score, knn_score, mahalanobis_score, msp_score
+from dermlens.infer.state import TrustState
 from dermlens.preprocess import Preprocessing
-from dermlens.trust.fit import TrustState
-from dermlens.trust.measure import ham_reference, imagenet_features
-from dermlens.trust.ood import (
-    auroc,
-    energy_score,
-    fit_gaussian,
-    knn_score,
-    mahalanobis_score,
-    msp_score,
-    threshold_for_keep,
-)
+from dermlens.trust.ood import auroc, fit_gaussian, threshold_for_keep
 
 skimage = pytest.importorskip("skimage", reason="probe sets need scikit-image (dev/evaluate dependency)")
 from dermlens.trust import probes  # noqa: E402
@@ -97,7 +90,7 @@ def test_release_bundle_refuses_skimage_photos(probe_images: dict[str, np.ndarra
     bundle = release_dir()
     if not (bundle / "card.json").is_file() or not (bundle / "trust.npz").is_file():
         pytest.skip(f"no release bundle with trust.npz at {bundle} yet (the release model trains later)")
-    from dermlens.serve.runtime import Predictor
+    from dermlens.infer.predictor import Predictor
 
     pred = Predictor.load(bundle, precision="fp32", threads=1)
     state: TrustState = pred.trust

@@ -53,14 +53,15 @@ def png_bytes(rgb: np.ndarray) -> bytes:
 
 @pytest.fixture(scope="module")
 def predictor():
-    from dermlens.serve.runtime import Predictor
+    from dermlens.infer.predictor import Predictor
 
     return Predictor.load(bundle_dir(), threads=1)
 
 
 @pytest.fixture(scope="module")
 def server(predictor, tmp_path_factory: pytest.TempPathFactory):
-    from dermlens.serve.api import BackgroundServer, create_app
+    from _server import BackgroundServer
+    from dermlens.serve.api import create_app
     from dermlens.serve.settings import load_settings
 
     db = tmp_path_factory.mktemp("web") / "records.db"

@@ -38,10 +38,11 @@ def distill(
             raise ConfigError("--alpha must be in 0..1 and --temperature > 0")
         done = run(d, list(overrides or []), echo)
         if export is not None:
-            from dermlens.model.export import export_bundle, find_checkpoint
+            from dermlens.export.checkpoint import find_checkpoint
+            from dermlens.pipeline.bundle import build_bundle
 
             cfg = student_config(d, list(overrides or []))
-            export_bundle(find_checkpoint(cfg["trainer"]["run_dir"]), cfg["data"]["dir"], export, log=echo)
+            build_bundle(find_checkpoint(cfg["trainer"]["run_dir"]), cfg["data"]["dir"], export, log=echo)
         return done
 
     done = run_or_exit(go)

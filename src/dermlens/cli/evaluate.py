@@ -171,15 +171,15 @@ def _from_model(
     use_metadata: bool = True,
     exclude_train_of: Path | None = None,
 ) -> _Inputs:
-    """Run the serve runtime's Predictor on a manifest split (labelled images only)."""
+    """Run the inference layer's Predictor on a manifest split (labelled images only)."""
     import numpy as np
 
     from dermlens.data.manifest import read_manifest
 
     try:
-        from dermlens.serve.runtime import Predictor
+        from dermlens.infer.predictor import Predictor
     except ImportError as e:
-        raise EvaluationInputError(f"model mode needs the serve runtime (dermlens.serve.runtime): {e}") from e
+        raise EvaluationInputError(f"model mode needs the inference runtime (dermlens.infer): {e}") from e
 
     df = read_manifest(manifest)
     rows = _unseen(df[df["split"] == split], exclude_train_of)
@@ -564,7 +564,7 @@ def external(
 
     from dermlens.evaluate import EvaluateConfig
     from dermlens.evaluate.external import isic2017_scores
-    from dermlens.serve.runtime import Predictor
+    from dermlens.infer.predictor import Predictor
 
     try:
         rows = pd.read_csv(manifest)

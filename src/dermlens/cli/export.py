@@ -34,12 +34,16 @@ def export(
         ),
     ] = None,
 ) -> None:
-    """Export a model to ONNX (fp32 + int8), fit calibration/OOD/refer on val, and write card.json."""
+    """Export a model to ONNX (fp32 + int8) and card.json, then fit calibration/OOD/refer on val with the
+    precision that will be served."""
     import torch
 
     from dermlens.bundle import BundleError
     from dermlens.data.manifest import DataError
-    from dermlens.model.export import ExportError, export_bundle, export_config, find_checkpoint
+    from dermlens.export import ExportError
+    from dermlens.export.checkpoint import find_checkpoint
+    from dermlens.export.stage import export_config
+    from dermlens.pipeline.bundle import build_bundle
     from dermlens.trust.refit import RefitError
 
     if (run is None) == (checkpoint is None):
@@ -49,7 +53,7 @@ def export(
         torch.set_num_threads(threads)
     try:
         ckpt = checkpoint if checkpoint is not None else find_checkpoint(run)
-        card = export_bundle(
+        card = build_bundle(
             ckpt,
             manifest,
             out,
@@ -71,8 +75,8 @@ def export(
 
 def _write_monitor_reference(bundle: Path, manifest: Path) -> None:
     """The bundle's drift-monitoring baseline: its runtime outputs on val (dermlens.monitor.reference)."""
+    from dermlens.infer.predictor import Predictor
     from dermlens.monitor.reference import build_reference
-    from dermlens.serve.runtime import Predictor
 
     path = build_reference(Predictor.load(bundle), manifest, "val").save(bundle)
     typer.echo(f"monitoring reference: {path}", err=True)

@@ -128,8 +128,8 @@ def monitor_reference(
     """Write MODEL/monitor_reference.json: the model's outputs on `split`, the baseline of `monitor`."""
     from dermlens.bundle import BundleError, release_dir
     from dermlens.data.manifest import DataError
+    from dermlens.infer.predictor import Predictor
     from dermlens.monitor.reference import build_reference
-    from dermlens.serve.runtime import Predictor
 
     try:
         predictor = Predictor.load(model, precision)

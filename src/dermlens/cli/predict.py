@@ -84,6 +84,7 @@ def predict(
 
     from dermlens import DISCLAIMER
     from dermlens.bundle import BundleError
+    from dermlens.infer.predictor import Predictor
     from dermlens.serve.batch import (
         BatchInputError,
         apply_dicom_meta,
@@ -91,7 +92,6 @@ def predict(
         read_metadata_csv,
         run_batch,
     )
-    from dermlens.serve.runtime import Predictor
 
     err = Console(stderr=True, soft_wrap=True)
     err.print(f"[bold yellow]{DISCLAIMER}[/]")

@@ -25,7 +25,7 @@ def build(
     from dermlens.cli.research import echo, run_or_exit
 
     def go() -> dict:
-        from dermlens.train.release_build import build_release, load_build_recipe
+        from dermlens.pipeline.release_build import build_release, load_build_recipe
 
         return build_release(load_build_recipe(recipe, list(overrides or [])), echo)
 

@@ -12,7 +12,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input or missing data: reported in one line, never as a traceback."""
     from dermlens.bundle import BundleError
     from dermlens.data.manifest import DataError
-    from dermlens.model.export import ExportError
+    from dermlens.export import ExportError
     from dermlens.model.weights import WeightsError
     from dermlens.train.config import ConfigError
     from dermlens.train.datamodule import DataSetupError

@@ -15,8 +15,9 @@ from typing import Any, TextIO
 import numpy as np
 
 from dermlens.data.taxonomy import HAM_CLASSES, ISIC2018_COLUMNS
+from dermlens.infer.predictor import Predictor, refer_reasons, set_labels
+from dermlens.infer.session import cpu_count
 from dermlens.preprocess import ImageDecodeError, load_rgb
-from dermlens.serve.runtime import Predictor, cpu_count, refer_reasons, set_labels
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".dcm", ".dicom"}

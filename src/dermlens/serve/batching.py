@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from dermlens.serve.runtime import Predictor, PredictResult
+from dermlens.infer.predictor import Predictor, PredictResult
 
 
 class QueueFull(RuntimeError):

@@ -23,6 +23,8 @@ import yaml
 
 from dermlens.bundle import TRUST, read_card
 from dermlens.data.taxonomy import HAM_CLASSES
+from dermlens.infer.predictor import Predictor
+from dermlens.infer.session import PRECISIONS, cpu_count
 from dermlens.serve.batch import (
     BatchInputError,
     BatchSummary,
@@ -36,7 +38,6 @@ from dermlens.serve.batch import (
     isic2018_header,
     prediction_header,
 )
-from dermlens.serve.runtime import PRECISIONS, Predictor, cpu_count
 
 INSTALL_HINT = "pip install 'dermlens[ray]'"
 

@@ -49,8 +49,8 @@ def teacher_logits(
     from dermlens.bundle import ONNX_FP32, read_card
     from dermlens.data.cache import open_cache
     from dermlens.data.manifest import read_manifest
+    from dermlens.infer.session import OnnxModel
     from dermlens.metadata import META_DIM, encode_rows
-    from dermlens.serve.runtime import OnnxModel
 
     card = read_card(Path(bundle))
     if out.is_file():

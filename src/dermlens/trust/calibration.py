@@ -1,20 +1,10 @@
-"""Temperature scaling and calibration error. numpy at inference; scipy only inside fit_temperature."""
+"""Fitting temperature scaling (scipy) and measuring calibration error."""
 
 from __future__ import annotations
 
 import numpy as np
 
-
-def log_softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Numerically stable log-softmax of logits / T along the last axis (float64)."""
-    z = np.asarray(logits, dtype=np.float64) / float(temperature)
-    z = z - z.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
-
-
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Probabilities softmax(logits / T) along the last axis (float64)."""
-    return np.exp(log_softmax(logits, temperature))
+from dermlens.infer.calibration import log_softmax, mean_softmax
 
 
 def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
@@ -41,11 +31,6 @@ def fit_temperature(
     t = float(np.exp(res.x))
     # Never return something worse than no scaling at all.
     return t if nll(logits, labels, t) <= nll(logits, labels, 1.0) else 1.0
-
-
-def mean_softmax(view_logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """TTA probabilities: softmax(logits_v / T) averaged over views; view_logits [V, N, C] -> [N, C]."""
-    return np.mean([softmax(z, temperature) for z in np.asarray(view_logits)], axis=0)
 
 
 def fit_temperature_tta(

@@ -4,7 +4,8 @@ images from synthetic clinical-like (naked-eye, phone-like) views of the same tr
 A clinical-like view removes what a dermoscope gives: it zooms out so the lesion is small in a field of
 skin (no dark dermoscope circle), or crops the circle away, changes white balance and lighting, may add
 flash glare, a perspective tilt, blur, sensor noise and JPEG compression. Views are deterministic for a
-seed. Scoring is numpy only: score = embedding_l2 . w + b (a logit; higher = less like dermoscopy).
+seed. Scoring (dermlens.infer.ood.not_dermoscopy_score) is embedding_l2 . w + b (a logit; higher = less
+like dermoscopy).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import io
 
 import numpy as np
 from PIL import Image, ImageFilter
+
+from dermlens.infer.ood import l2_normalize
 
 # Skin tones (RGB) for the field around a zoomed-out lesion: Fitzpatrick I-VI, as photographed.
 SKIN_TONES: tuple[tuple[int, int, int], ...] = (
@@ -163,17 +166,12 @@ def dermoscopy_jitter(images: np.ndarray, seed: int = 0) -> np.ndarray:
     return np.stack(out)
 
 
-def l2(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 def fit_head(emb_in: np.ndarray, emb_out: np.ndarray, c: float = 1.0) -> tuple[np.ndarray, float]:
     """Logistic regression (scikit-learn) on standardized L2-normalized embeddings; returns (w, b) that act
     on the L2-normalized embedding directly."""
     from sklearn.linear_model import LogisticRegression
 
-    x = l2(np.concatenate([emb_in, emb_out]))
+    x = l2_normalize(np.concatenate([emb_in, emb_out]))
     y = np.r_[np.zeros(len(emb_in)), np.ones(len(emb_out))]
     mu, sd = x.mean(axis=0), x.std(axis=0) + 1e-6
     clf = LogisticRegression(C=c, max_iter=2000).fit((x - mu) / sd, y)
@@ -181,9 +179,4 @@ def fit_head(emb_in: np.ndarray, emb_out: np.ndarray, c: float = 1.0) -> tuple[n
     return w, float(clf.intercept_[0] - (w * mu).sum())
 
 
-def score(embedding: np.ndarray, w: np.ndarray, b: float) -> np.ndarray:
-    """Not-dermoscopy logit for embeddings [N, D] (higher = more like a clinical photo)."""
-    return l2(embedding) @ np.asarray(w, np.float64) + float(b)
-
-
-__all__ = ["FAMILIES", "clinical_view", "clinical_views", "dermoscopy_jitter", "fit_head", "score"]
+__all__ = ["FAMILIES", "clinical_view", "clinical_views", "dermoscopy_jitter", "fit_head"]

@@ -16,8 +16,10 @@ from typing import Any
 import numpy as np
 
 from dermlens.bundle import TRUST
+from dermlens.infer.ood import not_dermoscopy_score
+from dermlens.infer.state import TrustState
 from dermlens.trust import clinical, probes
-from dermlens.trust.fit import TrustState, _cfg
+from dermlens.trust.fit import _cfg
 from dermlens.trust.ood import auroc
 from dermlens.trust.refit import Runner, load_rows, no_meta
 
@@ -161,9 +163,9 @@ def _lofo(
     for i, fam in enumerate(clinical.FAMILIES):
         emb_out = run(run.views(clinical.clinical_views(train.images, 100 + i, fam)), z)["embedding"]
         w, b = clinical.fit_head(emb_in, emb_out, float(cfg.get("C", 0.1)))
-        s_in = clinical.score(test_in, w, b)
+        s_in = not_dermoscopy_score(test_in, w, b)
         out[f"trained_on_{fam}"] = {
-            f"auroc_{other}": auroc(s_in, clinical.score(test_emb[other], w, b))
+            f"auroc_{other}": auroc(s_in, not_dermoscopy_score(test_emb[other], w, b))
             for other in clinical.FAMILIES
         }
     out["train_images"] = int(len(train.labels))

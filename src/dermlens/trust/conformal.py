@@ -1,4 +1,5 @@
-"""Class-conditional (Mondrian) split-conformal prediction sets. numpy only.
+"""Fitting class-conditional (Mondrian) split-conformal prediction sets. numpy only (applying them:
+dermlens.infer.conformal).
 
 Nonconformity of label c for an image is 1 - p_c (the "LAC" score of Sadinle et al. 2019, which gives the
 smallest sets on average). For each class c the threshold q_c is the ceil((n_c + 1)(1 - alpha))-th smallest
@@ -28,14 +29,6 @@ def class_thresholds(probs: np.ndarray, labels: np.ndarray, alpha: float, n_clas
         if 0 < k <= len(scores):
             q[c] = scores[k - 1]
     return q
-
-
-def prediction_sets(probs: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-    """Boolean membership [N, C]: class c is in the set when 1 - p_c <= q_c; the top class always is."""
-    probs = np.asarray(probs, dtype=np.float64)
-    sets = (1.0 - probs) <= np.asarray(thresholds, dtype=np.float64)[None, :] + 1e-12
-    sets[np.arange(len(probs)), probs.argmax(axis=1)] = True
-    return sets
 
 
 def coverage_tolerance(n_cal: int, alpha: float, n_test: int, z: float = 3.0) -> float:
@@ -82,4 +75,4 @@ def set_summary(sets: np.ndarray, labels: np.ndarray, classes: tuple[str, ...]) 
     }
 
 
-__all__ = ["class_thresholds", "coverage_tolerance", "expected_coverage", "prediction_sets", "set_summary"]
+__all__ = ["class_thresholds", "coverage_tolerance", "expected_coverage", "set_summary"]

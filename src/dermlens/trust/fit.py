@@ -1,277 +1,26 @@
-"""TrustState (everything a prediction's confidence needs: temperatures, OOD statistics, refer threshold,
-CAM weights) and fit_trust(), the one call the export step makes. Loading and applying need numpy only."""
+"""fit_trust(): temperatures, OOD statistics + thresholds and the refer threshold fitted from model outputs
+into a TrustState (dermlens.infer.state, which applies them)."""
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field, fields
-from functools import cached_property
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
 
 from dermlens.data.taxonomy import COARSE_CLASSES, FINE_CODES, coarse_label
+from dermlens.infer.calibration import softmax
+from dermlens.infer.ood import METHODS, l2_normalize
+from dermlens.infer.refer import refer_decision
+from dermlens.infer.state import TrustState
 from dermlens.trust import ood, selective
-from dermlens.trust.calibration import ece, fit_temperature, fit_temperature_tta, mean_softmax, nll, softmax
-
-STATE_VERSION = 1
+from dermlens.trust.calibration import ece, fit_temperature, fit_temperature_tta, nll
 
 
 def trust_config() -> dict[str, Any]:
     """Settings from configs/trust.yaml."""
     return yaml.safe_load(resources.files("dermlens.configs").joinpath("trust.yaml").read_text())
-
-
-@dataclass
-class TrustState:
-    """Fitted trust statistics; saved as trust.npz beside the ONNX model."""
-
-    temperature_fine: float = 1.0
-    temperature_coarse: float = 1.0
-    temperature_fine_tta: float | None = None  # per-view T when probabilities are averaged over TTA views
-    temperature_coarse_tta: float | None = None
-    ood_method: str = "msp"
-    ood_threshold: float = float("inf")
-    thresholds: dict[str, float] = field(default_factory=dict)  # per score method, same keep rate
-    val_keep_rate: float = 1.0
-    keep_target: float = 0.95
-    min_confidence: float = 0.0
-    normalize: bool = True
-    knn_k: int = 10
-    class_means: np.ndarray | None = None  # [C, D]
-    precision: np.ndarray | None = None  # [D, D]
-    knn_bank: np.ndarray | None = None  # [M, D] float16
-    cam_weight: np.ndarray | None = None  # [C, D]
-    info: dict[str, Any] = field(default_factory=dict)  # fit provenance and validation figures
-    # ---- calibration per condition, conformal sets, not-dermoscopy head (trust.refit) ----------------
-    calibration_method: str = "temperature"
-    calibration: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # condition -> {w, b}
-    conformal_alpha: float | None = None
-    conformal_thresholds: dict[str, list[float]] = field(default_factory=dict)  # condition -> q_c [C]
-    clinical_weight: np.ndarray | None = None  # [D] not-dermoscopy logistic head on the L2 embedding
-    clinical_bias: float = 0.0
-    clinical_threshold: float = float("inf")
-    max_set_size: int = 0  # refer when the prediction set has at least this many classes (0 = never)
-
-    _ARRAYS = ("class_means", "precision", "knn_bank", "cam_weight", "clinical_weight")
-
-    # ---- scoring -------------------------------------------------------------------------------------
-    def score(self, method: str, fine_logits: np.ndarray, embedding: np.ndarray | None = None) -> np.ndarray:
-        """OOD score of one method (higher = more out-of-distribution)."""
-        if method == "msp":
-            return ood.msp_score(fine_logits, self.temperature_fine)
-        if method == "energy":
-            return ood.energy_score(fine_logits, 1.0)
-        if embedding is None:
-            raise ValueError(f"OOD method {method!r} needs the model's embedding output")
-        if method == "mahalanobis":
-            if self.class_means is None or self.precision is None:
-                raise ValueError("this TrustState has no Mahalanobis statistics")
-            return ood.mahalanobis_score(
-                embedding, self.class_means, self.precision, self.normalize, self._mahalanobis_terms
-            )
-        if method == "knn":
-            if self.knn_bank is None:
-                raise ValueError("this TrustState has no kNN bank")
-            return ood.knn_score(embedding, self.knn_bank, self.knn_k)
-        raise ValueError(f"unknown OOD method {method!r}; choose from {ood.METHODS}")
-
-    @cached_property
-    def _mahalanobis_terms(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Constants of the Mahalanobis score, computed once per loaded state."""
-        return ood.mahalanobis_terms(self.class_means, self.precision)
-
-    def tta_probs(self, view_logits: np.ndarray, head: str = "fine") -> np.ndarray:
-        """Average of calibrated per-view probabilities, view_logits [V, N, C], with the TTA temperature."""
-        t = self.temperature_fine_tta if head == "fine" else self.temperature_coarse_tta
-        if t is None:
-            t = self.temperature_fine if head == "fine" else self.temperature_coarse
-        return mean_softmax(view_logits, t)
-
-    def calibrated(self, fine_logits: np.ndarray, has_meta: np.ndarray | None = None) -> np.ndarray:
-        """Calibrated fine probabilities, each image with its condition's parameters (metadata given or
-        not); the single fine temperature when no per-condition calibration was fitted."""
-        if not self.calibration:
-            return softmax(fine_logits, self.temperature_fine)
-        from dermlens.trust.scaling import calibrate
-
-        n = len(fine_logits)
-        cond = np.ones(n, bool) if has_meta is None else np.asarray(has_meta, bool)
-        return calibrate(fine_logits, cond, self.calibration)
-
-    def prediction_sets(self, probs: np.ndarray, has_meta: np.ndarray | None = None) -> np.ndarray | None:
-        """Conformal prediction sets [N, C] bool (Mondrian, coverage 1 - alpha), or None if not fitted."""
-        if not self.conformal_thresholds:
-            return None
-        from dermlens.trust.conformal import prediction_sets
-
-        probs = np.asarray(probs, dtype=np.float64)
-        cond = np.ones(len(probs), bool) if has_meta is None else np.asarray(has_meta, bool)
-        out = np.zeros(probs.shape, bool)
-        for name, sel in (("meta", cond), ("no_meta", ~cond)):
-            if sel.any():
-                q = self.conformal_thresholds.get(name) or self.conformal_thresholds["meta"]
-                out[sel] = prediction_sets(probs[sel], np.asarray(q))
-        return out
-
-    def not_dermoscopy_score(self, embedding: np.ndarray | None) -> np.ndarray | None:
-        """Logit of the not-dermoscopy head (higher = more like a clinical photo), None if not fitted."""
-        if self.clinical_weight is None or embedding is None:
-            return None
-        from dermlens.trust.clinical import score
-
-        return score(embedding, self.clinical_weight, self.clinical_bias)
-
-    def decide(
-        self,
-        fine_logits: np.ndarray,
-        embedding: np.ndarray | None = None,
-        has_meta: np.ndarray | None = None,
-        probs: np.ndarray | None = None,
-    ) -> dict[str, Any]:
-        """Everything the refer rule uses for a batch: calibrated probs, prediction sets, the four flags
-        (OOD, not dermoscopy, low confidence, set too large), refer and the reason codes per image.
-        `probs` overrides the calibrated probabilities (e.g. TTA-averaged ones)."""
-        probs = self.calibrated(fine_logits, has_meta) if probs is None else np.asarray(probs, np.float64)
-        score = self.ood_score(fine_logits, embedding)
-        sets = self.prediction_sets(probs, has_meta)
-        nd = self.not_dermoscopy_score(embedding)
-        n = len(probs)
-        flags = {
-            "ood": score > self.ood_threshold,
-            "not_dermoscopy": np.zeros(n, bool) if nd is None else nd > self.clinical_threshold,
-            "low_confidence": probs.max(axis=1) < self.min_confidence,
-            "set_too_large": np.zeros(n, bool)
-            if sets is None or self.max_set_size <= 0
-            else sets.sum(axis=1) >= self.max_set_size,
-        }
-        refer = np.zeros(n, bool)
-        for f in flags.values():
-            refer |= f
-        return {
-            "probs": probs,
-            "ood_score": score,
-            "not_dermoscopy_score": nd,
-            "sets": sets,
-            **flags,
-            "refer": refer,
-            "refer_codes": selective.refer_codes(flags),
-        }
-
-    def ood_score(self, fine_logits: np.ndarray, embedding: np.ndarray | None = None) -> np.ndarray:
-        """Score of the default method."""
-        return self.score(self.ood_method, fine_logits, embedding)
-
-    def assess(
-        self,
-        fine_logits: np.ndarray,
-        coarse_logits: np.ndarray | None = None,
-        embedding: np.ndarray | None = None,
-    ) -> dict[str, np.ndarray]:
-        """Calibrated probabilities, OOD score/flag and the refer decision for a batch of model outputs."""
-        probs = softmax(fine_logits, self.temperature_fine)
-        out: dict[str, np.ndarray] = {"probs": probs}
-        if coarse_logits is not None:
-            out["coarse_probs"] = softmax(coarse_logits, self.temperature_coarse)
-        score = self.ood_score(fine_logits, embedding)
-        out["ood_score"] = score
-        out["ood"] = score > self.ood_threshold
-        out["low_confidence"] = probs.max(axis=1) < self.min_confidence
-        out["refer"] = selective.refer_decision(probs, score, self)
-        return out
-
-    # ---- card + file ---------------------------------------------------------------------------------
-    def card_fields(self) -> dict[str, Any]:
-        """The card.json `ood` section: method, threshold, val_keep_rate (plus per-method thresholds)."""
-        return {
-            "method": self.ood_method,
-            "threshold": self.ood_threshold,
-            "val_keep_rate": self.val_keep_rate,
-            "keep_target": self.keep_target,
-            "higher_is_ood": True,
-            "thresholds": dict(self.thresholds),
-        }
-
-    def card_sections(self) -> dict[str, Any]:
-        """All card.json sections the trust layer owns: temperature, ood, refer."""
-        return {
-            "temperature": {
-                "fine": self.temperature_fine,
-                "coarse": self.temperature_coarse,
-                **({"fine_tta": self.temperature_fine_tta} if self.temperature_fine_tta else {}),
-                **({"coarse_tta": self.temperature_coarse_tta} if self.temperature_coarse_tta else {}),
-            },
-            "ood": self.card_fields(),
-            "refer": {
-                "min_confidence": self.min_confidence,
-                "max_set_size": self.max_set_size,
-                "not_dermoscopy_threshold": self.clinical_threshold
-                if np.isfinite(self.clinical_threshold)
-                else None,
-                "rule": selective.RULE,
-            },
-            **self.shift_sections(),
-        }
-
-    def shift_sections(self) -> dict[str, Any]:
-        """card.json sections of the per-condition calibration, conformal sets and not-dermoscopy head."""
-        out: dict[str, Any] = {}
-        if self.calibration:
-            out["calibration"] = {"method": self.calibration_method, "conditions": self.calibration}
-        if self.conformal_thresholds:
-            out["conformal"] = {
-                "alpha": self.conformal_alpha,
-                "coverage": None if self.conformal_alpha is None else 1.0 - self.conformal_alpha,
-                "score": "1 - p_class (LAC), Mondrian by true class, split-conformal on validation",
-                "thresholds": self.conformal_thresholds,
-            }
-        if self.clinical_weight is not None:
-            out["not_dermoscopy"] = {
-                "head": "logistic regression on the L2-normalized embedding",
-                "threshold": self.clinical_threshold,
-            }
-        return out
-
-    def save(self, path: str | Path) -> Path:
-        """Write trust.npz (arrays + a JSON header); returns the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        names = [f.name for f in fields(self) if f.name not in self._ARRAYS]
-        header = {k: getattr(self, k) for k in names}
-        header["version"] = STATE_VERSION
-        arrays = {k: getattr(self, k) for k in self._ARRAYS if getattr(self, k) is not None}
-        arrays = {
-            k: (v.astype(np.float16) if k == "knn_bank" else v.astype(np.float32)) for k, v in arrays.items()
-        }
-        if "precision" in arrays:  # symmetric: store the upper triangle only (half the file)
-            p = arrays.pop("precision")
-            arrays["precision_triu"] = p[np.triu_indices(p.shape[0])]
-        with open(path, "wb") as fh:
-            np.savez_compressed(fh, header=np.array(json.dumps(header, default=float)), **arrays)
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> TrustState:
-        """Read trust.npz written by save()."""
-        with np.load(Path(path), allow_pickle=False) as z:
-            header = json.loads(str(z["header"]))
-            arrays = {k: np.array(z[k]) for k in cls._ARRAYS if k in z.files}
-            if "precision_triu" in z.files:
-                arrays["precision"] = _unpack_symmetric(np.array(z["precision_triu"]))
-        header.pop("version", None)
-        known = {k: v for k, v in header.items() if k in cls.__dataclass_fields__}
-        return cls(**known, **arrays)
-
-
-def _unpack_symmetric(triu: np.ndarray) -> np.ndarray:
-    """Rebuild a symmetric [D, D] matrix from its packed upper triangle (row-major, diagonal included)."""
-    d = int(round((np.sqrt(8 * len(triu) + 1) - 1) / 2))
-    m = np.zeros((d, d), dtype=triu.dtype)
-    m[np.triu_indices(d)] = triu
-    return m + np.triu(m, 1).T
 
 
 def coarse_from_fine(labels: np.ndarray, n_classes: int) -> np.ndarray:
@@ -372,14 +121,14 @@ def fit_trust(
         state.class_means, state.precision = means, precision
         rng = np.random.default_rng(int(c_ood.get("seed", 0)))
         m = min(int(c_ood["knn_bank"]), len(fit_emb))
-        state.knn_bank = ood.l2_normalize(fit_emb[np.sort(rng.choice(len(fit_emb), m, replace=False))])
+        state.knn_bank = l2_normalize(fit_emb[np.sort(rng.choice(len(fit_emb), m, replace=False))])
         info["ood_fit"] = {
             "source": "train" if train_embeddings is not None else "val",
             "n": len(fit_emb),
             "shrinkage": alpha,
             "knn_bank": m,
         }
-    methods = [mt for mt in ood.METHODS if emb is not None or mt in ("msp", "energy")]
+    methods = [mt for mt in METHODS if emb is not None or mt in ("msp", "energy")]
     keep = state.keep_target
     for mt in methods:
         scores = state.score(mt, fine, emb)
@@ -390,7 +139,7 @@ def fit_trust(
     state.val_keep_rate = float((val_scores <= state.ood_threshold).mean())
     probs = softmax(fine, t_fine)
     state.min_confidence, rule = _min_confidence(probs, labels, cfg["refer"])
-    refer = selective.refer_decision(probs, val_scores, state)
+    refer = refer_decision(probs, val_scores, state)
     info["refer"] = {"rule": rule, **selective.selective_summary(probs, labels, refer)}
     fit_tta(state, val, bounds)
     if cam_weight is not None:

@@ -1,30 +1,10 @@
-"""Out-of-distribution scores (higher = MORE out-of-distribution), their fitting and AUROC. numpy only."""
+"""Fitting out-of-distribution statistics (class means, shrunk precision, thresholds) and AUROC."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from dermlens.trust.calibration import log_softmax, softmax
-
-METHODS: tuple[str, ...] = ("msp", "energy", "mahalanobis", "knn")
-
-
-def msp_score(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Negative maximum softmax probability (Hendrycks & Gimpel 2017)."""
-    return -softmax(logits, temperature).max(axis=1)
-
-
-def energy_score(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Free energy -T * logsumexp(logits / T) (Liu et al. 2020)."""
-    z = np.asarray(logits, dtype=np.float64) / temperature
-    m = z.max(axis=1)
-    return -temperature * (m + np.log(np.exp(z - m[:, None]).sum(axis=1)))
-
-
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit Euclidean norm (float64)."""
-    x = np.asarray(x, dtype=np.float64)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+from dermlens.infer.ood import METHODS, l2_normalize
 
 
 def ledoit_wolf_shrinkage(x: np.ndarray) -> float:
@@ -66,38 +46,6 @@ def fit_gaussian(
     return means, precision, alpha
 
 
-def mahalanobis_terms(means: np.ndarray, precision: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-model constants of the Mahalanobis score: finite class means, means @ precision, m P m."""
-    m = np.asarray(means, dtype=np.float64)
-    m = m[np.isfinite(m).all(axis=1)]
-    mp = m @ precision
-    return m, mp, (mp * m).sum(axis=1)
-
-
-def mahalanobis_score(
-    embedding: np.ndarray,
-    means: np.ndarray,
-    precision: np.ndarray,
-    normalize: bool = True,
-    terms: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
-) -> np.ndarray:
-    """Minimum over classes of the squared Mahalanobis distance (Lee et al. 2018), tied covariance.
-
-    Pass ``terms`` from :func:`mahalanobis_terms` to skip recomputing the per-model constants."""
-    x = l2_normalize(embedding) if normalize else np.asarray(embedding, dtype=np.float64)
-    _, mp, mpm = terms if terms is not None else mahalanobis_terms(means, precision)
-    d = ((x @ precision) * x).sum(axis=1)[:, None] - 2.0 * x @ mp.T + mpm[None, :]
-    return d.min(axis=1)
-
-
-def knn_score(embedding: np.ndarray, bank: np.ndarray, k: int = 10) -> np.ndarray:
-    """One minus the cosine similarity to the k-th nearest in-distribution embedding (Sun et al. 2022)."""
-    sims = l2_normalize(embedding) @ l2_normalize(bank).T
-    k = int(min(max(k, 1), sims.shape[1]))
-    kth = -np.partition(-sims, k - 1, axis=1)[:, k - 1]
-    return 1.0 - kth
-
-
 def threshold_for_keep(val_scores: np.ndarray, keep: float = 0.95) -> float:
     """Score threshold keeping the fraction `keep` of in-distribution validation images (score <= t)."""
     return float(np.quantile(np.asarray(val_scores, dtype=np.float64), keep, method="higher"))
@@ -127,18 +75,4 @@ def fpr_at_tpr(in_scores: np.ndarray, out_scores: np.ndarray, tpr: float = 0.95)
     return float((np.asarray(out_scores) <= t).mean())
 
 
-__all__ = [
-    "METHODS",
-    "auroc",
-    "energy_score",
-    "fit_gaussian",
-    "fpr_at_tpr",
-    "knn_score",
-    "l2_normalize",
-    "ledoit_wolf_shrinkage",
-    "log_softmax",
-    "mahalanobis_score",
-    "mahalanobis_terms",
-    "msp_score",
-    "threshold_for_keep",
-]
+__all__ = ["METHODS", "auroc", "fit_gaussian", "fpr_at_tpr", "ledoit_wolf_shrinkage", "threshold_for_keep"]

@@ -20,11 +20,14 @@ import numpy as np
 import pandas as pd
 
 from dermlens.bundle import TRUST, read_card, write_card
+from dermlens.infer.calibration import calibrate
+from dermlens.infer.ood import not_dermoscopy_score
+from dermlens.infer.state import TrustState
 from dermlens.metadata import encode_metadata, encode_rows
 from dermlens.preprocess import Preprocessing
 from dermlens.trust import clinical, conformal, scaling
 from dermlens.trust.calibration import ece
-from dermlens.trust.fit import TrustState, _cfg, _min_confidence
+from dermlens.trust.fit import _cfg, _min_confidence
 from dermlens.trust.ood import auroc
 
 
@@ -92,7 +95,7 @@ class Runner:
     """The bundle's ONNX graph at its default precision (the one the Predictor serves)."""
 
     def __init__(self, bundle: Path, threads: int | None = None, precision: str | None = None) -> None:
-        from dermlens.serve.runtime import PRECISIONS, OnnxModel
+        from dermlens.infer.session import PRECISIONS, OnnxModel
 
         self.card = read_card(bundle)
         self.prep: Preprocessing = self.card.preprocessing
@@ -190,12 +193,12 @@ def fit_not_dermoscopy(
     )
     emb_out = run(run.views(clinical.clinical_views(train.images, seed)), zeros)["embedding"]
     w, b = clinical.fit_head(emb_in, emb_out, float(cfg.get("C", 0.1)))
-    val_scores = clinical.score(val_emb, w, b)
+    val_scores = not_dermoscopy_score(val_emb, w, b)
     keep = float(cfg.get("keep_rate", 0.98))
     threshold = float(np.quantile(val_scores, keep, method="higher"))
     info = {
         "train_images": len(train.labels),
-        "train_auroc": auroc(clinical.score(emb_in, w, b), clinical.score(emb_out, w, b)),
+        "train_auroc": auroc(not_dermoscopy_score(emb_in, w, b), not_dermoscopy_score(emb_out, w, b)),
         "keep_rate_target": keep,
         "val_keep_rate": float((val_scores <= threshold).mean()),
     }
@@ -233,8 +236,8 @@ def refit_bundle(
         f"(worst CV ECE {max(v for k, v in choice['cv_ece'][choice['chosen']].items() if ':' not in k):.3f})"
     )
 
-    p_meta = scaling.calibrate(ham["meta_logits"], np.ones(len(val.labels), bool), params)
-    p_none = scaling.calibrate(ham["no_meta_logits"], np.zeros(len(val.labels), bool), params)
+    p_meta = calibrate(ham["meta_logits"], np.ones(len(val.labels), bool), params)
+    p_none = calibrate(ham["no_meta_logits"], np.zeros(len(val.labels), bool), params)
     alpha = float(cfg["conformal"]["alpha"])
     state.conformal_alpha = alpha
     state.conformal_thresholds = {

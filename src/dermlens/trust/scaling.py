@@ -1,5 +1,5 @@
 """Calibration per condition of use: probabilities = softmax(logits * w + b) with (w, b) chosen by the
-condition known at inference (metadata given or not). numpy at inference; scipy only when fitting.
+condition known at inference (metadata given or not). Fitting (scipy); applying is dermlens.infer.calibration.
 
 Methods: ``temperature`` (one T for every condition), ``condition_temperature`` (one T per condition) and
 ``vector`` (vector scaling per condition: a weight and a bias per class, Guo et al. 2017).
@@ -11,32 +11,11 @@ from collections.abc import Callable
 
 import numpy as np
 
+from dermlens.infer.calibration import Params, calibrate
 from dermlens.trust.calibration import ece
 
 CONDITIONS: tuple[str, ...] = ("meta", "no_meta")  # metadata given (any of age/sex/site) / none given
 METHODS: tuple[str, ...] = ("temperature", "condition_temperature", "vector")
-
-Params = dict[str, dict[str, list[float]]]  # condition -> {"w": [C], "b": [C]}
-
-
-def apply(logits: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """softmax(logits * w + b) along the last axis (float64)."""
-    z = np.asarray(logits, dtype=np.float64) * np.asarray(w, np.float64) + np.asarray(b, np.float64)
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def calibrate(logits: np.ndarray, has_meta: np.ndarray, params: Params) -> np.ndarray:
-    """Calibrated probabilities [N, C], each row with the parameters of its own condition."""
-    logits = np.asarray(logits, dtype=np.float64)
-    has_meta = np.asarray(has_meta, dtype=bool)
-    out = np.empty_like(logits)
-    for cond, sel in (("meta", has_meta), ("no_meta", ~has_meta)):
-        if sel.any():
-            p = params.get(cond) or params["meta"]
-            out[sel] = apply(logits[sel], np.asarray(p["w"]), np.asarray(p["b"]))
-    return out
 
 
 def _nll(z: np.ndarray, y: np.ndarray, wt: np.ndarray) -> tuple[float, np.ndarray]:
@@ -167,4 +146,4 @@ def choose(
     return best, tables
 
 
-__all__ = ["CONDITIONS", "METHODS", "apply", "calibrate", "choose", "cross_validate", "fit_params"]
+__all__ = ["CONDITIONS", "METHODS", "Params", "choose", "cross_validate", "fit_params"]

@@ -35,3 +35,18 @@ def predict_tta(
 ) -> np.ndarray:
     """Average `predict(view) -> probs [N, C]` over the TTA views (costs len(views) forward passes)."""
     return average_probs([predict(v) for v in tta_views(batch, views)])
+
+
+def view_logits(
+    run: Callable[[np.ndarray], dict[str, np.ndarray]],
+    batch: np.ndarray,
+    views: tuple[str, ...] = VIEWS,
+    identity: dict[str, np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fine and coarse logits [V, N, C] of the TTA views of a model-size uint8 batch; `run(view)` scores one
+    view, and the identity view's outputs are reused when given."""
+    outs = [
+        identity if name == "identity" and identity is not None else run(view)
+        for name, view in zip(views, tta_views(batch, views), strict=True)
+    ]
+    return np.stack([o["fine_logits"] for o in outs]), np.stack([o["coarse_logits"] for o in outs])

@@ -1,13 +1,12 @@
-"""Torch-free inference: a model bundle's ONNX graph under onnxruntime, plus the trust layer (numpy).
+"""The Predictor: a loaded model bundle (ONNX session + card + trust state) that scores images and applies
+calibration, OOD, the refer rule, conformal sets, TTA and CAM. onnxruntime, numpy and Pillow; never torch.
 
 `Predictor.load()` opens the packaged release bundle (or any bundle folder); `predict_arrays` scores a
 batch of decoded images, `predict_file` / `predict_bytes` score one image for people and the API.
-Imports onnxruntime, numpy and Pillow only; never torch.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,107 +14,18 @@ from typing import Any
 
 import numpy as np
 
-from dermlens.bundle import ONNX_FP32, ONNX_INT8, TRUST, BundleError, ModelCard, read_card, release_dir
-from dermlens.metadata import META_DIM, encode_metadata, missing_vector
+from dermlens.bundle import TRUST, BundleError, ModelCard, read_card, release_dir
+from dermlens.infer.calibration import softmax
+from dermlens.infer.cam import cam, overlay_png
+from dermlens.infer.inputs import encode_meta, meta_given, prepare
+from dermlens.infer.refer import refer_message
+from dermlens.infer.session import PRECISIONS, OnnxModel
+from dermlens.infer.state import TrustState
+from dermlens.infer.tta import VIEWS, view_logits
+from dermlens.metadata import META_DIM
 from dermlens.preprocess import DEFAULT_MAX_PIXELS, Preprocessing, load_rgb
 
-OUTPUTS: tuple[str, ...] = ("fine_logits", "coarse_logits", "embedding", "feature_map")
-PRECISIONS: dict[str, str] = {"fp32": ONNX_FP32, "int8": ONNX_INT8}
 CAM_MAX_SIDE = 600  # longest side of the CAM overlay PNG
-
-
-def cpu_count() -> int:
-    """Cores this process may use (affinity-aware)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def session_options(threads: int | None = None, spin: bool = False):
-    """onnxruntime options: all graph optimizations, `threads` intra-op threads (default: every core).
-
-    Spin-waiting threads are off by default: they win a little on an idle machine but slow everything
-    down when decoding threads or other processes share the cores.
-    """
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.intra_op_num_threads = int(threads or cpu_count())
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-    return so
-
-
-class OnnxModel:
-    """One ONNX graph with inputs `image` (+ `meta`) and the four dermlens outputs."""
-
-    def __init__(self, path: str | Path, threads: int | None = None, spin: bool = False) -> None:
-        import onnxruntime as ort
-
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise BundleError(f"no ONNX model at {self.path}")
-        self.session = ort.InferenceSession(
-            str(self.path), session_options(threads, spin), providers=["CPUExecutionProvider"]
-        )
-        self.inputs = {i.name for i in self.session.get_inputs()}
-        self.outputs = [o.name for o in self.session.get_outputs()]
-        missing = [o for o in OUTPUTS if o not in self.outputs]
-        if "image" not in self.inputs or missing:
-            raise BundleError(f"{self.path} lacks the dermlens input `image` or outputs {missing}")
-
-    def run(
-        self, x: np.ndarray, meta: np.ndarray | None = None, feature_map: bool = True
-    ) -> dict[str, np.ndarray]:
-        """Normalized float32 [N,3,H,W] (+ meta [N,META_DIM]) -> the model outputs by name."""
-        feeds: dict[str, np.ndarray] = {"image": np.ascontiguousarray(x, dtype=np.float32)}
-        if "meta" in self.inputs:
-            m = np.zeros((len(x), META_DIM), np.float32) if meta is None else meta
-            feeds["meta"] = np.ascontiguousarray(m, dtype=np.float32)
-        names = list(OUTPUTS if feature_map else OUTPUTS[:3])
-        return dict(zip(names, self.session.run(names, feeds), strict=True))
-
-    def run_images(
-        self,
-        images: np.ndarray,
-        prep: Preprocessing,
-        meta: np.ndarray | None = None,
-        batch_size: int = 32,
-        feature_map: bool = False,
-    ) -> dict[str, np.ndarray]:
-        """uint8 NxHxWx3 images already at the model size (e.g. the data cache) -> concatenated outputs."""
-        parts: list[dict[str, np.ndarray]] = []
-        for s in range(0, len(images), batch_size):
-            x = prep.normalize(np.asarray(images[s : s + batch_size]))
-            m = None if meta is None else meta[s : s + batch_size]
-            parts.append(self.run(x, m, feature_map))
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
-
-
-def encode_meta(meta: list[dict[str, Any] | None] | None, n: int) -> np.ndarray:
-    """Patient metadata dicts (age, sex, site; any missing) -> float32 [n, META_DIM]."""
-    if meta is None:
-        return np.stack([encode_metadata() for _ in range(n)]) if n else np.zeros((0, META_DIM), np.float32)
-    if len(meta) != n:
-        raise ValueError(f"got {len(meta)} metadata rows for {n} images")
-    return np.stack([encode_metadata(**_meta_fields(m)) for m in meta]).astype(np.float32)
-
-
-def meta_given(meta: list[dict[str, Any] | None] | None, n: int) -> np.ndarray:
-    """Per image: True when any of age, sex, site was given (selects the 'meta' calibration condition)."""
-    if meta is None:
-        return np.zeros(n, bool)
-    none = missing_vector()  # the one metadata encoding decides: NaN, blanks and unknown values are missing
-    return np.array([not np.array_equal(encode_metadata(**_meta_fields(m)), none) for m in meta], bool)
-
-
-def _meta_fields(m: dict[str, Any] | None) -> dict[str, Any]:
-    m = m or {}
-    return {"age": m.get("age"), "sex": m.get("sex"), "site": m.get("site")}
 
 
 @dataclass
@@ -156,8 +66,6 @@ def refer_reasons(
 ) -> list[str | None]:
     """Plain-words reason per image for the refer flag (from the reason codes when given), None when not
     referred."""
-    from dermlens.trust.selective import refer_message
-
     if codes is None:
         flags = {"ood": np.asarray(ood, bool), "low_confidence": np.asarray(low_confidence, bool)}
         codes = [[k for k, f in flags.items() if f[i]] for i in range(len(flags["ood"]))]
@@ -178,7 +86,7 @@ class Predictor:
     """A loaded model bundle: ONNX session + card + trust state. Thread-safe for concurrent predictions."""
 
     def __init__(
-        self, bundle_dir: Path, card: ModelCard, model: OnnxModel, trust: Any, precision: str
+        self, bundle_dir: Path, card: ModelCard, model: OnnxModel, trust: TrustState, precision: str
     ) -> None:
         self.bundle_dir, self.card, self.model, self.trust, self.precision = (
             bundle_dir,
@@ -191,9 +99,7 @@ class Predictor:
         self.classes: tuple[str, ...] = tuple(card.classes)
         self.coarse_classes: tuple[str, ...] = tuple(card.coarse_classes)
         self.malignant_index = self.coarse_classes.index("malignant")
-        self.tta_views: tuple[str, ...] = tuple(
-            card.extra.get("tta_views") or ("identity", "hflip", "vflip", "rot180")
-        )
+        self.tta_views: tuple[str, ...] = tuple(card.extra.get("tta_views") or VIEWS)
         self.max_batch = 32
 
     @classmethod
@@ -201,8 +107,6 @@ class Predictor:
         cls, bundle_dir: str | Path | None = None, precision: str | None = None, threads: int | None = None
     ) -> Predictor:
         """Open a bundle (None: the packaged release) at `precision` ('int8' | 'fp32'; None: the card's)."""
-        from dermlens.trust.fit import TrustState
-
         bundle = Path(bundle_dir) if bundle_dir is not None else release_dir()
         if not (bundle / "card.json").is_file():
             hint = (
@@ -227,10 +131,7 @@ class Predictor:
     # ---- batches ---------------------------------------------------------------------------------------
     def prepare(self, images: list[np.ndarray]) -> np.ndarray:
         """Decoded HxWx3 uint8 images, any size -> uint8 NxHxWx3 at the model size (shared Preprocessing)."""
-        h, w = self.prep.height, self.prep.width
-        if not images:
-            return np.zeros((0, h, w, 3), np.uint8)
-        return np.stack([self.prep.resize(np.asarray(im, dtype=np.uint8)) for im in images])
+        return prepare(self.prep, images)
 
     def _forward(self, batch: np.ndarray, meta: np.ndarray, feature_map: bool) -> dict[str, np.ndarray]:
         parts = [
@@ -261,8 +162,6 @@ class Predictor:
         codes per image), has_meta [N], embedding [N,D]; plus cam (list of [h,w] heat maps in 0..1 for
         the top class) when cam=True. tta=None follows the card.
         """
-        from dermlens.trust.calibration import softmax
-
         batch = np.asarray(images, dtype=np.uint8) if prepared else self.prepare(list(images))
         n, tta = len(batch), self.card.tta if tta is None else tta
         if n == 0:
@@ -305,18 +204,11 @@ class Predictor:
         self, batch: np.ndarray, meta: np.ndarray, identity: dict[str, np.ndarray] | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Fine and coarse logits [V, N, C] of the TTA views (identity first) of a model-size batch."""
-        from dermlens.trust.tta import tta_views
-
-        outs = []
-        for name, view in zip(self.tta_views, tta_views(batch, self.tta_views), strict=True):
-            reuse = name == "identity" and identity is not None
-            outs.append(identity if reuse else self._forward(view, meta, feature_map=False))
-        return np.stack([o["fine_logits"] for o in outs]), np.stack([o["coarse_logits"] for o in outs])
+        run = lambda v: self._forward(v, meta, feature_map=False)  # noqa: E731
+        return view_logits(run, batch, self.tta_views, identity)
 
     def cams(self, feature_map: np.ndarray, classes: np.ndarray) -> list[np.ndarray]:
         """Class activation map [h, w] in 0..1 for each image's given class index."""
-        from dermlens.trust.cam import cam
-
         if self.trust.cam_weight is None:
             raise BundleError(
                 f"{self.bundle_dir / TRUST} has no cam_weight: CAM is unavailable for this model"
@@ -377,8 +269,6 @@ class Predictor:
     def cam_overlay(self, rgb: np.ndarray, heat: np.ndarray) -> bytes:
         """PNG of the heat map over the image, downscaled so the longest side is at most CAM_MAX_SIDE."""
         from PIL import Image
-
-        from dermlens.trust.cam import overlay_png
 
         h, w = rgb.shape[:2]
         scale = min(1.0, CAM_MAX_SIDE / max(h, w))

@@ -17,9 +17,10 @@ from typing import Any
 
 import yaml
 
+from dermlens.pipeline.bundle import build_bundle
+from dermlens.pipeline.ensemble import build_ensemble
 from dermlens.train.config import ConfigError
 from dermlens.train.ensemble import (
-    build_ensemble,
     config_hash,
     finished,
     merge_sections,
@@ -113,7 +114,8 @@ def build_release(recipe: dict[str, Any], log: Log = print) -> dict[str, Any]:
     import os
     import time
 
-    from dermlens.model.export import export_bundle, export_config, find_checkpoint
+    from dermlens.export.checkpoint import find_checkpoint
+    from dermlens.export.stage import export_config
     from dermlens.train.distill import distill, student_config
 
     start = time.time()
@@ -136,7 +138,7 @@ def build_release(recipe: dict[str, Any], log: Log = print) -> dict[str, Any]:
         ecfg[k] = {**ecfg[k], **v} if isinstance(ecfg.get(k), dict) and isinstance(v, dict) else v
 
     def export_student() -> dict[str, Any]:
-        card = export_bundle(find_checkpoint(student_dir), Path(scfg["data"]["dir"]), sbundle, ecfg, log)
+        card = build_bundle(find_checkpoint(student_dir), Path(scfg["data"]["dir"]), sbundle, ecfg, log)
         return {"bundle": str(sbundle), "version": card["version"], "val": card["metrics"]["val"]}
 
     student = run_stage(

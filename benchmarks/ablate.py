@@ -2,7 +2,7 @@
 
 Extracts frozen ImageNet backbone features once (train: plain + h-flip views; val: plain), then trains the
 real FusionHead with each option. It is a PROXY for fine-tuning: it ranks options cheaply, it does not
-predict fine-tuned accuracy. Usage: python -m dermlens.train.ablate [--config FILE] [key=value ...]
+predict fine-tuned accuracy. Usage: python benchmarks/ablate.py [--config FILE] [key=value ...]
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Trust figures for a model bundle: calibration, OOD refusal, selective prediction, TTA, CAM vs lesion masks.
 
-    python -m dermlens.trust.measure --bundle DIR --manifest DIR --out DIR [--n-val N --n-test N ...]
+    python benchmarks/trust_measure.py --bundle DIR --manifest DIR --out DIR [--n-val N --n-test N ...]
 
 Runs the bundle's ONNX model (torch-free) on the prepared manifest's val/test images and on the probe sets,
 and writes trust_report.json + trust_report.md to --out.
@@ -9,7 +9,6 @@ and writes trust_report.json + trust_report.md to --out.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import time
 from pathlib import Path
@@ -19,13 +18,18 @@ import numpy as np
 import pandas as pd
 
 from dermlens.bundle import TRUST, read_card
+from dermlens.infer import cam as camlib
+from dermlens.infer import tta
+from dermlens.infer.calibration import mean_softmax, softmax
+from dermlens.infer.refer import refer_decision
+from dermlens.infer.state import TrustState
 from dermlens.metadata import encode_metadata, encode_rows
 from dermlens.preprocess import Preprocessing, load_rgb
 from dermlens.settings import data_root
-from dermlens.trust import cam as camlib
-from dermlens.trust import ood, probes, selective, tta
-from dermlens.trust.calibration import ece, mean_softmax, nll, reliability, softmax
-from dermlens.trust.fit import TrustState, coarse_from_fine, fit_trust, fit_tta, trust_config
+from dermlens.trust import cam as cam_measure
+from dermlens.trust import ood, probes, selective
+from dermlens.trust.calibration import ece, nll, reliability
+from dermlens.trust.fit import coarse_from_fine, fit_trust, fit_tta, trust_config
 
 OUTPUTS = ("fine_logits", "coarse_logits", "embedding", "feature_map")
 
@@ -34,7 +38,7 @@ class BundleModel:
     """A bundle's ONNX graph via the runtime's OnnxModel: uint8 NHWC images (+ metadata) -> raw outputs."""
 
     def __init__(self, bundle: Path, threads: int = 1, precision: str | None = None) -> None:
-        from dermlens.serve.runtime import PRECISIONS, OnnxModel
+        from dermlens.infer.session import PRECISIONS, OnnxModel
 
         self.card = read_card(bundle)
         self.prep: Preprocessing = self.card.preprocessing
@@ -51,59 +55,6 @@ class BundleModel:
         """Model outputs for uint8 NxHxWx3 images at the model size, in batches."""
         out = self.model.run_images(images, self.prep, meta, batch, feature_map="feature_map" in outputs)
         return {k: out[k] for k in outputs}
-
-
-def ham_sample(per_class: int, seed: int = 0, skip: int = 0) -> pd.DataFrame:
-    """Deterministic HAM10000 rows (one image per lesion, `per_class` lesions per class after `skip`) from
-    data_root(), with lesion-hash order; for tests and development without a prepared manifest."""
-    import hashlib
-
-    md = pd.read_csv(data_root() / "ham10000" / "HAM10000_metadata.csv")
-    md = md.sort_values("image_id").drop_duplicates("lesion_id")
-    md["_h"] = [hashlib.md5(f"{seed}:{lid}".encode()).hexdigest() for lid in md["lesion_id"]]
-    md = md.sort_values("_h").groupby("dx", sort=True).nth(list(range(skip, skip + per_class)))
-    md["image_path"] = [str(data_root() / "ham10000" / "images" / f"{i}.jpg") for i in md["image_id"]]
-    return md.drop(columns="_h").reset_index(drop=True)
-
-
-@functools.cache
-def _imagenet_net():  # noqa: ANN202 - torch type stays out of the signature
-    from dermlens.model.network import DermNet
-
-    return DermNet(metadata=False).eval()
-
-
-def imagenet_features(images: np.ndarray, batch: int = 32) -> dict[str, np.ndarray]:
-    """`embedding` and `feature_map` of the ImageNet-initialised lite0 backbone (torch): a stand-in model
-    for tests and development before a trained bundle exists."""
-    import torch
-
-    net = _imagenet_net()
-    prep = Preprocessing.default()
-    embs, fmaps = [], []
-    with torch.no_grad():
-        for s in range(0, len(images), batch):
-            f = net.feature_map(torch.from_numpy(prep.normalize(images[s : s + batch])))
-            fmaps.append(f.numpy())
-            embs.append(f.mean(dim=(2, 3)).numpy())
-    return {"embedding": np.concatenate(embs), "feature_map": np.concatenate(fmaps)}
-
-
-@functools.cache
-def ham_reference(per_class: int, skip: int = 0) -> dict[str, np.ndarray]:
-    """Images, fine labels and ImageNet-backbone features of ham_sample(per_class, skip=skip); cached."""
-    from dermlens.data.taxonomy import HAM_CLASSES
-
-    df = ham_sample(per_class, skip=skip)
-    prep = Preprocessing.default()
-    images = np.stack([prep.resize(load_rgb(p)) for p in df["image_path"]])
-    labels = np.array([HAM_CLASSES.index(d) for d in df["dx"]])
-    return {
-        "images": images,
-        "labels": labels,
-        "image_id": df["image_id"].to_numpy(),
-        **imagenet_features(images),
-    }
 
 
 def _images(df: pd.DataFrame, manifest_dir: Path, prep: Preprocessing) -> np.ndarray:
@@ -326,12 +277,12 @@ def _cam(
         cls = int(out["fine_logits"][i].argmax())
         heat = camlib.upsample(camlib.cam(out["feature_map"][i], state.cam_weight, cls), mask.shape)
         center = _center_heat(mask.shape)
-        rows["in_mask"].append(camlib.heat_in_mask(heat, mask))
-        rows["hit"].append(float(camlib.pointing_hit(heat, mask, tol)))
+        rows["in_mask"].append(cam_measure.heat_in_mask(heat, mask))
+        rows["hit"].append(float(cam_measure.pointing_hit(heat, mask, tol)))
         rows["area"].append(float(mask.mean()))
-        rows["chance_hit"].append(camlib.dilated_fraction(mask, tol))
-        rows["center_in"].append(camlib.heat_in_mask(center, mask))
-        rows["center_hit"].append(float(camlib.pointing_hit(center, mask, tol)))
+        rows["chance_hit"].append(cam_measure.dilated_fraction(mask, tol))
+        rows["center_in"].append(cam_measure.heat_in_mask(center, mask))
+        rows["center_hit"].append(float(cam_measure.pointing_hit(center, mask, tol)))
         if len(examples) < 4:
             name = f"cam_{row['image_id']}.png"
             (out_dir / name).write_bytes(camlib.overlay_png(images[i], heat))
@@ -431,7 +382,7 @@ def measure(
     }
     p_test = softmax(outs["test"]["fine_logits"], state.temperature_fine)
     cov, risk, aurc = selective.risk_coverage(p_test, lab["test"])
-    refer = selective.refer_decision(
+    refer = refer_decision(
         p_test, state.ood_score(outs["test"]["fine_logits"], outs["test"]["embedding"]), state
     )
     report["selective_test"] = {
