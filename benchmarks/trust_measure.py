@@ -24,11 +24,12 @@ from dermlens.infer.calibration import mean_softmax, softmax
 from dermlens.infer.refer import refer_decision
 from dermlens.infer.state import TrustState
 from dermlens.metadata import encode_metadata, encode_rows
+from dermlens.metrics import aurc, auroc, balanced_accuracy, ece, reliability, risk_coverage
 from dermlens.preprocess import Preprocessing, load_rgb
 from dermlens.settings import data_root
 from dermlens.trust import cam as cam_measure
 from dermlens.trust import ood, probes, selective
-from dermlens.trust.calibration import ece, nll, reliability
+from dermlens.trust.calibration import nll
 from dermlens.trust.fit import coarse_from_fine, fit_trust, fit_tta, trust_config
 
 OUTPUTS = ("fine_logits", "coarse_logits", "embedding", "feature_map")
@@ -89,11 +90,6 @@ def _no_meta(n: int) -> np.ndarray:
     return np.repeat(encode_metadata()[None], n, axis=0)
 
 
-def balanced_accuracy(pred: np.ndarray, labels: np.ndarray) -> float:
-    """Mean per-class recall over the classes present in labels."""
-    return float(np.mean([(pred[labels == c] == c).mean() for c in np.unique(labels)]))
-
-
 def ece_ci(probs: np.ndarray, labels: np.ndarray, bins: int, n_boot: int = 200, seed: int = 0) -> list[float]:
     """95% bootstrap interval (image resampling) of the top-label ECE."""
     rng = np.random.default_rng(seed)
@@ -152,14 +148,14 @@ def _ood(model: BundleModel, state: TrustState, test_out: dict, test_images: np.
             if name in probes.SETS:
                 far[m].append(s)
             row[m] = {
-                "auroc": ood.auroc(id_scores[m], s),
+                "auroc": auroc(id_scores[m], s),
                 "fpr_at_95tpr": ood.fpr_at_tpr(id_scores[m], s),
                 "refused": float((s > state.thresholds[m]).mean()),
             }
         res["sets"][name] = row
     res["all_far"] = {
         m: {
-            "auroc": ood.auroc(id_scores[m], np.concatenate(far[m])),
+            "auroc": auroc(id_scores[m], np.concatenate(far[m])),
             "refused": float((np.concatenate(far[m]) > state.thresholds[m]).mean()),
             "n": int(sum(len(x) for x in far[m])),
         }
@@ -381,12 +377,12 @@ def measure(
         **_ood(model, state, outs["test"], imgs["test"], seed),
     }
     p_test = softmax(outs["test"]["fine_logits"], state.temperature_fine)
-    cov, risk, aurc = selective.risk_coverage(p_test, lab["test"])
+    _, risk = risk_coverage(p_test, lab["test"])
     refer = refer_decision(
         p_test, state.ood_score(outs["test"]["fine_logits"], outs["test"]["embedding"]), state
     )
     report["selective_test"] = {
-        "aurc": aurc,
+        "aurc": aurc(p_test, lab["test"]),
         "min_confidence": state.min_confidence,
         "risk_at_coverage": {
             f"{c:.2f}": float(risk[max(0, int(c * len(risk)) - 1)]) for c in (0.5, 0.7, 0.8, 0.9, 1.0)

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from conftest import make_ham_subset
-from dermlens.data import readers
+from dermlens.data import readers, registry
 from dermlens.data.manifest import BASE_COLUMNS, DataError, read_manifest, write_manifest
 
 
@@ -171,7 +171,7 @@ def test_reader_user_errors(tmp_path):
     with pytest.raises(DataError, match="HAM10000_metadata.csv not found"):
         readers.read_ham10000(tmp_path)
     with pytest.raises(DataError, match="unknown dataset"):
-        readers.read_dataset("mnist", tmp_path)
+        registry.read_dataset("mnist", tmp_path)
 
 
 def test_manifest_round_trip(ham_root, tmp_path):

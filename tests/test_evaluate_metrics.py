@@ -13,7 +13,7 @@ from dermlens.data.taxonomy import HAM_CLASSES, MALIGNANT
 from dermlens.evaluate import EvaluateConfig, evaluate_arrays
 from dermlens.evaluate.bootstrap import bootstrap, group_indices, resample_weights
 from dermlens.evaluate.isic_csv import align, read_predictions, read_truth, write_isic_csv
-from dermlens.evaluate.metrics import EvalData, MetricSettings, compute, predicted_labels
+from dermlens.metrics import EvalData, MetricSettings, compute, predicted_labels
 from dermlens.settings import data_root
 
 N_SUBSET = 1500
@@ -160,7 +160,7 @@ def test_ece_matches_torchmetrics_and_trust(ham):
     torch = pytest.importorskip("torch")
     from torchmetrics.functional.classification import multiclass_calibration_error
 
-    from dermlens.trust.calibration import ece as trust_ece
+    from dermlens.metrics import ece as point_ece
 
     _, y, classes, _ = ham
     probs = noisy_predictions(y, len(classes), seed=4, strength=1.5)
@@ -169,7 +169,7 @@ def test_ece_matches_torchmetrics_and_trust(ham):
         torch.tensor(probs), torch.tensor(y), num_classes=len(classes), n_bins=15, norm="l1"
     )
     assert m["ece"] == pytest.approx(float(ref), abs=1e-5)
-    assert m["ece"] == pytest.approx(trust_ece(probs, y, n_bins=15), abs=1e-12)
+    assert m["ece"] == pytest.approx(point_ece(probs, y, n_bins=15), abs=1e-12)
 
 
 def test_ece_bins_are_right_closed():

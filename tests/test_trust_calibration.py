@@ -12,9 +12,10 @@ from dermlens.infer.calibration import mean_softmax, softmax
 from dermlens.infer.refer import refer_decision
 from dermlens.infer.state import TrustState
 from dermlens.infer.tta import VIEWS, average_probs, tta_views
-from dermlens.trust.calibration import ece, fit_temperature, fit_temperature_tta, nll
+from dermlens.metrics import aurc, ece, risk_coverage
+from dermlens.trust.calibration import fit_temperature, fit_temperature_tta, nll
 from dermlens.trust.fit import coarse_from_fine, fit_trust
-from dermlens.trust.selective import confidence_for_coverage, risk_coverage
+from dermlens.trust.selective import confidence_for_coverage
 
 
 @pytest.fixture(scope="module")
@@ -96,10 +97,10 @@ def test_fit_trust_state_round_trip_and_card(real_logits: dict[str, np.ndarray],
 def test_risk_coverage_and_refer_rule() -> None:
     probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.4, 0.6], [0.55, 0.45]])
     labels = np.array([0, 1, 1, 1])
-    cov, risk, aurc = risk_coverage(probs, labels)
+    cov, risk = risk_coverage(probs, labels)
     assert np.allclose(cov, [0.25, 0.5, 0.75, 1.0])
     assert np.allclose(risk, [0.0, 0.5, 1 / 3, 0.5])
-    assert aurc == pytest.approx(np.mean([0.0, 0.5, 1 / 3, 0.5]))
+    assert aurc(probs, labels) == pytest.approx(np.mean([0.0, 0.5, 1 / 3, 0.5]))
     state = TrustState(ood_threshold=1.0, min_confidence=confidence_for_coverage(probs, 0.75))
     refer = refer_decision(probs, np.array([0.0, 2.0, 0.0, 0.0]), state)
     assert refer.tolist() == [False, True, False, True]

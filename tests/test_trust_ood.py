@@ -9,8 +9,9 @@ from _ham import ham_reference, imagenet_features
 from dermlens.bundle import release_dir
 from dermlens.infer.ood import energy_score, knn_score, mahalanobis_score, msp_score
 from dermlens.infer.state import TrustState
+from dermlens.metrics import auroc
 from dermlens.preprocess import Preprocessing
-from dermlens.trust.ood import auroc, fit_gaussian, threshold_for_keep
+from dermlens.trust.ood import fit_gaussian, threshold_for_keep
 
 skimage = pytest.importorskip("skimage", reason="probe sets need scikit-image (dev/evaluate dependency)")
 from dermlens.trust import probes  # noqa: E402

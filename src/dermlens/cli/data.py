@@ -1,4 +1,7 @@
-"""`dermlens data ...`: read a dataset, validate it, split it without lesion leakage, cache its images."""
+"""`dermlens data ...`: read a dataset, validate it, split it without lesion leakage, cache its images.
+
+Long module: one typer group of four commands (prepare, fetch, cache, holdout) and their rich tables.
+"""
 
 from __future__ import annotations
 
@@ -243,7 +246,7 @@ def _prepare(
 ) -> None:
     from rich.console import Console
 
-    from dermlens.data import readers
+    from dermlens.data import registry
     from dermlens.data import splits as sp
     from dermlens.data.cache import build_cache
     from dermlens.data.manifest import REPORT_NAME, DataError, data_config, manifest_hash, write_manifest
@@ -275,7 +278,7 @@ def _prepare(
         kwargs["image_types"] = _image_types(image_types)
     elif image_types:
         raise DataError("--image-types only applies to --dataset isic-archive")
-    df = readers.read_dataset(dataset, root, **kwargs)
+    df = registry.read_dataset(dataset, root, **kwargs)
     console.print(f"Read [bold]{len(df)}[/bold] images of {dataset} from {root}")
     if dataset == "isic-archive":
         _archive_summary(console, df, kwargs["image_types"])

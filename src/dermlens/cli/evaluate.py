@@ -1,6 +1,9 @@
 """`dermlens evaluate`: metrics with lesion-level bootstrap CIs, metrics.json and a self-contained report.
 
 Heavy imports (numpy, pandas, matplotlib, the predictor) happen inside the command.
+
+Long module: `evaluate` and `external` share input loading (CSV or model mode) and the trust tables;
+moving those under dermlens.evaluate waits for the one config system (issue 12, arch-config).
 """
 
 from __future__ import annotations

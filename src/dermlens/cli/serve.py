@@ -80,8 +80,8 @@ def _start(config: Path | None, **overrides):
     from pydantic import ValidationError
 
     from dermlens.bundle import BundleError
-    from dermlens.serve.api import load_predictor, open_store
     from dermlens.serve.records import RecordsConfigError
+    from dermlens.serve.service import load_predictor, open_store
     from dermlens.serve.settings import is_loopback, load_settings
 
     try:

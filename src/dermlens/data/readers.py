@@ -336,25 +336,3 @@ def fill_from_dicom(df: pd.DataFrame) -> pd.DataFrame:
             if pd.isna(df.at[i, col]) and tags[col] is not None:
                 df.at[i, col] = tags[col]
     return df
-
-
-def _read_isic_archive(root: str | Path, **kwargs: object) -> pd.DataFrame:
-    from dermlens.data.isic_archive import read_isic_archive  # imports this module
-
-    return read_isic_archive(root, **kwargs)
-
-
-READERS: dict[str, Callable[..., pd.DataFrame]] = {
-    "ham10000": read_ham10000,
-    "isic2019": read_isic2019,
-    "isic2017": read_isic2017,
-    "csv": read_csv_dataset,
-    "isic-archive": _read_isic_archive,
-}
-
-
-def read_dataset(name: str, root: str | Path, **kwargs: object) -> pd.DataFrame:
-    """Read dataset `name` (ham10000, isic2019, isic2017, csv, isic-archive) at `root` into a manifest."""
-    if name not in READERS:
-        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(READERS)}")
-    return READERS[name](root, **{k: v for k, v in kwargs.items() if v is not None})

@@ -17,7 +17,7 @@ import yaml
 from dermlens import DISCLAIMER, __version__
 from dermlens.data.taxonomy import FINE_NAMES
 from dermlens.evaluate.bootstrap import BootstrapResult, bootstrap
-from dermlens.evaluate.metrics import (
+from dermlens.metrics import (
     EvalData,
     MetricSettings,
     calibration_metrics,

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from dermlens.evaluate.bootstrap import bootstrap
-from dermlens.evaluate.metrics import (
+from dermlens.metrics import (
     EvalData,
     MetricSettings,
     calibration_metrics,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from dermlens.evaluate.metrics import CHUNK_ELEMENTS
+from dermlens.metrics import CHUNK_ELEMENTS
 
 MetricFn = Callable[[np.ndarray], dict[str, np.ndarray]]
 

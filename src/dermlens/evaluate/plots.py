@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 from sklearn.metrics import precision_recall_curve, roc_curve
 
-from dermlens.evaluate.metrics import risk_coverage
+from dermlens.metrics import risk_coverage
 
 DPI = 100
 

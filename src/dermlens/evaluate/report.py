@@ -1,4 +1,7 @@
-"""The evaluation report: one self-contained HTML file (inline CSS, base64 PNGs) plus metrics.json."""
+"""The evaluation report: one self-contained HTML file (inline CSS, base64 PNGs) plus metrics.json.
+
+Long module: one page template; its sections share the table/figure helpers above render_html.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import pandas as pd
 
 from dermlens import DISCLAIMER
 from dermlens.evaluate import HEADLINE, ISIC_PER_CLASS, PER_CLASS
-from dermlens.evaluate.metrics import predicted_labels
+from dermlens.metrics import predicted_labels
 
 METRICS_JSON = "metrics.json"
 REPORT_HTML = "report.html"

@@ -169,20 +169,18 @@ def predict_split(module, loader, precision: str = "32-true", label: str = "fina
 
 
 def val_metrics(out: dict, fine: np.ndarray, coarse: np.ndarray, classes: tuple[str, ...]) -> dict:
-    """Balanced accuracy, macro AUC, per-class recall and losses from validation outputs."""
+    """Balanced accuracy, macro AUC, per-class recall and losses of validation outputs (dermlens.metrics)."""
     from scipy.special import softmax
-    from sklearn.metrics import balanced_accuracy_score, log_loss, recall_score, roc_auc_score
+    from sklearn.metrics import log_loss, recall_score, roc_auc_score
+
+    from dermlens.metrics import classification_metrics, predicted_labels
 
     p = softmax(out["fine_logits"], axis=1)
     pc = softmax(out["coarse_logits"], axis=1)
-    pred = p.argmax(1)
     labels = list(range(len(classes)))
-    recall = recall_score(fine, pred, labels=labels, average=None, zero_division=0)
+    recall = recall_score(fine, predicted_labels(p), labels=labels, average=None, zero_division=0)
     return {
-        "n": int(len(fine)),
-        "bal_acc": float(balanced_accuracy_score(fine, pred)),
-        "macro_auc": float(roc_auc_score(fine, p, multi_class="ovr", average="macro", labels=labels)),
-        "accuracy": float((pred == fine).mean()),
+        **classification_metrics(p, fine, len(classes)),
         "per_class_recall": {c: float(r) for c, r in zip(classes, recall, strict=True)},
         "loss": float(log_loss(fine, p, labels=labels)),
         "coarse_auc": float(roc_auc_score(coarse, pc[:, 1])) if len(set(coarse)) == 2 else None,

@@ -1,4 +1,4 @@
-"""Fitting temperature scaling (scipy) and measuring calibration error."""
+"""Fitting temperature scaling (scipy); calibration error is dermlens.metrics.ece."""
 
 from __future__ import annotations
 
@@ -47,35 +47,3 @@ def fit_temperature_tta(
 
     res = minimize_scalar(loss, bounds=(np.log(bounds[0]), np.log(bounds[1])), method="bounded")
     return float(np.exp(res.x))
-
-
-def ece(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
-    """Top-label expected calibration error with equal-width confidence bins."""
-    probs = np.asarray(probs, dtype=np.float64)
-    labels = np.asarray(labels, dtype=np.int64)
-    conf = probs.max(axis=1)
-    correct = (probs.argmax(axis=1) == labels).astype(np.float64)
-    bins = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
-    total = 0.0
-    for b in range(n_bins):
-        sel = bins == b
-        if sel.any():
-            total += sel.mean() * abs(correct[sel].mean() - conf[sel].mean())
-    return float(total)
-
-
-def reliability(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> dict[str, list]:
-    """Per-bin count, mean confidence and accuracy (for reliability diagrams)."""
-    probs = np.asarray(probs, dtype=np.float64)
-    conf = probs.max(axis=1)
-    correct = probs.argmax(axis=1) == np.asarray(labels)
-    bins = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
-    out: dict[str, list] = {"lower": [], "upper": [], "count": [], "confidence": [], "accuracy": []}
-    for b in range(n_bins):
-        sel = bins == b
-        out["lower"].append(b / n_bins)
-        out["upper"].append((b + 1) / n_bins)
-        out["count"].append(int(sel.sum()))
-        out["confidence"].append(float(conf[sel].mean()) if sel.any() else None)
-        out["accuracy"].append(float(correct[sel].mean()) if sel.any() else None)
-    return out

@@ -18,9 +18,9 @@ import numpy as np
 from dermlens.bundle import TRUST
 from dermlens.infer.ood import not_dermoscopy_score
 from dermlens.infer.state import TrustState
+from dermlens.metrics import auroc
 from dermlens.trust import clinical, probes
 from dermlens.trust.fit import _cfg
-from dermlens.trust.ood import auroc
 from dermlens.trust.refit import Runner, load_rows, no_meta
 
 PROBE_SEED = 777  # views of the probe: never the head's training seed

@@ -14,8 +14,9 @@ from dermlens.infer.calibration import softmax
 from dermlens.infer.ood import METHODS, l2_normalize
 from dermlens.infer.refer import refer_decision
 from dermlens.infer.state import TrustState
+from dermlens.metrics import ece
 from dermlens.trust import ood, selective
-from dermlens.trust.calibration import ece, fit_temperature, fit_temperature_tta, nll
+from dermlens.trust.calibration import fit_temperature, fit_temperature_tta, nll
 
 
 def trust_config() -> dict[str, Any]:

@@ -24,11 +24,10 @@ from dermlens.infer.calibration import calibrate
 from dermlens.infer.ood import not_dermoscopy_score
 from dermlens.infer.state import TrustState
 from dermlens.metadata import encode_metadata, encode_rows
+from dermlens.metrics import auroc, balanced_accuracy, ece
 from dermlens.preprocess import Preprocessing
 from dermlens.trust import clinical, conformal, scaling
-from dermlens.trust.calibration import ece
 from dermlens.trust.fit import _cfg, _min_confidence
-from dermlens.trust.ood import auroc
 
 
 class RefitError(ValueError):
@@ -159,7 +158,7 @@ def fit_calibration(
             )
     strata = np.unique(ham["strata"])
     base = {
-        str(s): scaling.balanced_accuracy(
+        str(s): balanced_accuracy(
             ham["logits"][ham["strata"] == s].argmax(1), ham["labels"][ham["strata"] == s]
         )
         for s in strata

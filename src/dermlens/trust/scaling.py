@@ -12,7 +12,7 @@ from collections.abc import Callable
 import numpy as np
 
 from dermlens.infer.calibration import Params, calibrate
-from dermlens.trust.calibration import ece
+from dermlens.metrics import balanced_accuracy, ece
 
 CONDITIONS: tuple[str, ...] = ("meta", "no_meta")  # metadata given (any of age/sex/site) / none given
 METHODS: tuple[str, ...] = ("temperature", "condition_temperature", "vector")
@@ -117,11 +117,6 @@ def cross_validate(
         out[str(s)] = ece(probs[sel], labels[sel], ece_bins)
         out[f"bal_acc:{s}"] = balanced_accuracy(probs[sel].argmax(1), labels[sel])
     return out
-
-
-def balanced_accuracy(pred: np.ndarray, labels: np.ndarray) -> float:
-    """Mean per-class recall over the classes present in labels."""
-    return float(np.mean([(pred[labels == c] == c).mean() for c in np.unique(labels)]))
 
 
 def choose(

@@ -1,20 +1,11 @@
-"""Selective prediction: fitting the refer rule's confidence threshold and risk-coverage curves."""
+"""Selective prediction: fitting the refer rule's confidence threshold (risk-coverage from
+dermlens.metrics)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-
-def risk_coverage(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-    """Coverage and error rate when answering the most confident k images, k = 1..N; plus AURC."""
-    probs = np.asarray(probs, dtype=np.float64)
-    conf = probs.max(axis=1)
-    wrong = (probs.argmax(axis=1) != np.asarray(labels)).astype(np.float64)
-    order = np.argsort(-conf, kind="mergesort")
-    k = np.arange(1, len(conf) + 1)
-    coverage = k / len(conf)
-    risk = np.cumsum(wrong[order]) / k
-    return coverage, risk, float(risk.mean())
+from dermlens.metrics import risk_coverage
 
 
 def confidence_for_coverage(probs: np.ndarray, coverage: float) -> float:
@@ -28,13 +19,11 @@ def confidence_for_coverage(probs: np.ndarray, coverage: float) -> float:
 def confidence_for_risk(probs: np.ndarray, labels: np.ndarray, risk: float) -> float:
     """Lowest top-probability threshold whose answered (validation) images have error rate <= `risk`."""
     probs = np.asarray(probs, dtype=np.float64)
-    conf = probs.max(axis=1)
-    coverage, r, _ = risk_coverage(probs, labels)
+    _, r = risk_coverage(probs, np.asarray(labels, np.int64))  # one point per distinct confidence
     ok = np.nonzero(r <= risk)[0]
     if len(ok) == 0:
         return 1.0 + 1e-9  # refer everything: the target risk is out of reach
-    k = ok.max()
-    return float(np.sort(conf)[::-1][k])
+    return float(np.unique(probs.max(axis=1))[::-1][ok.max()])
 
 
 def selective_summary(probs: np.ndarray, labels: np.ndarray, refer: np.ndarray) -> dict[str, float]:

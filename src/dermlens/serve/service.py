@@ -1,0 +1,390 @@
+"""The prediction service behind the routes: upload checks and decoding, scoring through the Predictor
+(or the dynamic batcher), DICOM SR, and the record written for every returned prediction."""
+
+import base64
+import hashlib
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from fastapi import Request, UploadFile
+
+from dermlens import DISCLAIMER, __version__
+from dermlens.data.taxonomy import FINE_NAMES, SEXES, SITES, coarse_label
+from dermlens.dicom import DicomError, is_dicom_bytes, merge_meta, read_dataset, read_meta
+from dermlens.preprocess import ImageDecodeError, load_rgb, probe
+from dermlens.serve import schemas
+from dermlens.serve.batching import DynamicBatcher, QueueFull
+from dermlens.serve.errors import ApiError, busy, decode_error
+from dermlens.serve.inputs import InputError, quote
+from dermlens.serve.inputs import parse_age as _parse_age
+from dermlens.serve.inputs import parse_sex as _parse_sex
+from dermlens.serve.inputs import parse_site as _parse_site
+from dermlens.serve.records import NewRecord, RecordStore, RecordsUnavailable
+from dermlens.serve.settings import ServeSettings
+
+log = logging.getLogger("dermlens.serve")
+
+PREDICT_FIELDS = frozenset({"file", "age", "sex", "site", "cam", "dicom_sr"})
+
+
+BATCH_FIELDS = frozenset({"files", "age", "sex", "site", "cam"})
+
+
+def _api_input(parse, value: str | None):
+    try:
+        return parse(value)
+    except InputError as e:
+        raise ApiError(422, e.code, str(e)) from None
+
+
+def parse_age(value: str | None) -> float | None:
+    """Age in years (plain decimal, 0-120) or None; anything else is a 422."""
+    return _api_input(_parse_age, value)
+
+
+def parse_sex(value: str | None) -> str | None:
+    return _api_input(_parse_sex, value)
+
+
+def parse_site(value: str | None) -> str | None:
+    return _api_input(_parse_site, value)
+
+
+def _dicom_call(fn: Any, *args: Any) -> Any:
+    """Run a dermlens.dicom function on an upload; its errors become 4xx (415 if the extra is missing)."""
+    try:
+        return fn(*args)
+    except DicomError as e:
+        message = str(e).replace("<upload>: ", "", 1)
+        if "dermlens[dicom]" in message and "needs" in message:
+            raise ApiError(415, "dicom_unsupported", message) from e
+        raise ApiError(400, "unsupported_dicom", message) from e
+
+
+def dicom_sr_payload(up: "Upload", r: Any, card: Any, site: str | None) -> str:
+    """The prediction as a DICOM Structured Report referencing the uploaded DICOM image (base64)."""
+    from dermlens.serve.dicom_sr import SrPrediction, sr_bytes
+
+    pred = SrPrediction(
+        fine=r.fine,
+        top=r.top,
+        confidence=r.confidence,
+        p_malignant=r.p_malignant,
+        ood_score=r.ood_score,
+        ood=r.ood,
+        refer=r.refer,
+        refer_reason=r.refer_reason,
+        model_name=card.name,
+        model_version=r.model_version,
+        precision=r.precision,
+    )
+    source = _dicom_call(read_dataset, up.data, False)
+    return base64.b64encode(_dicom_call(sr_bytes, source, pred, site)).decode("ascii")
+
+
+def timings(runtime: dict[str, float], api: dict[str, float]) -> dict[str, float]:
+    """The runtime's stage timings (its own total renamed `runtime`) plus the API's (`record`, `total`)."""
+    out = {("runtime" if k == "total" else k): float(v) for k, v in runtime.items()}
+    return {k: round(v, 3) for k, v in {**out, **api}.items()}
+
+
+@dataclass
+class Upload:
+    filename: str | None
+    data: bytes
+    source: UploadFile | None = None  # the spooled upload, re-read only if images are stored
+
+
+@dataclass
+class Scored:
+    """One upload's prediction, not yet stored."""
+
+    up: Upload
+    sha256: str
+    nbytes: int
+    result: Any
+    size: tuple[int, int]
+    t0: float
+
+
+class MemoryBudget:
+    """Decoded bytes of the images being decoded at once; a reservation that does not fit is refused."""
+
+    def __init__(self, total: int):
+        self.total, self.used, self._lock = total, 0, threading.Lock()
+
+    def reserve(self, n: int) -> bool:
+        with self._lock:
+            if self.used + n > self.total:
+                return False
+            self.used += n
+            return True
+
+    def release(self, n: int) -> None:
+        with self._lock:
+            self.used -= n
+
+
+class Service:
+    """The loaded model, the record store and the bounds on work in flight shared by all requests."""
+
+    def __init__(self, settings: ServeSettings, predictor: Any, store: RecordStore):
+        self.settings, self.predictor, self.store = settings, predictor, store
+        self.limiter = anyio.CapacityLimiter(settings.inference.max_concurrent)
+        self.memory = MemoryBudget(settings.limits.memory_budget_bytes)
+        # Model-size resize only: colour constancy (if any) is applied once, by predict_arrays.
+        self.geometry = predictor.prep.geometry
+        b = settings.inference.batching
+        self.batcher = (
+            DynamicBatcher(predictor, b.max_batch, b.max_wait_ms, b.max_queue) if b.enabled else None
+        )
+
+    def close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
+
+    def _decode(self, up: Upload, meta: dict[str, Any], cam: bool) -> tuple[Any, tuple[int, int], bool]:
+        """Check, decode (within the memory budget) and, unbatched, score one image (worker thread).
+
+        Returns (PredictResult, or the model-size image to batch; (width, height); whether it is a result).
+        """
+        lim = self.settings.limits
+        if len(up.data) > lim.max_upload_bytes:
+            raise ApiError(413, "file_too_large", f"file exceeds the {lim.max_upload_bytes:,}-byte limit")
+        t0 = time.perf_counter()
+        try:
+            need = probe(up.data, lim.max_pixels, lim.max_decoded_bytes).decoded_bytes
+            if not self.memory.reserve(need):
+                raise busy("the server is decoding too many large images; retry shortly", self.settings)
+            try:
+                rgb = load_rgb(up.data, lim.max_pixels, lim.max_decoded_bytes)
+            finally:
+                self.memory.release(need)
+        except ImageDecodeError as e:
+            raise decode_error(e) from e
+        size, decode_ms = (int(rgb.shape[1]), int(rgb.shape[0])), (time.perf_counter() - t0) * 1000.0
+        if self.batcher is not None and not cam:  # shrink now (memory); predict_arrays does the rest
+            return self.geometry.resize(rgb), size, False
+        r = self.predictor.predict_image(rgb, meta, cam)
+        r.timing_ms = {"decode": decode_ms, **r.timing_ms}
+        return r, size, True
+
+    async def score(self, up: Upload, meta: dict[str, Any], cam: bool) -> Scored:
+        """Decode in a worker thread, then score: batched with other requests, or directly."""
+        t0 = time.perf_counter()
+        if self.batcher is not None:
+            self.batcher.arriving(+1)
+        try:
+            got, size, done = await anyio.to_thread.run_sync(
+                self._decode, up, meta, cam, limiter=self.limiter
+            )
+        finally:
+            if self.batcher is not None:
+                self.batcher.arriving(-1)
+        if not done:
+            t1 = time.perf_counter()
+            try:
+                got = await self.batcher.predict(got, meta, size)
+            except QueueFull:
+                raise busy("the prediction queue is full; retry shortly", self.settings) from None
+            got.timing_ms = {"decode": (t1 - t0) * 1000.0, **got.timing_ms}
+        return Scored(up, hashlib.sha256(up.data).hexdigest(), len(up.data), got, size, t0)
+
+    async def store_all(self, scored: list[Scored], meta: dict[str, Any]) -> list[Any]:
+        """Commit the records of `scored` in one transaction before anything is answered (503 if locked)."""
+        if not scored:
+            return []
+        images = (
+            [await _stored_bytes(s.up) for s in scored] if self.store.store_images else [None] * len(scored)
+        )
+        news = [self._new_record(s, meta) for s in scored]
+        try:
+            return await anyio.to_thread.run_sync(self.store.add_many, list(zip(news, images, strict=True)))
+        except RecordsUnavailable:
+            log.warning("records database unavailable: %d prediction(s) not acknowledged", len(scored))
+            raise busy(
+                "the records database is busy; nothing was stored, retry shortly", self.settings
+            ) from None
+
+    def _new_record(self, s: Scored, meta: dict[str, Any]) -> NewRecord:
+        r = s.result
+        return NewRecord(
+            image_sha256=s.sha256,
+            image_bytes=s.nbytes,
+            filename=s.up.filename,
+            **meta,
+            model_name=self.predictor.card.name,
+            model_version=r.model_version,
+            fine_probs=r.fine,
+            coarse_probs=r.coarse,
+            top_class=r.top,
+            confidence=r.confidence,
+            ood_score=r.ood_score,
+            ood=r.ood,
+            refer=r.refer,
+            refer_reason=r.refer_reason,
+            latency_ms=round((time.perf_counter() - s.t0) * 1000.0, 3),
+            image_width=s.size[0],
+            image_height=s.size[1],
+        )
+
+    def prediction(
+        self, s: Scored, row: Any, meta: dict[str, Any], cam: bool, t_end: float
+    ) -> schemas.Prediction:
+        r = s.result
+        return schemas.Prediction(
+            record_id=row.id,
+            filename=s.up.filename,
+            image_sha256=s.sha256,
+            inputs=schemas.Inputs(**meta),
+            fine=r.fine,
+            coarse=r.coarse,
+            top_class=r.top,
+            top_class_name=FINE_NAMES.get(r.top, r.top),
+            confidence=r.confidence,
+            ood=schemas.OODInfo(score=r.ood_score, flagged=r.ood),
+            refer=schemas.ReferInfo(refer=r.refer, reason=r.refer_reason, codes=r.refer_codes),
+            prediction_set=None
+            if r.prediction_set is None
+            else schemas.PredictionSetInfo(
+                classes=r.prediction_set, coverage=r.set_coverage, condition=r.calibration_condition
+            ),
+            not_dermoscopy=schemas.NotDermoscopyInfo(score=r.not_dermoscopy_score, flagged=r.not_dermoscopy),
+            model_name=self.predictor.card.name,
+            model_version=r.model_version,
+            precision=r.precision,
+            timing_ms=timings(r.timing_ms, {"total": (t_end - s.t0) * 1000.0}),
+            cam_png_base64=base64.b64encode(r.cam_png).decode("ascii") if cam and r.cam_png else None,
+            disclaimer=DISCLAIMER,
+        )
+
+    async def predict(self, up: Upload, age, sex, site, cam: bool, sr: bool = False) -> schemas.Prediction:
+        """Score, then commit the record, then answer: an acknowledged prediction is on disk."""
+        meta = {"age": age, "sex": sex, "site": site}
+        dicom = is_dicom_bytes(up.data)
+        if sr and not dicom:
+            raise ApiError(422, "dicom_sr_needs_dicom", "dicom_sr=true needs a DICOM upload to reference")
+        if dicom:  # age/sex/site from the tags where the form leaves them empty
+            meta = await anyio.to_thread.run_sync(lambda: merge_meta(meta, _dicom_call(read_meta, up.data)))
+        scored = await self.score(up, meta, cam)
+        (row,) = await self.store_all([scored], meta)
+        out = self.prediction(scored, row, meta, cam, time.perf_counter())
+        if sr:
+            card = self.predictor.card
+            out.dicom_sr_base64 = await anyio.to_thread.run_sync(
+                dicom_sr_payload, up, scored.result, card, meta["site"]
+            )
+        return out
+
+    async def predict_many(
+        self, uploads: list[UploadFile], age, sex, site, cam: bool
+    ) -> list[schemas.BatchItem]:
+        """Each file answers for itself (result or 4xx error); the results are stored together, then sent."""
+        meta = {"age": age, "sex": sex, "site": site}
+        limit = self.settings.limits.max_upload_bytes
+        outcomes: list[Scored | ApiError] = []
+        slots = anyio.Semaphore(self.settings.inference.max_concurrent)  # files of this request in memory
+        async with anyio.create_task_group() as tg:
+            for i, f in enumerate(uploads):  # read a file only when a slot is free; score while reading on
+                await slots.acquire()
+                outcomes.append(ApiError(500, "internal_error", "not scored"))
+                up = Upload(f.filename or None, await f.read(limit + 1), f)
+                tg.start_soon(self._score_into, outcomes, i, up, meta, cam, slots)
+        scored = [o for o in outcomes if isinstance(o, Scored)]
+        rows = iter(await self.store_all(scored, meta))
+        t_end = time.perf_counter()
+        items = []
+        for f, o in zip(uploads, outcomes, strict=True):
+            if isinstance(o, Scored):
+                items.append(
+                    schemas.BatchItem(
+                        filename=o.up.filename,
+                        ok=True,
+                        result=self.prediction(o, next(rows), meta, cam, t_end),
+                    )
+                )
+            else:
+                items.append(schemas.BatchItem(filename=f.filename or None, ok=False, error=o.body()))
+        return items
+
+    async def _score_into(
+        self, out: list, i: int, up: Upload, meta: dict[str, Any], cam: bool, slots: anyio.Semaphore
+    ) -> None:
+        try:
+            out[i] = await self.score(up, meta, cam)
+        except ApiError as e:
+            out[i] = e
+        except Exception:  # noqa: BLE001 - one file's failure is that file's answer, never the batch's 500
+            log.exception("unexpected error scoring one file of a batch")
+            out[i] = ApiError(500, "internal_error", "this file could not be scored")
+        finally:
+            up.data = b""  # the bytes stay only in the spooled upload (re-read if images are stored)
+            slots.release()
+
+    def model_info(self) -> schemas.ModelInfo:
+        card = self.predictor.card
+        classes = list(self.predictor.classes)
+        lim = self.settings.limits
+        return schemas.ModelInfo(
+            name=card.name,
+            version=card.version,
+            architecture=card.architecture,
+            precision=self.predictor.precision,
+            classes=[
+                schemas.ClassInfo(code=c, name=FINE_NAMES.get(c, c), coarse=coarse_label(c)) for c in classes
+            ],
+            coarse_classes=list(card.coarse_classes),
+            uses_metadata=card.uses_metadata,
+            sites=list(SITES),
+            sexes=list(SEXES),
+            auth_required=bool(self.settings.api_token),
+            limits=schemas.LimitsInfo(**lim.model_dump()),
+            card=card.to_dict(),
+            disclaimer=DISCLAIMER,
+            dermlens_version=__version__,
+        )
+
+
+async def _stored_bytes(up: Upload) -> bytes:
+    """The upload's bytes for the image store (re-read from the spooled file when dropped from memory)."""
+    if up.data or up.source is None:
+        return up.data
+    await up.source.seek(0)
+    return await up.source.read()
+
+
+def open_store(settings: ServeSettings) -> RecordStore:
+    """The record store configured in `settings.records` (RecordsConfigError if unusable)."""
+    r = settings.records
+    return RecordStore(r.url, r.store_images, r.image_dir, r.store_filename, r.lock_timeout_s)
+
+
+def load_predictor(settings: ServeSettings) -> Any:
+    """The runtime Predictor for the configured bundle and precision (imported lazily)."""
+    from dermlens.infer.predictor import Predictor
+
+    return Predictor.load(
+        bundle_dir=settings.model, precision=settings.precision, threads=settings.inference.threads
+    )
+
+
+async def _check_fields(request: Request, allowed: frozenset[str], repeatable: str | None = None) -> None:
+    """Refuse unknown form fields and repeated ones (two `file` parts, two `age`s): never guess which wins."""
+    keys = [k for k, _ in (await request.form()).multi_items()]
+    unknown = sorted(set(keys) - allowed)
+    if unknown:
+        names = ", ".join(quote(k, 30) for k in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+        raise ApiError(
+            422, "unknown_field", f"unknown form field(s) {names}; allowed: {', '.join(sorted(allowed))}"
+        )
+    repeated = sorted({k for k in keys if k != repeatable and keys.count(k) > 1})
+    if repeated:
+        raise ApiError(
+            422,
+            "duplicate_field",
+            f"form field(s) {', '.join(repeated)} given more than once; send each once",
+        )
