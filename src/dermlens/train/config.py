@@ -52,7 +52,7 @@ def _merge(base: dict, over: dict, prefix: str = "") -> dict:
     return out
 
 
-def apply_override(cfg: dict, item: str) -> dict:
+def apply_override(cfg: dict, item: str, defaults: dict | None = None) -> dict:
     """Apply one `dotted.key=value` override (value parsed as YAML)."""
     if "=" not in item:
         raise ConfigError(f"override {item!r} is not of the form key=value (e.g. trainer.max_epochs=3)")
@@ -73,14 +73,14 @@ def apply_override(cfg: dict, item: str) -> dict:
             value = float(value)
     if isinstance(node[parts[-1]], int) and isinstance(value, float) and value.is_integer():
         value = int(value)
-    _check_type(key.strip(), default_value(parts), value)
+    _check_type(key.strip(), default_value(parts, defaults), value)
     node[parts[-1]] = value
     return cfg
 
 
-def default_value(parts: list[str]) -> Any:
+def default_value(parts: list[str], defaults: dict | None = None) -> Any:
     """The shipped default of a dotted key."""
-    node: Any = default_config()
+    node: Any = defaults if defaults is not None else default_config()
     for p in parts:
         node = node.get(p) if isinstance(node, dict) else None
     return node
@@ -97,9 +97,11 @@ def check_arch(cfg: dict) -> None:
         raise ConfigError(f"model.arch {arch!r} is not a timm architecture{hint}")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Defaults <- YAML file <- overrides; every key must exist in configs/train.yaml."""
-    cfg = default_config()
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, defaults: dict | None = None
+) -> dict[str, Any]:
+    """Defaults (configs/train.yaml) <- YAML file <- overrides; every key must exist in the defaults."""
+    cfg = copy.deepcopy(defaults) if defaults is not None else default_config()
     if path is not None:
         p = Path(path)
         if not p.is_file():
@@ -115,7 +117,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"cannot parse {path}: {str(e).splitlines()[0]}") from e
         cfg = _merge(cfg, user)
     for item in overrides or []:
-        cfg = apply_override(cfg, item)
+        cfg = apply_override(cfg, item, defaults)
+    return cfg
+
+
+def with_section(name: str, section: str) -> dict[str, Any]:
+    """configs/train.yaml's keys, set from the packaged configs/<name> file, plus its own `section`."""
+    packaged = yaml.safe_load(resources.files("dermlens.configs").joinpath(name).read_text())
+    own = packaged.pop(section)
+    cfg = _merge(default_config(), packaged)
+    cfg[section] = own
     return cfg
 
 
