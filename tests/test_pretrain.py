@@ -90,7 +90,7 @@ def test_label_efficiency_study_end_to_end(pretrained: dict, tiny_dir: Path, tmp
             "fractions": [0.5, 1.0],
             "epochs": {"0.5": 1, "1.0": 1},
             "run_root": str(tmp_path / "runs"),
-            # the small subset stands in for both test sets here (ISIC 2017 needs mel, bkl and nv: it has them)
+            # the small subset stands in for both test sets (ISIC 2017 needs mel, bkl and nv: it has them)
             "test": {"ham": str(tiny_dir), "isic2017": str(tiny_dir)},
             "n_resamples": 50,
             "out": str(tmp_path / "le.json"),
