@@ -11,13 +11,13 @@ import functools
 import io
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from importlib import resources
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-import yaml
 from PIL import Image, ImageOps
+
+from dermlens import config as configuration
 
 DEFAULT_MAX_PIXELS = 40_000_000
 COLOR_CONSTANCY: tuple[str, ...] = ("none", "shades_of_gray")
@@ -65,8 +65,7 @@ class Preprocessing:
     @classmethod
     def default(cls) -> Preprocessing:
         """The project default, from configs/preprocess.yaml."""
-        text = resources.files("dermlens.configs").joinpath("preprocess.yaml").read_text()
-        return cls.from_dict(yaml.safe_load(text))
+        return cls.from_dict(configuration.load("preprocess"))
 
     def to_dict(self) -> dict:
         return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
@@ -130,7 +129,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 @functools.cache
 def decode_config() -> dict:
     """configs/decode.yaml: the allow-listed formats (magic bytes, Pillow plugin) and bytes per mode."""
-    return yaml.safe_load(resources.files("dermlens.configs").joinpath("decode.yaml").read_text())
+    return configuration.load("decode")
 
 
 def sniff_format(head: bytes) -> str | None:

@@ -14,13 +14,12 @@ import os
 import tempfile
 import time
 from functools import cache
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
+from dermlens import config as configuration
 from dermlens.bundle import TRUST, read_card
 from dermlens.data.taxonomy import HAM_CLASSES
 from dermlens.serve.batch import (
@@ -52,7 +51,7 @@ TEXT_FIELDS: tuple[str, ...] = ("top", "refer_reason", "prediction_set", "refer_
 @cache
 def ray_config() -> dict:
     """Settings from configs/ray.yaml."""
-    return yaml.safe_load(resources.files("dermlens.configs").joinpath("ray.yaml").read_text())
+    return configuration.load("ray")
 
 
 def _import_ray():

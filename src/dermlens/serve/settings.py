@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field
+
+from dermlens import config as configuration
 
 ENV_TOKEN = "DERMLENS_API_TOKEN"
 ENV_RECORDS_URL = "DERMLENS_RECORDS_URL"
@@ -111,34 +111,16 @@ def trusted_hosts(settings: ServeSettings) -> list[str]:
     return hosts
 
 
-def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """Recursive dict merge: override wins, nested sections merge key by key."""
-    out = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def _read_yaml(text: str, source: str) -> dict[str, Any]:
-    data = yaml.safe_load(text) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{source}: expected a mapping of settings, got {type(data).__name__}")
-    return data
-
-
 def load_settings(config: str | Path | None = None, **overrides: Any) -> ServeSettings:
-    """Packaged defaults < YAML (argument or $DERMLENS_SERVE_CONFIG) < environment < non-None overrides."""
-    text = resources.files("dermlens.configs").joinpath("serve.yaml").read_text()
-    data = _read_yaml(text, "configs/serve.yaml")
-    path = config or os.environ.get(ENV_CONFIG)
-    if path:
-        data = _merge(data, _read_yaml(Path(path).expanduser().read_text(), str(path)))
+    """configs/serve.yaml < YAML (argument or $DERMLENS_SERVE_CONFIG) < environment < non-None overrides."""
+    env: dict[str, Any] = {}
     if os.environ.get(ENV_TOKEN):
-        data["api_token"] = os.environ[ENV_TOKEN]
+        env["api_token"] = os.environ[ENV_TOKEN]
     if os.environ.get(ENV_RECORDS_URL):
-        data = _merge(data, {"records": {"url": os.environ[ENV_RECORDS_URL]}})
-    data = _merge(data, {k: v for k, v in overrides.items() if v is not None})
-    return ServeSettings.model_validate(data)
+        env["records"] = {"url": os.environ[ENV_RECORDS_URL]}
+    layers = [
+        ("the environment", env),
+        ("command-line options", {k: v for k, v in overrides.items() if v is not None}),
+    ]
+    path = config or os.environ.get(ENV_CONFIG) or None
+    return configuration.load_model("serve", ServeSettings, path, layers=layers)

@@ -11,13 +11,12 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
+from dermlens import config as configuration
 from dermlens.train.config import ConfigError, load_config
 
 Log = Callable[[str], None]
@@ -27,46 +26,10 @@ class EnsembleError(RuntimeError):
     """An ensemble recipe or member set that cannot be used (one-line message)."""
 
 
-def default_recipe() -> dict[str, Any]:
-    """configs/ensemble.yaml."""
-    return yaml.safe_load(resources.files("dermlens.configs").joinpath("ensemble.yaml").read_text())
-
-
-def merge_sections(base: dict[str, Any], over: dict[str, Any], where: str) -> dict[str, Any]:
-    """base <- over, one level of nested dicts merged; unknown top-level keys are errors."""
-    out = dict(base)
-    for k, v in (over or {}).items():
-        if k not in base:
-            raise ConfigError(f"unknown key {k!r} in {where} (known: {', '.join(sorted(base))})")
-        out[k] = {**base[k], **v} if isinstance(base[k], dict) and isinstance(v, dict) else v
-    return out
-
-
-def read_yaml(path: str | Path, what: str) -> dict[str, Any]:
-    """A YAML mapping from a file, or one from the packaged configs/, with one-line errors."""
-    p = Path(path)
-    if not p.is_file():
-        packaged = resources.files("dermlens.configs").joinpath(str(path))
-        if not packaged.is_file():
-            raise ConfigError(f"{what} not found: {path}")
-        text = packaged.read_text()
-    else:
-        text = p.read_text()
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"cannot parse {path}: {str(e).splitlines()[0]}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must be a YAML mapping")
-    return data
-
-
 def load_recipe(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """configs/ensemble.yaml <- a recipe file <- overrides (a dict of top-level sections)."""
-    recipe = default_recipe()
-    if path is not None:
-        recipe = merge_sections(recipe, read_yaml(path, "ensemble recipe"), str(path))
-    return merge_sections(recipe, overrides or {}, "ensemble overrides")
+    """configs/ensemble.yaml <- a recipe file <- overrides (a dict of sections), via the one loader."""
+    layers = [("command-line options", overrides or {})]
+    return configuration.load("ensemble", path, layers=layers, what="ensemble recipe")
 
 
 # ---- members -------------------------------------------------------------------------------------------

@@ -17,14 +17,12 @@ import json
 import math
 import time
 from collections.abc import Callable
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from dermlens import config as configuration
 from dermlens.train.config import ConfigError, apply_override, load_config
-from dermlens.train.ensemble import finished, merge_sections, read_yaml, train_run
+from dermlens.train.ensemble import finished, train_run
 
 Log = Callable[[str], None]
 MONITOR = "val/bal_acc"
@@ -33,17 +31,13 @@ DISTRIBUTIONS = ("float", "int", "categorical")
 
 def default_study() -> dict[str, Any]:
     """configs/tune.yaml."""
-    return yaml.safe_load(resources.files("dermlens.configs").joinpath("tune.yaml").read_text())
+    return configuration.load("tune")
 
 
 def load_study_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> dict:
     """configs/tune.yaml <- a study file <- overrides; the space is checked against the training config."""
-    cfg = default_study()
-    for where, over in ((str(path), read_yaml(path, "tune study file") if path else {}), ("", overrides)):
-        space = (over or {}).get("space")
-        cfg = merge_sections(cfg, over or {}, where or "tune overrides")
-        if space is not None:  # a study's space replaces the default one
-            cfg["space"] = space
+    layers = [("command-line options", overrides or {})]
+    cfg = configuration.load("tune", path, layers=layers, what="tune study file")  # a `space` replaces
     check_space(cfg)
     return cfg
 

@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, fields
 from functools import cached_property
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
+from dermlens import config as configuration
 from dermlens.data.taxonomy import COARSE_CLASSES, FINE_CODES, coarse_label
 from dermlens.trust import ood, selective
 from dermlens.trust.calibration import ece, fit_temperature, fit_temperature_tta, mean_softmax, nll, softmax
@@ -20,9 +19,9 @@ from dermlens.trust.calibration import ece, fit_temperature, fit_temperature_tta
 STATE_VERSION = 1
 
 
-def trust_config() -> dict[str, Any]:
-    """Settings from configs/trust.yaml."""
-    return yaml.safe_load(resources.files("dermlens.configs").joinpath("trust.yaml").read_text())
+def trust_config(path: str | Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """configs/trust.yaml <- a YAML file <- `key=value` overrides (the one config loader)."""
+    return configuration.load("trust", path, list(overrides or []))
 
 
 @dataclass
@@ -282,10 +281,8 @@ def coarse_from_fine(labels: np.ndarray, n_classes: int) -> np.ndarray:
 
 
 def _cfg(cfg: dict[str, Any] | None) -> dict[str, Any]:
-    base = trust_config()
-    for section, values in (cfg or {}).items():
-        base.setdefault(section, {}).update(values or {})
-    return base
+    """configs/trust.yaml with `cfg` (sections, partial) merged on top and checked."""
+    return configuration.load("trust", layers=[("trust settings", cfg or {})])
 
 
 def _min_confidence(probs: np.ndarray, labels: np.ndarray, refer_cfg: dict[str, Any]) -> tuple[float, str]:
