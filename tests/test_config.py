@@ -133,7 +133,7 @@ def test_precedence_packaged_then_file_then_overrides(tmp_path: Path, monkeypatc
 
 
 def test_loader_errors_name_the_source(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"'augment.scale\[0\]' must be float .* in override 'augment.scale=\[a\]'"):
+    with pytest.raises(ConfigError, match=r"'augment.scale\[0\]' must be float .* in override"):
         config.load("train", overrides=["augment.scale=[a]"])
     with pytest.raises(ConfigError, match="not of the form key=value"):
         config.load("train", overrides=["trainer.max_epochs"])
