@@ -19,7 +19,8 @@ from PIL import Image, ImageOps
 
 from dermlens import config as configuration
 
-DEFAULT_MAX_PIXELS = 40_000_000
+# The decoder's pixel limit when none is given: the upload limit of configs/serve.yaml (one source).
+DEFAULT_MAX_PIXELS: int = int(configuration.packaged("serve")["limits"]["max_pixels"])
 COLOR_CONSTANCY: tuple[str, ...] = ("none", "shades_of_gray")
 
 
@@ -130,6 +131,20 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 def decode_config() -> dict:
     """configs/decode.yaml: the allow-listed formats (magic bytes, Pillow plugin) and bytes per mode."""
     return configuration.load("decode")
+
+
+def image_suffixes() -> tuple[str, ...]:
+    """File suffixes of the allow-listed formats (configs/decode.yaml), lower case."""
+    return tuple(str(s).lower() for s in decode_config()["suffixes"])
+
+
+def find_image(folder: Path, stem: str) -> Path | None:
+    """FOLDER/STEM.<suffix> for the first image suffix (lower, then upper case) that exists, else None."""
+    for suffix in image_suffixes():
+        for s in (suffix, suffix.upper()):
+            if (folder / f"{stem}{s}").is_file():
+                return folder / f"{stem}{s}"
+    return None
 
 
 def sniff_format(head: bytes) -> str | None:

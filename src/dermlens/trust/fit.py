@@ -344,7 +344,7 @@ def fit_trust(
         )
         t_coarse = fit_temperature(coarse, clab, bounds)
         info["coarse"] = {"nll_before": nll(coarse, clab), "nll_after": nll(coarse, clab, t_coarse)}
-    bins = int(c_cal.get("ece_bins", 15))
+    bins = int(c_cal["ece_bins"])
     info["fine"] = {
         "nll_before": nll(fine, labels),
         "nll_after": nll(fine, labels, t_fine),
