@@ -297,6 +297,9 @@ def train(
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
+        from dermlens.train.datamodule import preprocessing_record
+
+        (run_dir / "preprocessing.json").write_text(json.dumps(preprocessing_record(cfg), indent=2) + "\n")
     start = time.time()
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     seconds = time.time() - start
