@@ -22,6 +22,7 @@ import numpy as np
 from dermlens import config as configuration
 from dermlens.bundle import TRUST, read_card
 from dermlens.data.taxonomy import HAM_CLASSES
+from dermlens.extras import install_hint
 from dermlens.serve.batch import (
     BatchInputError,
     BatchSummary,
@@ -37,7 +38,7 @@ from dermlens.serve.batch import (
 )
 from dermlens.serve.runtime import PRECISIONS, Predictor, cpu_count
 
-INSTALL_HINT = "pip install 'dermlens[ray]'"
+INSTALL_HINT = install_hint("ray")
 
 
 class RayUnavailable(RuntimeError):

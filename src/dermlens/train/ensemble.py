@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from dermlens import config as configuration
+from dermlens.extras import require
 from dermlens.train.config import ConfigError, load_config
 
 Log = Callable[[str], None]
@@ -210,7 +211,7 @@ def _fit_lr(
     x: np.ndarray, y: np.ndarray, n_classes: int, cfg: dict[str, Any]
 ) -> tuple[np.ndarray, np.ndarray]:
     """Multinomial logistic regression -> (weight [n_classes, F], bias [n_classes]); absent classes ~ p=0."""
-    from sklearn.linear_model import LogisticRegression
+    LogisticRegression = require("sklearn.linear_model", "train").LogisticRegression
 
     lr = LogisticRegression(C=float(cfg.get("C", 1.0)), max_iter=int(cfg.get("max_iter", 2000)))
     lr.fit(x, y)
@@ -225,7 +226,7 @@ def _fit_lr(
 
 def _cv_probs(x: np.ndarray, y: np.ndarray, groups: np.ndarray, n: int, cfg: dict[str, Any]) -> np.ndarray:
     """Cross-validated stacker probabilities (folds grouped by lesion) for an honest OOF figure."""
-    from sklearn.model_selection import GroupKFold
+    GroupKFold = require("sklearn.model_selection", "train").GroupKFold
 
     k = min(int(cfg.get("cv_folds", 5)), len(set(groups)))
     probs = np.zeros((len(y), n))
@@ -249,7 +250,7 @@ class Stacker:
 def fit_stacker(oof: OOF, cfg: dict[str, Any], lesion_groups: np.ndarray | None = None) -> Stacker:
     """Logistic regression on the OOF log-probabilities; reports OOF balanced accuracy of stacking (cross-
     validated by lesion) against plain probability averaging on the same images."""
-    from sklearn.metrics import balanced_accuracy_score
+    balanced_accuracy_score = require("sklearn.metrics", "train").balanced_accuracy_score
 
     n, nc = len(oof.classes), 2
     fw, fb = _fit_lr(oof.fine, oof.fine_labels, n, cfg)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from dermlens.extras import require
+
 
 def log_softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """Numerically stable log-softmax of logits / T along the last axis (float64)."""
@@ -28,7 +30,7 @@ def fit_temperature(
     logits: np.ndarray, labels: np.ndarray, bounds: tuple[float, float] = (0.05, 20.0)
 ) -> float:
     """The temperature T > 0 minimizing validation NLL (bounded 1-D search over log T)."""
-    from scipy.optimize import minimize_scalar
+    minimize_scalar = require("scipy.optimize", "evaluate").minimize_scalar
 
     logits = np.asarray(logits, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64)
@@ -52,7 +54,7 @@ def fit_temperature_tta(
     view_logits: np.ndarray, labels: np.ndarray, bounds: tuple[float, float] = (0.05, 20.0)
 ) -> float:
     """The per-view temperature minimizing the NLL of the view-averaged probabilities (TTA calibration)."""
-    from scipy.optimize import minimize_scalar
+    minimize_scalar = require("scipy.optimize", "evaluate").minimize_scalar
 
     z = np.asarray(view_logits, dtype=np.float64)
     idx = (np.arange(z.shape[1]), np.asarray(labels, dtype=np.int64))

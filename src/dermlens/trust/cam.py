@@ -10,6 +10,8 @@ import io
 import numpy as np
 from PIL import Image
 
+from dermlens.extras import require
+
 
 def cam(feature_map: np.ndarray, weight: np.ndarray, class_index: int) -> np.ndarray:
     """CAM_c = ReLU(sum_d W[c, d] * F[d]) scaled to 0..1; feature_map [D, h, w], weight [C, D] -> [h, w]."""
@@ -83,7 +85,7 @@ def pointing_hit(heat: np.ndarray, mask: np.ndarray, tolerance_px: float = 15.0)
 
 def dilated_fraction(mask: np.ndarray, tolerance_px: float = 15.0) -> float:
     """Share of pixels within `tolerance_px` of the mask: the hit rate of a random pointer."""
-    from scipy.ndimage import distance_transform_edt
+    distance_transform_edt = require("scipy.ndimage", "evaluate").distance_transform_edt
 
     m = np.asarray(mask) > 0
     if not m.any():

@@ -14,6 +14,8 @@ import io
 import numpy as np
 from PIL import Image, ImageFilter
 
+from dermlens.extras import require
+
 # Skin tones (RGB) for the field around a zoomed-out lesion: Fitzpatrick I-VI, as photographed.
 SKIN_TONES: tuple[tuple[int, int, int], ...] = (
     (236, 202, 180),
@@ -171,7 +173,7 @@ def l2(x: np.ndarray) -> np.ndarray:
 def fit_head(emb_in: np.ndarray, emb_out: np.ndarray, c: float = 1.0) -> tuple[np.ndarray, float]:
     """Logistic regression (scikit-learn) on standardized L2-normalized embeddings; returns (w, b) that act
     on the L2-normalized embedding directly."""
-    from sklearn.linear_model import LogisticRegression
+    LogisticRegression = require("sklearn.linear_model", "evaluate").LogisticRegression
 
     x = l2(np.concatenate([emb_in, emb_out]))
     y = np.r_[np.zeros(len(emb_in)), np.ones(len(emb_out))]
