@@ -33,9 +33,13 @@ OPEN_KEYS: dict[str, tuple[str, ...]] = {
     "export": ("licences",),
     "decode": ("formats", "mode_bytes"),
     "release_build": ("ensemble", "distill", "export"),
+    "label_efficiency": ("inits", "epochs", "test"),
 }
 # Sections a user file replaces whole instead of merging key by key.
-REPLACE_KEYS: dict[str, tuple[str, ...]] = {"tune": ("space",)}
+REPLACE_KEYS: dict[str, tuple[str, ...]] = {
+    "tune": ("space",),
+    "label_efficiency": ("inits", "epochs", "test"),
+}
 
 
 class ConfigError(ValueError):
@@ -168,7 +172,11 @@ def _model(name: str, defaults: dict[str, Any], open_keys: frozenset[str]) -> ty
 @functools.cache
 def schema(name: str) -> type[BaseModel]:
     """The pydantic model of configs/<name>.yaml: every key typed like its default (null allowed)."""
-    return _model("config", _packaged(name), frozenset(OPEN_KEYS.get(name, ())))
+    return _model("config", _packaged(name), _open(name))
+
+
+def _open(name: str) -> frozenset[str]:
+    return frozenset(OPEN_KEYS.get(name, ()))
 
 
 # ---- validation and loading --------------------------------------------------------------------------
@@ -199,12 +207,20 @@ def _error(e: ValidationError, data: dict, defaults: dict, source: str) -> Confi
     return ConfigError(f"config key {key!r}: {err['msg']}, got {_lookup(data, loc)!r} in {source}")
 
 
-def validate(name: str, data: dict[str, Any], source: str, model: type[BaseModel] | None = None) -> BaseModel:
-    """Check `data` against the config's model (derived from its defaults unless given)."""
+def validate(
+    name: str,
+    data: dict[str, Any],
+    source: str,
+    model: type[BaseModel] | None = None,
+    defaults: dict[str, Any] | None = None,
+) -> BaseModel:
+    """Check `data` against the config's model: given, else derived from `defaults` or configs/<name>.yaml."""
+    if model is None:
+        model = schema(name) if defaults is None else _model("config", defaults, _open(name))
     try:
-        return (model or schema(name)).model_validate(data)
+        return model.model_validate(data)
     except ValidationError as e:
-        raise _error(e, data, _packaged(name), source) from None
+        raise _error(e, data, _packaged(name) if defaults is None else defaults, source) from None
 
 
 def load(
@@ -215,20 +231,21 @@ def load(
     layers: Sequence[tuple[str, Mapping[str, Any]]] = (),
     model: type[BaseModel] | None = None,
     base: dict[str, Any] | None = None,
+    defaults: dict[str, Any] | None = None,
     what: str = "config file",
 ) -> dict[str, Any]:
-    """configs/<name>.yaml (or `base`) <- YAML at `path` <- extra (source, mapping) `layers` <- `key=value`
-    overrides, each layer validated; returns the resolved settings as a plain dict."""
-    data = packaged(name) if base is None else copy.deepcopy(base)
+    """configs/<name>.yaml (or `defaults`, or `base`) <- YAML at `path` <- extra (source, mapping) `layers`
+    <- `key=value` overrides, each layer validated (types from `defaults` when given, else configs/<name>)."""
+    data = copy.deepcopy(base if base is not None else defaults if defaults is not None else _packaged(name))
     steps: list[tuple[str, Mapping[str, Any]]] = []
     if path is not None:
         steps.append((str(path), read_yaml(path, what)))
     steps += list(layers)
     steps += [(f"override {item!r}", parse_override(item)) for item in overrides]
-    checked = validate(name, data, f"configs/{name}.yaml", model)
+    checked = validate(name, data, f"configs/{name}.yaml", model, defaults)
     for source, over in steps:
         data = merge(data, over, REPLACE_KEYS.get(name, ()))
-        checked = validate(name, data, source, model)
+        checked = validate(name, data, source, model, defaults)
     out = checked.model_dump()
     return out if model is not None else _strip(out, data)
 

@@ -16,6 +16,7 @@ from dermlens.cli import evaluate as evaluate_cli
 from dermlens.cli import export as export_cli
 from dermlens.cli import monitor as monitor_cli
 from dermlens.cli import predict as predict_cli
+from dermlens.cli import pretrain as pretrain_cli
 from dermlens.cli import records as records_cli
 from dermlens.cli import release as release_cli
 from dermlens.cli import serve as serve_cli
@@ -41,6 +42,8 @@ app.command("predict")(predict_cli.predict)
 app.command("serve")(serve_cli.serve)
 app.add_typer(records_cli.app, name="records")
 app.command("train")(train_cli.train)
+app.command("pretrain")(pretrain_cli.pretrain)
+app.command("label-efficiency")(pretrain_cli.label_efficiency)
 app.command("tune")(tune_cli.tune)
 app.command("ensemble")(ensemble_cli.ensemble)
 app.command("distill")(distill_cli.distill)

@@ -15,6 +15,7 @@ class TrainClock(L.Callback):
         self.start: float | None = None
         self.epoch_start: float | None = None
         self.longest_epoch = 0.0
+        self.validated = False
 
     def elapsed(self) -> float:
         return self.offset + (time.time() - self.start if self.start is not None else 0.0)
@@ -24,10 +25,20 @@ class TrainClock(L.Callback):
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.epoch_start = time.time()
+        self.validated = False
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking and self.epoch_start is not None:
-            self.longest_epoch = max(self.longest_epoch, time.time() - self.epoch_start)
+            self.validated = True
+            self.epoch_end(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.epoch_start is not None and not self.validated:  # runs without validation
+            self.epoch_end(trainer)
+
+    def epoch_end(self, trainer: L.Trainer) -> None:
+        """An epoch (with its validation, if any) has ended."""
+        self.longest_epoch = max(self.longest_epoch, time.time() - (self.epoch_start or time.time()))
 
     def state_dict(self) -> dict:
         return {"elapsed": self.elapsed(), "longest_epoch": self.longest_epoch}
@@ -49,8 +60,8 @@ class TimeBudget(TrainClock):
         """Fraction of the budget used, 0..1."""
         return min(1.0, self.elapsed() / self.budget)
 
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_validation_end(trainer, pl_module)
-        if not trainer.sanity_checking and self.elapsed() + 0.9 * self.longest_epoch > self.budget:
+    def epoch_end(self, trainer: L.Trainer) -> None:
+        super().epoch_end(trainer)
+        if self.elapsed() + 0.9 * self.longest_epoch > self.budget:
             trainer.should_stop = True
             self.stopped_early = trainer.current_epoch + 1 < trainer.max_epochs

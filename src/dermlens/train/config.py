@@ -8,7 +8,15 @@ from typing import Any
 from dermlens import config
 from dermlens.config import ConfigError
 
-__all__ = ["ConfigError", "apply_override", "check_arch", "default_config", "dump_config", "load_config"]
+__all__ = [
+    "ConfigError",
+    "apply_override",
+    "check_arch",
+    "default_config",
+    "dump_config",
+    "load_config",
+    "with_section",
+]
 
 
 def default_config() -> dict[str, Any]:
@@ -16,14 +24,26 @@ def default_config() -> dict[str, Any]:
     return config.packaged("train")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Defaults <- YAML file (a path, or a packaged config name like release.yaml) <- overrides."""
-    return config.load("train", path, list(overrides or []))
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, defaults: dict | None = None
+) -> dict[str, Any]:
+    """Defaults (configs/train.yaml, or `defaults`) <- YAML file (a path, or a packaged config name like
+    release.yaml) <- overrides; every key must exist in the defaults, with the default's type."""
+    return config.load("train", path, list(overrides or []), defaults=defaults)
 
 
-def apply_override(cfg: dict, item: str) -> dict:
+def apply_override(cfg: dict, item: str, defaults: dict | None = None) -> dict:
     """`cfg` with one `dotted.key=value` override applied (checked like every other)."""
-    return config.load("train", overrides=[item], base=cfg)
+    return config.load("train", overrides=[item], base=cfg, defaults=defaults)
+
+
+def with_section(name: str, section: str) -> dict[str, Any]:
+    """configs/train.yaml's keys, set from the packaged configs/<name> file, plus its own `section`."""
+    packaged = config.read_yaml(name)
+    own = packaged.pop(section)
+    cfg = config.load("train", layers=[(f"configs/{name}", packaged)])
+    cfg[section] = own
+    return cfg
 
 
 def check_arch(cfg: dict) -> None:

@@ -74,6 +74,15 @@ def read_prepared(data_dir: Path, prep: Preprocessing) -> tuple[pd.DataFrame, np
     return df, images
 
 
+def label_subset(df: pd.DataFrame, fraction: float | None, seed: int) -> pd.DataFrame:
+    """Keep a seeded, diagnosis-stratified share of the train lesions (label efficiency); None keeps all."""
+    if fraction is None or float(fraction) >= 1.0:
+        return df
+    keep = holdout_rows(df, float(fraction), seed)
+    drop = df.index[(df["split"] == "train") & ~df.index.isin(keep)]
+    return df.assign(split=df["split"].where(~df.index.isin(drop), "-"))
+
+
 class SplitData:
     """One split's row indices into the cache, labels and encoded metadata."""
 
@@ -143,6 +152,7 @@ class DermDataModule(L.LightningDataModule):
         df = fold_split(df, self.dcfg.get("val_fold"), str(self.dcfg.get("fold_pool") or "train+val"))
         self.classes = label_space(set(df["diagnosis"].astype(str)))
         seed = int(cfg.get("seed", 42))
+        df = label_subset(df, self.dcfg.get("label_fraction"), seed)
         self.train = SplitData(df, "train", self.classes, self.dcfg.get("limit_train"), seed)
         self.val = SplitData(df, "val", self.classes, self.dcfg.get("limit_val"), seed)
         if len(self.train) == 0 or len(self.val) == 0:

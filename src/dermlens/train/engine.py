@@ -58,16 +58,17 @@ def _callbacks(cfg: dict, ckpt_dir: Path) -> list:
     from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 
     t = cfg["trainer"]
-    monitor = str(t.get("monitor") or "val/bal_acc")
+    monitor = t.get("monitor")  # null: no best checkpoint (e.g. self-supervised pretraining has no labels)
+    best = ModelCheckpoint(
+        dirpath=ckpt_dir,
+        filename="best",
+        monitor=monitor,
+        mode="max",
+        save_top_k=1,
+        enable_version_counter=False,
+    )
     cbs = [
-        ModelCheckpoint(
-            dirpath=ckpt_dir,
-            filename="best",
-            monitor=monitor,
-            mode="max",
-            save_top_k=1,
-            enable_version_counter=False,
-        ),
+        *([best] if monitor else []),
         # Lightning 2.6 writes save_last only when the monitored checkpoint improves: keep our own every epoch
         ModelCheckpoint(
             dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1, enable_version_counter=False
@@ -77,7 +78,7 @@ def _callbacks(cfg: dict, ckpt_dir: Path) -> list:
     from dermlens.train.budget import TimeBudget, TrainClock
 
     cbs.append(TimeBudget(float(t["time_budget_min"])) if t.get("time_budget_min") else TrainClock())
-    if int(t.get("patience", 0) or 0) > 0:
+    if monitor and int(t.get("patience", 0) or 0) > 0:
         cbs.append(EarlyStopping(monitor=monitor, mode="max", patience=int(t["patience"]), verbose=True))
     if t.get("progress", "rich") == "rich":
         from lightning.pytorch.callbacks import RichProgressBar
@@ -254,6 +255,59 @@ def stop_reason(trainer, clock) -> str:
     return f"Stopped after {epochs} epoch(s): trainer.max_time reached or another stop condition."
 
 
+def setup_run(cfg: dict) -> Path:
+    """Seed, set CPU threads and return the run folder."""
+    import lightning as L
+
+    threads = int(cfg["trainer"].get("threads", 0) or 0)
+    torch.set_num_threads(threads if threads > 0 else (os.cpu_count() or 1))
+    L.seed_everything(int(cfg.get("seed", 42)), workers=True, verbose=False)
+    return run_dir_for(cfg)
+
+
+def finished_before(cfg: dict, run_dir: Path, resume: bool | None) -> bool:
+    """True when the run finished with this exact config (and no --resume asks to train it further)."""
+    done = run_dir / FINISHED
+    if resume is None and done.is_file() and json.loads(done.read_text()).get("config") == config_hash(cfg):
+        print(f"{run_dir} already finished with this config; pass --resume to train it further.", flush=True)
+        return True
+    return False
+
+
+def fit(cfg: dict, module, dm, run_dir: Path, resume: bool | None, callbacks: list | None = None):
+    """Fit, resuming from checkpoints/last.ckpt; prints why it stopped. Returns (trainer, seconds, reason)."""
+    last = run_dir / "checkpoints" / LAST
+    if resume and not last.is_file():
+        raise FileNotFoundError(f"--resume given but {last} does not exist")
+    ckpt_path = str(last) if last.is_file() and resume is not False else None
+    trainer = build_trainer(cfg, run_dir, callbacks)
+    if trainer.is_global_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, run_dir / "config.yaml")
+        from dermlens.train.datamodule import preprocessing_record
+
+        (run_dir / "preprocessing.json").write_text(json.dumps(preprocessing_record(cfg), indent=2) + "\n")
+    start = time.time()
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    seconds = time.time() - start
+    if not trainer.is_global_zero:
+        return trainer, seconds, ""
+    from dermlens.train.budget import TrainClock
+
+    clock = next(c for c in trainer.callbacks if isinstance(c, TrainClock))
+    total = clock.elapsed() if clock.start is not None else seconds  # summed over resumed sessions
+    (run_dir / "train_seconds.json").write_text(json.dumps({"seconds": total, "this_session": seconds}))
+    reason = stop_reason(trainer, clock)
+    print(reason, flush=True)
+    return trainer, total, reason
+
+
+def mark_finished(run_dir: Path, cfg: dict, reason: str, ckpt: Path) -> None:
+    """Write finished.json: a later identical request skips the run."""
+    record = {"reason": reason, "checkpoint": str(ckpt), "config": config_hash(cfg)}
+    (run_dir / FINISHED).write_text(json.dumps(record) + "\n")
+
+
 def train(
     cfg: dict,
     resume: bool | None = None,
@@ -266,56 +320,26 @@ def train(
     callbacks are added to the trainer's; module_cls / datamodule_cls replace DermModule / DermDataModule
     (research tools: pruning in `dermlens tune`, soft targets in `dermlens distill`).
     """
-    import lightning as L
-
     from dermlens.train.config import check_arch
     from dermlens.train.datamodule import DermDataModule
     from dermlens.train.module import DermModule
 
     check_arch(cfg)
-
     module_cls = module_cls or DermModule
     datamodule_cls = datamodule_cls or DermDataModule
-
-    t = cfg["trainer"]
-    threads = int(t.get("threads", 0) or 0)
-    torch.set_num_threads(threads if threads > 0 else (os.cpu_count() or 1))
-    L.seed_everything(int(cfg.get("seed", 42)), workers=True, verbose=False)
-    run_dir = run_dir_for(cfg)
-    done = run_dir / FINISHED
-    if resume is None and done.is_file() and json.loads(done.read_text()).get("config") == config_hash(cfg):
-        print(f"{run_dir} already finished with this config; pass --resume to train it further.", flush=True)
+    run_dir = setup_run(cfg)
+    if finished_before(cfg, run_dir, resume):
         return json.loads((run_dir / "metrics_val.json").read_text())
-    ckpt_dir = run_dir / "checkpoints"
-    last = ckpt_dir / LAST
-    if resume and not last.is_file():
-        raise FileNotFoundError(f"--resume given but {last} does not exist")
-    ckpt_path = str(last) if last.is_file() and resume is not False else None
     dm = datamodule_cls(cfg)
     module = module_cls(cfg, list(dm.classes), dm.class_counts().tolist(), dm.prep.to_dict())
-    trainer = build_trainer(cfg, run_dir, callbacks)
-    if trainer.is_global_zero:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, run_dir / "config.yaml")
-        from dermlens.train.datamodule import preprocessing_record
-
-        (run_dir / "preprocessing.json").write_text(json.dumps(preprocessing_record(cfg), indent=2) + "\n")
-    start = time.time()
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
-    seconds = time.time() - start
+    trainer, total, reason = fit(cfg, module, dm, run_dir, resume, callbacks)
     if not trainer.is_global_zero:
         return None
-    from dermlens.train.budget import TrainClock
-
-    clock = next(c for c in trainer.callbacks if isinstance(c, TrainClock))
-    total = clock.elapsed() if clock.start is not None else seconds  # summed over resumed sessions
-    (run_dir / "train_seconds.json").write_text(json.dumps({"seconds": total, "this_session": seconds}))
-    print(stop_reason(trainer, clock), flush=True)
+    ckpt_dir = run_dir / "checkpoints"
     best = ckpt_dir / BEST
     dm.trainer = None
-    ckpt = best if best.is_file() else last
+    ckpt = best if best.is_file() else ckpt_dir / LAST
     print(f"Evaluating {ckpt.name} on the validation split ({len(dm.val)} images)...", flush=True)
     metrics = finish(run_dir, dm, module_cls, ckpt, cfg, total, str(trainer.precision))
-    record = {"reason": stop_reason(trainer, clock), "checkpoint": str(ckpt), "config": config_hash(cfg)}
-    done.write_text(json.dumps(record) + "\n")
+    mark_finished(run_dir, cfg, reason, ckpt)
     return metrics

@@ -47,6 +47,28 @@ def external_scores(parts: list[tuple[torch.Tensor, torch.Tensor]], classes: tup
     return out
 
 
+def lr_schedule(module: L.LightningModule, opt, o: dict):
+    """Warm-up then cosine per step, or cosine over wall-clock progress when a TimeBudget is set."""
+    from dermlens.train.budget import TimeBudget
+
+    trainer = module.trainer
+    total = int(trainer.estimated_stepping_batches)
+    warmup = int(float(o.get("warmup_epochs", 0.5)) * total / max(1, trainer.max_epochs))
+    min_ratio = float(o.get("min_lr_ratio", 0.01))
+    budget = next((c for c in trainer.callbacks if isinstance(c, TimeBudget)), None)
+    if budget is None:
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warmup, total, min_ratio))
+
+    def time_lambda(s: int) -> float:  # adapts to the machine's (shared) speed
+        return (
+            warmup_cosine(s, warmup, total, min_ratio)
+            if s < warmup
+            else cosine_at(budget.progress(), min_ratio)
+        )
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, time_lambda)
+
+
 class DermModule(L.LightningModule):
     """Trains a DermNet on (image uint8, meta, fine, coarse) batches."""
 
@@ -159,12 +181,6 @@ class DermModule(L.LightningModule):
             select = (bal_acc + ext["bal_acc3"]) / 2 if "bal_acc3" in ext else bal_acc
         self.log("val/select", select)
 
-    def _time_budget(self):
-        from dermlens.train.budget import TimeBudget
-
-        cbs = [c for c in self.trainer.callbacks if isinstance(c, TimeBudget)] if self._trainer else []
-        return cbs[0] if cbs else None
-
     # -- optimisation --------------------------------------------------------------------------
     def configure_optimizers(self):
         o = self.cfg["optim"]
@@ -176,22 +192,5 @@ class DermModule(L.LightningModule):
             {"params": head, "lr": float(o["lr"]), "weight_decay": wd},
         ]
         opt = torch.optim.AdamW(groups)
-        total = int(self.trainer.estimated_stepping_batches)
-        warmup = int(float(o.get("warmup_epochs", 0.5)) * total / max(1, self.trainer.max_epochs))
-        min_ratio = float(o.get("min_lr_ratio", 0.01))
-        budget = self._time_budget()
-        if budget is None:
-            sched = torch.optim.lr_scheduler.LambdaLR(
-                opt, lambda s: warmup_cosine(s, warmup, total, min_ratio)
-            )
-        else:  # cosine over wall-clock progress: adapts to the machine's (shared) speed
-
-            def time_lambda(s: int) -> float:
-                return (
-                    warmup_cosine(s, warmup, total, min_ratio)
-                    if s < warmup
-                    else cosine_at(budget.progress(), min_ratio)
-                )
-
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, time_lambda)
+        sched = lr_schedule(self, opt, o)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -1,0 +1,66 @@
+"""`dermlens pretrain`: self-supervised (SimCLR) pretraining of a backbone on unlabelled dermoscopy images."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+
+def pretrain(
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="key=value overrides, e.g. trainer.time_budget_min=120")
+    ] = None,
+    config: Annotated[
+        str | None, typer.Option("--config", "-c", help="YAML config (default configs/pretrain.yaml)")
+    ] = None,
+    resume: Annotated[
+        bool | None,
+        typer.Option("--resume/--no-resume", help="resume from last.ckpt (default: if it exists)"),
+    ] = None,
+) -> None:
+    """Pretrain a backbone with SimCLR; writes <run_dir>/backbone.pt for `dermlens train model.init=PATH`."""
+    from dermlens.train.config import ConfigError
+    from dermlens.train.datamodule import DataSetupError
+
+    try:
+        from dermlens.train.pretrain import load_pretrain_config
+        from dermlens.train.pretrain import pretrain as run
+
+        report = run(load_pretrain_config(config, overrides or []), resume=resume)
+    except (ConfigError, DataSetupError, FileNotFoundError, ImportError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    if report:
+        losses = report["epoch_losses"]
+        first, last = (f"{losses[0]:.3f}", f"{losses[-1]:.3f}") if losses else ("-", "-")
+        typer.echo(
+            f"{report['epochs']} epoch(s) on {report['images']} unlabelled images, loss {first} -> {last}; "
+            f"backbone weights: {report['backbone']} (use: dermlens train model.init={report['backbone']})"
+        )
+
+
+def label_efficiency(
+    config: Annotated[
+        str | None,
+        typer.Option("--config", "-c", help="YAML study (default configs/label_efficiency.yaml)"),
+    ] = None,
+) -> None:
+    """Fine-tune from ImageNet and from the SSL encoder on 10-100% of the labels; table, JSON and plot."""
+    from dermlens.train.config import ConfigError
+    from dermlens.train.datamodule import DataSetupError
+
+    try:
+        from dermlens.evaluate.label_efficiency import load_study, run_study
+
+        study = load_study(config)
+        out = run_study(study)
+    except (ConfigError, DataSetupError, FileNotFoundError, ImportError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo("init      labels  val BA                test BA               ISIC 2017 mel AUC")
+    for c in out["cells"]:
+        cols = [c[k] for k in ("val_bal_acc", "test_bal_acc", "isic2017_test_mel_auc")]
+        text = "  ".join(f"{v['value']:.3f} ({v['ci_low']:.3f}-{v['ci_high']:.3f})" for v in cols)
+        typer.echo(f"{c['init']:<9} {c['fraction'] * 100:>5.0f}%  {text}")
+    typer.echo(f"written: {study['out']} and {study['plot']}")
