@@ -32,6 +32,7 @@ OPEN_KEYS: dict[str, tuple[str, ...]] = {
     "tune": ("space",),
     "export": ("licences",),
     "decode": ("formats", "mode_bytes"),
+    "ensemble": ("export",),  # configs/export.yaml sections, merged by the export step
     "release_build": ("ensemble", "distill", "export"),
     "label_efficiency": ("inits", "epochs", "test"),
 }
