@@ -14,8 +14,8 @@ class TrainClock(L.Callback):
         self.offset = 0.0
         self.start: float | None = None
         self.epoch_start: float | None = None
-        self.longest_epoch = 0.0
-        self.validated = False
+        self.last_epoch = 0.0  # the next epoch is predicted from the last one (a slow first epoch on a busy
+        self.validated = False  # machine must not cut the run short)
 
     def elapsed(self) -> float:
         return self.offset + (time.time() - self.start if self.start is not None else 0.0)
@@ -38,14 +38,14 @@ class TrainClock(L.Callback):
 
     def epoch_end(self, trainer: L.Trainer) -> None:
         """An epoch (with its validation, if any) has ended."""
-        self.longest_epoch = max(self.longest_epoch, time.time() - (self.epoch_start or time.time()))
+        self.last_epoch = time.time() - (self.epoch_start or time.time())
 
     def state_dict(self) -> dict:
-        return {"elapsed": self.elapsed(), "longest_epoch": self.longest_epoch}
+        return {"elapsed": self.elapsed(), "last_epoch": self.last_epoch}
 
     def load_state_dict(self, state: dict) -> None:
         self.offset = float(state.get("elapsed", 0.0))
-        self.longest_epoch = float(state.get("longest_epoch", 0.0))
+        self.last_epoch = float(state.get("last_epoch", state.get("longest_epoch", 0.0)))  # older checkpoints
 
 
 class TimeBudget(TrainClock):
@@ -62,6 +62,6 @@ class TimeBudget(TrainClock):
 
     def epoch_end(self, trainer: L.Trainer) -> None:
         super().epoch_end(trainer)
-        if self.elapsed() + 0.9 * self.longest_epoch > self.budget:
+        if self.elapsed() + 0.9 * self.last_epoch > self.budget:
             trainer.should_stop = True
             self.stopped_early = trainer.current_epoch + 1 < trainer.max_epochs
