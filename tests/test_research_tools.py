@@ -277,7 +277,7 @@ def test_research_cli_errors_are_one_line(tmp_path: Path) -> None:
         (["tune", "--study", str(bad)], "unknown config key 'optim.nope'"),
         (["ensemble", "--recipe", str(tmp_path / "missing.yaml")], "ensemble recipe not found"),
         (["distill"], "no teacher bundle"),
-        (["release", "build", "--recipe", str(bad)], "unknown key 'space'"),
+        (["release", "build", "--recipe", str(bad)], "unknown config key 'space'"),
     ):
         code, output = run_cli(*args)
         assert code == 2 and msg in output and "Traceback" not in output, (args, output)

@@ -100,6 +100,9 @@ def test_short_run_lowers_loss_and_writes_run_folder(tiny_dir: Path, tmp_path: P
     for name in ("config.yaml", "metrics_val.json", "val_outputs.npz", "model.pt", "checkpoints/best.ckpt"):
         assert (run / name).is_file(), name
     assert any((run / "logs" / "tb").glob("events.*"))
+    prep = json.loads((run / "preprocessing.json").read_text())  # normalisation and where it came from
+    assert prep["normalization_source"] == "timm pretrained config of tf_efficientnet_lite0"
+    assert prep["preprocessing"]["mean"] == [0.5, 0.5, 0.5]
     last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert last["epoch"] == 2  # last.ckpt is written every epoch, whatever val/bal_acc did
     out = np.load(run / "val_outputs.npz")

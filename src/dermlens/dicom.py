@@ -15,13 +15,14 @@ from typing import Any
 import numpy as np
 
 from dermlens.data.taxonomy import sex_value, site_general, snomed_site
+from dermlens.extras import install_hint
 from dermlens.preprocess import ImageDecodeError
 
 MAGIC_OFFSET = 128
 MAGIC = b"DICM"
 COLOUR_PHOTOMETRIC = frozenset({"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420"})
 PILLOW_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51"})  # JPEG Baseline/Extended
-INSTALL_HINT = "pip install 'dermlens[dicom]'"
+INSTALL_HINT = install_hint("dicom")
 _AGE = re.compile(r"^\s*(\d{1,3})\s*([DWMY])\s*$", re.IGNORECASE)
 _AGE_UNIT_YEARS = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
 _SEX = {"F": "female", "M": "male"}

@@ -11,15 +11,16 @@ import functools
 import io
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from importlib import resources
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-import yaml
 from PIL import Image, ImageOps
 
-DEFAULT_MAX_PIXELS = 40_000_000
+from dermlens import config as configuration
+
+# The decoder's pixel limit when none is given: the upload limit of configs/serve.yaml (one source).
+DEFAULT_MAX_PIXELS: int = int(configuration.packaged("serve")["limits"]["max_pixels"])
 COLOR_CONSTANCY: tuple[str, ...] = ("none", "shades_of_gray")
 
 
@@ -65,8 +66,7 @@ class Preprocessing:
     @classmethod
     def default(cls) -> Preprocessing:
         """The project default, from configs/preprocess.yaml."""
-        text = resources.files("dermlens.configs").joinpath("preprocess.yaml").read_text()
-        return cls.from_dict(yaml.safe_load(text))
+        return cls.from_dict(configuration.load("preprocess"))
 
     def to_dict(self) -> dict:
         return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
@@ -130,7 +130,21 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 @functools.cache
 def decode_config() -> dict:
     """configs/decode.yaml: the allow-listed formats (magic bytes, Pillow plugin) and bytes per mode."""
-    return yaml.safe_load(resources.files("dermlens.configs").joinpath("decode.yaml").read_text())
+    return configuration.load("decode")
+
+
+def image_suffixes() -> tuple[str, ...]:
+    """File suffixes of the allow-listed formats (configs/decode.yaml), lower case."""
+    return tuple(str(s).lower() for s in decode_config()["suffixes"])
+
+
+def find_image(folder: Path, stem: str) -> Path | None:
+    """FOLDER/STEM.<suffix> for the first image suffix (lower, then upper case) that exists, else None."""
+    for suffix in image_suffixes():
+        for s in (suffix, suffix.upper()):
+            if (folder / f"{stem}{s}").is_file():
+                return folder / f"{stem}{s}"
+    return None
 
 
 def sniff_format(head: bytes) -> str | None:

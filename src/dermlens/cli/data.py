@@ -219,10 +219,9 @@ def prepare(
     except (DataError, ValueError) as e:
         raise _fail(str(e), EXIT_USAGE) from None
     except ModuleNotFoundError as e:
-        raise _fail(
-            f"data preparation needs {e.name}, which this install lacks: pip install 'dermlens[evaluate]'",
-            EXIT_USAGE,
-        ) from None
+        from dermlens.extras import missing
+
+        raise _fail(str(missing(e.name or "sklearn", "evaluate", "data preparation")), EXIT_USAGE) from None
     except _Invalid as e:
         raise _fail(str(e), EXIT_INVALID) from None
 

@@ -26,12 +26,13 @@ def distill(
     from dermlens.cli.research import echo, run_or_exit
 
     def go() -> dict:
+        from dermlens import config as configuration
         from dermlens.train.distill import distill as run
-        from dermlens.train.distill import distill_defaults, student_config
+        from dermlens.train.distill import student_config
 
-        d = distill_defaults()
         given = {"teacher": teacher, "config": config, "alpha": alpha, "temperature": temperature}
-        d.update({k: (str(v) if isinstance(v, Path) else v) for k, v in given.items() if v is not None})
+        layer = {k: (str(v) if isinstance(v, Path) else v) for k, v in given.items() if v is not None}
+        d = configuration.load("distill", layers=[("command-line options", layer)])
         if not 0.0 <= float(d["alpha"]) <= 1.0 or float(d["temperature"]) <= 0:
             from dermlens.train.config import ConfigError
 

@@ -16,8 +16,6 @@ import typer
 
 from dermlens import DISCLAIMER
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG", ".bmp", ".tif", ".tiff", ".webp")
-
 
 class EvaluationInputError(ValueError):
     """Inputs that cannot be evaluated together (message says why)."""
@@ -50,11 +48,10 @@ def _train_counts(side) -> dict[str, int] | None:
 
 
 def _find_image(image_dir: Path, image_id: str) -> str | None:
-    for suffix in IMAGE_SUFFIXES:
-        p = image_dir / f"{image_id}{suffix}"
-        if p.is_file():
-            return str(p)
-    return None
+    from dermlens.preprocess import find_image
+
+    found = find_image(image_dir, image_id)
+    return None if found is None else str(found)
 
 
 def _from_csv(

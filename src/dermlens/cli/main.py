@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import typer
 
 from dermlens import DISCLAIMER, __version__
@@ -53,6 +56,37 @@ def version() -> None:
     """Print the dermlens version."""
     typer.echo(__version__)
 
+
+def _one_line_missing_extra(fn: Callable) -> Callable:
+    """A command that reports a missing optional dependency as one line naming its extra (exit 2)."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ImportError as e:
+            from dermlens.extras import as_missing_extra
+
+            err = as_missing_extra(e)
+            if err is None:
+                raise
+            typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from None
+
+    return run
+
+
+def _guard(group: typer.Typer) -> None:
+    """Wrap every command of a Typer app (and of its sub-apps) with _one_line_missing_extra."""
+    for command in group.registered_commands:
+        if command.callback is not None:
+            command.callback = _one_line_missing_extra(command.callback)
+    for sub in group.registered_groups:
+        if sub.typer_instance is not None:
+            _guard(sub.typer_instance)
+
+
+_guard(app)
 
 if __name__ == "__main__":
     app()

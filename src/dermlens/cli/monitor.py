@@ -10,8 +10,10 @@ from typing import Annotated
 
 import typer
 
+from dermlens.extras import install_hint
+
 EXIT_ALERT, EXIT_USAGE = 1, 2
-INSTALL_HINT = "pip install 'dermlens[monitor]'"
+INSTALL_HINT = install_hint("monitor")
 
 
 def _err(message: str) -> None:

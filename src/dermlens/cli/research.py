@@ -36,15 +36,17 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 def run_or_exit(fn: Callable[[], Any]) -> Any:
     """Call fn; known failures print `error: ...` and exit 2, a missing extra says what to install."""
+    from dermlens.extras import as_missing_extra, missing
+
     try:
         errors = user_errors()
     except ImportError as e:
-        typer.echo(f"error: {e.name} is not installed: pip install 'dermlens[train]'", err=True)
+        typer.echo(f"error: {as_missing_extra(e) or missing(e.name or 'torch', 'train')}", err=True)
         raise typer.Exit(2) from None
     try:
         return fn()
     except ImportError as e:
-        typer.echo(f"error: {e.name} is not installed: pip install 'dermlens[train]'", err=True)
+        typer.echo(f"error: {as_missing_extra(e) or missing(e.name or 'torch', 'train')}", err=True)
         raise typer.Exit(2) from None
     except errors as e:
         typer.echo(f"error: {e}", err=True)

@@ -21,10 +21,15 @@ def train(
 ) -> None:
     """Train a classifier; writes runs/<name>/ with config, logs, checkpoints, metrics and val outputs."""
     from dermlens.train.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(config, overrides or [])  # checked before torch is imported: quick errors
+    except ConfigError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
     from dermlens.train.datamodule import DataSetupError
 
     try:
-        cfg = load_config(config, overrides or [])
         from dermlens.train.engine import train as run
 
         metrics = run(cfg, resume=resume)

@@ -33,6 +33,13 @@ def _fail(e: Exception) -> None:
 @app.command("fit")
 def fit(
     bundle: Annotated[Path, typer.Option("--bundle", help="model bundle folder (rewritten in place)")],
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(help="key=value overrides of configs/trust.yaml, e.g. conformal.alpha=0.05"),
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="YAML overriding configs/trust.yaml")
+    ] = None,
     manifest: Annotated[
         Path, typer.Option("--manifest", help="prepared HAM10000 folder (val: calibration; train: head)")
     ] = Path("work/ham10000"),
@@ -50,11 +57,13 @@ def fit(
     from dermlens.bundle import BundleError
     from dermlens.data.manifest import DataError
     from dermlens.trust.clinical_probe import cpu_name
+    from dermlens.trust.fit import trust_config
     from dermlens.trust.refit import RefitError, refit_bundle
 
     try:
+        cfg = trust_config(config, overrides)
         report = refit_bundle(
-            bundle, manifest, external, threads=threads or None, log=lambda m: typer.echo(m, err=True)
+            bundle, manifest, external, cfg, threads=threads or None, log=lambda m: typer.echo(m, err=True)
         )
     except (RefitError, BundleError, DataError, FileNotFoundError, ValueError) as e:
         _fail(e)

@@ -17,8 +17,9 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from dermlens.data.isic_archive import archive_config
+from dermlens.extras import install_hint
 
-INSTALL_HINT = "pip install 'dermlens[isic]'"
+INSTALL_HINT = install_hint("isic")
 _NETWORK_SIGNS = (
     "ConnectionError",
     "Max retries exceeded",

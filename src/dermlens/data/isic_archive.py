@@ -9,12 +9,11 @@ them and `--on-error skip` drops them. Only `image_type` values asked for are ke
 from __future__ import annotations
 
 from functools import cache
-from importlib import resources
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
+from dermlens import config as configuration
 from dermlens.data import taxonomy as tx
 from dermlens.data.manifest import DataError
 from dermlens.data.readers import _locate, _read_csv, _require_dir, build_frame
@@ -25,7 +24,7 @@ REQUIRED = ("isic_id", "diagnosis_1")
 @cache
 def archive_config() -> dict:
     """Settings from configs/isic_archive.yaml."""
-    return yaml.safe_load(resources.files("dermlens.configs").joinpath("isic_archive.yaml").read_text())
+    return configuration.load("isic_archive")
 
 
 def _levels(meta: pd.DataFrame) -> list[list[object]]:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import hashlib
 from functools import cache
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
+
+from dermlens import config as configuration
 
 MANIFEST_NAME = "manifest.csv"
 SPLITS_NAME = "splits.json"
@@ -41,8 +41,7 @@ class DataError(Exception):
 @cache
 def data_config() -> dict:
     """Settings from configs/data.yaml (split fractions, seed, folds, validation limits, cache workers)."""
-    text = resources.files("dermlens.configs").joinpath("data.yaml").read_text()
-    return yaml.safe_load(text)
+    return configuration.load("data")
 
 
 def _clean_str(s: pd.Series) -> pd.Series:

@@ -15,8 +15,9 @@ import pandas as pd
 
 from dermlens.data import taxonomy as tx
 from dermlens.data.manifest import DataError, data_config, normalize
+from dermlens.preprocess import image_suffixes
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".dcm", ".dicom")
+IMAGE_SUFFIXES = image_suffixes()
 HAM_CSV = "HAM10000_metadata.csv"
 HAM_IMAGE_DIRS = ("images", "HAM10000_images_part_1", "HAM10000_images_part_2", "HAM10000_images", ".")
 HAM_MASK_DIRS = ("masks", "HAM10000_segmentations_lesion_tschandl")

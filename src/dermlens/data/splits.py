@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from dermlens.data.manifest import SPLITS_NAME, DataError
+from dermlens.extras import require
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 DUPLICATES_CSV = "duplicates_abhishek2025.csv"
@@ -95,7 +96,7 @@ def max_deviation(labels: pd.Series, split: pd.Series) -> dict[str, float]:
 
 def _sgkf_folds(y: np.ndarray, groups: np.ndarray, k: int, seed: int) -> np.ndarray:
     """Fold index per row from scikit-learn's StratifiedGroupKFold (shuffled with `seed`)."""
-    from sklearn.model_selection import StratifiedGroupKFold
+    StratifiedGroupKFold = require("sklearn.model_selection", "evaluate").StratifiedGroupKFold
 
     fold = np.full(len(y), -1, dtype=np.int64)
     with warnings.catch_warnings():

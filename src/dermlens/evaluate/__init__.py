@@ -8,13 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from dermlens import DISCLAIMER, __version__
+from dermlens import config as configuration
 from dermlens.data.taxonomy import FINE_NAMES
 from dermlens.evaluate.bootstrap import BootstrapResult, bootstrap
 from dermlens.metrics import (
@@ -76,20 +75,14 @@ class EvaluateConfig:
 
     @classmethod
     def load(cls, path: str | Path | None = None, **overrides: object) -> EvaluateConfig:
-        """The packaged YAML, updated by the YAML at ``path`` and then by keyword overrides not None."""
-        packaged = resources.files("dermlens.configs").joinpath("evaluate.yaml").read_text()
-        values = _flat(yaml.safe_load(packaged) or {})
-        if path is not None:
-            user = _flat(yaml.safe_load(Path(path).read_text()) or {})
-            unknown = sorted(set(user) - set(cls.__dataclass_fields__))
-            if unknown:
-                raise ValueError(f"{path}: unknown evaluate setting(s) {', '.join(unknown)}")
-            values.update(user)
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        if "specificity_levels" in values:
-            values["specificity_levels"] = tuple(float(x) for x in values["specificity_levels"])
-        if "subgroup_age_edges" in values:
-            values["subgroup_age_edges"] = tuple(float(x) for x in values["subgroup_age_edges"])
+        """configs/evaluate.yaml <- the YAML at ``path`` <- keyword overrides that are not None."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        boot = set(configuration.packaged("evaluate")["bootstrap"])
+        layer = {"bootstrap": {k: v for k, v in given.items() if k in boot}}
+        layer.update({k: v for k, v in given.items() if k not in boot})
+        values = _flat(configuration.load("evaluate", path, layers=[("command-line options", layer)]))
+        for key in ("specificity_levels", "subgroup_age_edges"):
+            values[key] = tuple(float(x) for x in values[key])
         return cls(**values)
 
     @property
@@ -98,9 +91,7 @@ class EvaluateConfig:
 
 
 def _flat(d: dict) -> dict:
-    """YAML settings with the ``bootstrap:`` block flattened into top-level keys."""
-    if not isinstance(d, dict):
-        raise ValueError("an evaluate config must be a YAML mapping")
+    """Settings with the ``bootstrap:`` block flattened into top-level keys."""
     d = dict(d)
     return {**(d.pop("bootstrap", None) or {}), **d}
 

@@ -7,14 +7,13 @@ bootstrap CIs) and on ISIC 2017 test (melanoma AUC). Configuration: configs/labe
 from __future__ import annotations
 
 import json
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from dermlens import __version__
+from dermlens import config as configuration
 from dermlens.evaluate import EvaluateConfig, evaluate_arrays
 from dermlens.evaluate.external import isic2017_scores
 
@@ -22,15 +21,8 @@ EVAL = "label_eval.json"
 
 
 def load_study(path: str | Path | None = None) -> dict:
-    """configs/label_efficiency.yaml, or a user file with the same keys (unknown keys are errors)."""
-    cfg = yaml.safe_load(resources.files("dermlens.configs").joinpath("label_efficiency.yaml").read_text())
-    if path is not None:
-        user = yaml.safe_load(Path(path).read_text()) or {}
-        unknown = sorted(set(user) - set(cfg))
-        if unknown:
-            raise ValueError(f"unknown key(s) in {path}: {', '.join(unknown)}")
-        cfg.update(user)
-    return cfg
+    """configs/label_efficiency.yaml <- a user file with the same keys (the one config loader)."""
+    return configuration.load("label_efficiency", path, what="label-efficiency study")
 
 
 def run_config(study: dict, init_name: str, fraction: float) -> dict:

@@ -43,6 +43,16 @@ def wheel_weights_path(arch: str, package: str | None = None) -> Path:
     return Path(cls.get_model_file_path())
 
 
+def pretrained_normalization(arch: str) -> dict[str, list[float]] | None:
+    """mean/std the weights of a timm architecture were trained with (timm's pretrained config), or None."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(arch)
+    if cfg is None or cfg.mean is None or cfg.std is None:
+        return None
+    return {"mean": [float(v) for v in cfg.mean], "std": [float(v) for v in cfg.std]}
+
+
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
     """Load a state dict from a .pth/.pt/.ckpt file (unwraps 'state_dict' / 'model')."""
     if not path.is_file():
@@ -97,7 +107,10 @@ def init_backbone(backbone: nn.Module, arch: str, init: str = "imagenet", packag
         return "random"
     if init == "imagenet":
         path = wheel_weights_path(arch, package)
-        n = load_in_order(backbone, _read_state(path))
+        try:
+            n = load_in_order(backbone, _read_state(path))
+        except WeightsError as e:
+            raise WeightsError(f"ImageNet weights {path.name} do not fit {arch}: {e}") from None
         return f"imagenet:{path.name} ({n} tensors)"
     path = Path(init).expanduser()
     n = load_by_name(backbone, _read_state(path))

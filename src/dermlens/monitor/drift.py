@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from dermlens.extras import require
 from dermlens.monitor.reference import Reference, monitor_config
 
 RECORD_COLUMNS = ("created_at", "model_version", "top_class", "confidence", "ood_score", "refer")
@@ -133,7 +134,7 @@ def _quartiles(v: np.ndarray) -> str:
 
 def class_mix(window_top: list[str], ref: Reference, min_effect: float, min_expected: float, alpha: float):
     """Chi-square goodness of fit of the window's class counts to the reference shares."""
-    from scipy.stats import chisquare
+    chisquare = require("scipy.stats", "monitor").chisquare
 
     classes = list(ref.classes)
     counts = np.array([sum(t == c for t in window_top) for c in classes], dtype=float)
@@ -167,7 +168,7 @@ def distribution(
     name: str, window: np.ndarray, reference: np.ndarray, min_effect: float, alpha: float, bins: int
 ):
     """Two-sample Kolmogorov-Smirnov test with PSI as the effect size."""
-    from scipy.stats import ks_2samp
+    ks_2samp = require("scipy.stats", "monitor").ks_2samp
 
     window, reference = window[np.isfinite(window)], reference[np.isfinite(reference)]
     res = ks_2samp(window, reference)
@@ -188,7 +189,7 @@ def distribution(
 
 def refer_rate(window: np.ndarray, reference: np.ndarray, min_effect: float, alpha: float) -> SignalResult:
     """Two-proportion z-test of the window's refer rate against the reference's."""
-    from scipy.stats import norm
+    norm = require("scipy.stats", "monitor").norm
 
     n1, n2 = len(window), len(reference)
     p1, p2 = float(np.mean(window)), float(np.mean(reference))

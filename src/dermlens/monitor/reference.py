@@ -11,12 +11,12 @@ import json
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from functools import cache
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
+
+from dermlens import config as configuration
 
 REFERENCE_FILE = "monitor_reference.json"
 
@@ -28,7 +28,7 @@ class MissingReference(FileNotFoundError):
 @cache
 def monitor_config() -> dict:
     """Settings from configs/monitor.yaml."""
-    return yaml.safe_load(resources.files("dermlens.configs").joinpath("monitor.yaml").read_text())
+    return configuration.load("monitor")
 
 
 @dataclass

@@ -15,12 +15,13 @@ import numpy as np
 import pandas as pd
 
 from dermlens import DISCLAIMER
+from dermlens.extras import require
 from dermlens.monitor.drift import DriftSummary
 from dermlens.monitor.reference import Reference, monitor_config
 
 
 def _png(fig) -> str:
-    import matplotlib.pyplot as plt
+    plt = require("matplotlib.pyplot", "monitor")
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
@@ -35,10 +36,10 @@ def _bins(history: pd.DataFrame, n_bins: int) -> list[pd.DataFrame]:
 
 def over_time(history: pd.DataFrame, window: pd.DataFrame, ref: Reference, n_bins: int) -> str:
     """Refer rate, median confidence, median OOD score and class shares per bin of records, over time."""
-    import matplotlib
+    matplotlib = require("matplotlib", "monitor")
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = require("matplotlib.pyplot", "monitor")
 
     parts = _bins(history, n_bins)
     t = [p["created_at"].iloc[len(p) // 2] for p in parts]
@@ -69,10 +70,10 @@ def over_time(history: pd.DataFrame, window: pd.DataFrame, ref: Reference, n_bin
 
 def distributions(window: pd.DataFrame, ref: Reference) -> str:
     """Class mix, confidence and OOD score: window vs reference."""
-    import matplotlib
+    matplotlib = require("matplotlib", "monitor")
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = require("matplotlib.pyplot", "monitor")
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     x = np.arange(len(ref.classes))

@@ -11,45 +11,31 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from dermlens import config as configuration
 from dermlens.pipeline.bundle import build_bundle
 from dermlens.pipeline.ensemble import build_ensemble
 from dermlens.train.config import ConfigError
 from dermlens.train.ensemble import (
     config_hash,
     finished,
-    merge_sections,
-    read_yaml,
     train_members,
 )
 
 Log = Callable[[str], None]
 
 
-def default_build() -> dict[str, Any]:
-    """configs/release_build.yaml."""
-    return yaml.safe_load(resources.files("dermlens.configs").joinpath("release_build.yaml").read_text())
-
-
 def load_build_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
     """configs/release_build.yaml <- a recipe file; `overrides` (training key=value) go to every run."""
-    from dermlens.train.distill import distill_defaults
-    from dermlens.train.ensemble import default_recipe
-
-    r = default_build()
-    if path is not None:
-        r = merge_sections(r, read_yaml(path, "release build recipe"), str(path))
+    r = configuration.load("release_build", path, what="release build recipe")
     out = Path(r["out"])
     common = [*(r.get("overrides") or []), *(overrides or [])]
-    ens = merge_sections(default_recipe(), r.get("ensemble") or {}, "release build `ensemble`")
+    ens = configuration.load("ensemble", layers=[("release build `ensemble`", r.get("ensemble") or {})])
     ens["out"] = str(out / "ensemble")
     ens["overrides"] = [*common, *(ens.get("overrides") or [])]
-    dis = merge_sections(distill_defaults(), r.get("distill") or {}, "release build `distill`")
+    dis = configuration.load("distill", layers=[("release build `distill`", r.get("distill") or {})])
     dis["teacher"] = str(out / "ensemble" / "bundle")
     dis["overrides"] = [
         *common,

@@ -17,11 +17,9 @@ import numpy as np
 from dermlens.data.taxonomy import HAM_CLASSES, ISIC2018_COLUMNS
 from dermlens.infer.predictor import Predictor, refer_reasons, set_labels
 from dermlens.infer.session import cpu_count
-from dermlens.preprocess import ImageDecodeError, load_rgb
+from dermlens.preprocess import ImageDecodeError, find_image, image_suffixes, load_rgb
 
-IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".dcm", ".dicom"}
-)
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(image_suffixes())
 # Column names tried (case-insensitive) when reading a manifest or metadata CSV; the first present wins.
 IMAGE_COLUMNS = ("image_path", "path", "file", "filename", "image", "image_id", "isic_id", "id")
 AGE_COLUMNS = ("age", "age_approx", "age_approximate")
@@ -97,11 +95,7 @@ def _resolve_image(value: str, base: Path) -> Path:
     p = Path(value).expanduser()
     candidates = [p] if p.is_absolute() else [base / p, p]
     if not p.suffix:
-        for folder in (base, base / "images"):
-            candidates += [
-                folder / f"{p.name}{ext}"
-                for ext in (".jpg", ".jpeg", ".png", ".JPG", ".tif", ".bmp", ".webp", ".dcm")
-            ]
+        candidates += [f for f in (find_image(folder, p.name) for folder in (base, base / "images")) if f]
     return next((c for c in candidates if c.is_file()), candidates[0])
 
 

@@ -14,15 +14,15 @@ import os
 import tempfile
 import time
 from functools import cache
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
+from dermlens import config as configuration
 from dermlens.bundle import TRUST, read_card
 from dermlens.data.taxonomy import HAM_CLASSES
+from dermlens.extras import install_hint
 from dermlens.infer.predictor import Predictor
 from dermlens.infer.session import PRECISIONS, cpu_count
 from dermlens.serve.batch import (
@@ -39,7 +39,7 @@ from dermlens.serve.batch import (
     prediction_header,
 )
 
-INSTALL_HINT = "pip install 'dermlens[ray]'"
+INSTALL_HINT = install_hint("ray")
 
 
 class RayUnavailable(RuntimeError):
@@ -53,7 +53,7 @@ TEXT_FIELDS: tuple[str, ...] = ("top", "refer_reason", "prediction_set", "refer_
 @cache
 def ray_config() -> dict:
     """Settings from configs/ray.yaml."""
-    return yaml.safe_load(resources.files("dermlens.configs").joinpath("ray.yaml").read_text())
+    return configuration.load("ray")
 
 
 def _import_ray():

@@ -26,6 +26,8 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from dermlens.extras import install_hint
+
 
 class Base(DeclarativeBase):
     pass
@@ -160,7 +162,7 @@ def make_engine(url: str | None = None, lock_timeout_s: float = 2.0) -> Engine:
         raise RecordsConfigError(f"records URL {url!r} is not a valid SQLAlchemy URL") from e
     except ImportError as e:
         extra = DRIVER_EXTRAS.get(parsed.get_backend_name())
-        hint = f"pip install 'dermlens[{extra}]'" if extra else f"install the database driver ({e.name})"
+        hint = install_hint(extra) if extra else f"install the database driver ({e.name})"
         raise RecordsConfigError(
             f"records database {parsed.get_backend_name()} needs a driver that is not installed: {hint}"
         ) from e

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field
+
+from dermlens import config as configuration
 
 ENV_TOKEN = "DERMLENS_API_TOKEN"
 ENV_RECORDS_URL = "DERMLENS_RECORDS_URL"
@@ -19,71 +19,71 @@ class Limits(BaseModel):
     """Upload limits."""
 
     model_config = ConfigDict(extra="forbid")
-    max_upload_bytes: int = Field(20_000_000, gt=0)
-    max_pixels: int = Field(40_000_000, gt=0)
-    max_decoded_bytes: int = Field(256_000_000, gt=0)
-    memory_budget_bytes: int = Field(1_000_000_000, gt=0)
-    max_batch_files: int = Field(16, gt=0)
-    max_in_flight: int = Field(64, gt=0)
-    retry_after_s: int = Field(1, ge=0)
+    max_upload_bytes: int = Field(gt=0)
+    max_pixels: int = Field(gt=0)
+    max_decoded_bytes: int = Field(gt=0)
+    memory_budget_bytes: int = Field(gt=0)
+    max_batch_files: int = Field(gt=0)
+    max_in_flight: int = Field(gt=0)
+    retry_after_s: int = Field(ge=0)
 
 
 class Batching(BaseModel):
     """Dynamic batching of concurrent requests into one onnxruntime call."""
 
     model_config = ConfigDict(extra="forbid")
-    enabled: bool = True
-    max_batch: int = Field(16, gt=0)
-    max_wait_ms: float = Field(4.0, ge=0)
-    max_queue: int = Field(128, gt=0)
+    enabled: bool
+    max_batch: int = Field(gt=0)
+    max_wait_ms: float = Field(ge=0)
+    max_queue: int = Field(gt=0)
 
 
 class Inference(BaseModel):
     """Threadpool settings for model calls."""
 
     model_config = ConfigDict(extra="forbid")
-    max_concurrent: int = Field(2, gt=0)
-    threads: int | None = Field(None, gt=0)
-    batching: Batching = Field(default_factory=Batching)
+    max_concurrent: int = Field(gt=0)
+    threads: int | None = Field(gt=0)
+    batching: Batching
 
 
 class Http(BaseModel):
     """uvicorn connection limits and time-outs."""
 
     model_config = ConfigDict(extra="forbid")
-    header_timeout_s: float = Field(10.0, gt=0)
-    keep_alive_s: int = Field(5, gt=0)
-    max_header_bytes: int = Field(16384, gt=0)
-    max_connections: int = Field(256, gt=0)
+    header_timeout_s: float = Field(gt=0)
+    keep_alive_s: int = Field(gt=0)
+    max_header_bytes: int = Field(gt=0)
+    max_connections: int = Field(gt=0)
 
 
 class RecordsSettings(BaseModel):
     """Where prediction records (and optionally images) are kept."""
 
     model_config = ConfigDict(extra="forbid")
-    url: str | None = None
-    store_images: bool = False
-    image_dir: str | None = None
-    store_filename: bool = False
-    lock_timeout_s: float = Field(2.0, gt=0)
+    url: str | None
+    store_images: bool
+    image_dir: str | None
+    store_filename: bool
+    lock_timeout_s: float = Field(gt=0)
 
 
 class ServeSettings(BaseModel):
-    """Everything `dermlens serve` needs; see configs/serve.yaml for the meaning of each key."""
+    """Everything `dermlens serve` needs; the values (defaults included) come from configs/serve.yaml."""
 
     model_config = ConfigDict(extra="forbid")
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    model: str | None = None
-    precision: str | None = None
-    api_token: str | None = None
-    allow_insecure_bind: bool = False
-    trusted_hosts: list[str] | None = None
-    cors_origins: list[str] = Field(default_factory=list)
-    limits: Limits = Field(default_factory=Limits)
-    inference: Inference = Field(default_factory=Inference)
-    http: Http = Field(default_factory=Http)
-    records: RecordsSettings = Field(default_factory=RecordsSettings)
+    host: str
+    port: int = Field(ge=0, le=65535)
+    model: str | None
+    precision: str | None
+    api_token: str | None
+    allow_insecure_bind: bool
+    trusted_hosts: list[str] | None
+    cors_origins: list[str]
+    limits: Limits
+    inference: Inference
+    http: Http
+    records: RecordsSettings
 
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -111,34 +111,16 @@ def trusted_hosts(settings: ServeSettings) -> list[str]:
     return hosts
 
 
-def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """Recursive dict merge: override wins, nested sections merge key by key."""
-    out = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def _read_yaml(text: str, source: str) -> dict[str, Any]:
-    data = yaml.safe_load(text) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{source}: expected a mapping of settings, got {type(data).__name__}")
-    return data
-
-
 def load_settings(config: str | Path | None = None, **overrides: Any) -> ServeSettings:
-    """Packaged defaults < YAML (argument or $DERMLENS_SERVE_CONFIG) < environment < non-None overrides."""
-    text = resources.files("dermlens.configs").joinpath("serve.yaml").read_text()
-    data = _read_yaml(text, "configs/serve.yaml")
-    path = config or os.environ.get(ENV_CONFIG)
-    if path:
-        data = _merge(data, _read_yaml(Path(path).expanduser().read_text(), str(path)))
+    """configs/serve.yaml < YAML (argument or $DERMLENS_SERVE_CONFIG) < environment < non-None overrides."""
+    env: dict[str, Any] = {}
     if os.environ.get(ENV_TOKEN):
-        data["api_token"] = os.environ[ENV_TOKEN]
+        env["api_token"] = os.environ[ENV_TOKEN]
     if os.environ.get(ENV_RECORDS_URL):
-        data = _merge(data, {"records": {"url": os.environ[ENV_RECORDS_URL]}})
-    data = _merge(data, {k: v for k, v in overrides.items() if v is not None})
-    return ServeSettings.model_validate(data)
+        env["records"] = {"url": os.environ[ENV_RECORDS_URL]}
+    layers = [
+        ("the environment", env),
+        ("command-line options", {k: v for k, v in overrides.items() if v is not None}),
+    ]
+    path = config or os.environ.get(ENV_CONFIG) or None
+    return configuration.load_model("serve", ServeSettings, path, layers=layers)

@@ -31,10 +31,25 @@ class DataSetupError(FileNotFoundError):
 
 
 def preprocessing_from(cfg: dict) -> Preprocessing:
-    """Preprocessing.default() with any non-null `preprocess:` overrides (e.g. a smaller test size)."""
+    """configs/preprocess.yaml, with mean/std of model.arch's pretrained weights (timm), then the non-null
+    `preprocess:` keys (e.g. a smaller test size). The checkpoint and the bundle card carry the result."""
+    return Preprocessing.from_dict(preprocessing_record(cfg)["preprocessing"])
+
+
+def preprocessing_record(cfg: dict) -> dict:
+    """The resolved preprocessing and where its mean/std came from (written as RUN/preprocessing.json)."""
+    from dermlens.model.weights import pretrained_normalization
+
     base = Preprocessing.default().to_dict()
-    base.update({k: v for k, v in (cfg.get("preprocess") or {}).items() if v is not None})
-    return Preprocessing.from_dict(base)
+    arch = str((cfg.get("model") or {}).get("arch") or "")
+    norm = pretrained_normalization(arch) if arch else None
+    source = "configs/preprocess.yaml" if norm is None else f"timm pretrained config of {arch}"
+    base.update(norm or {})
+    given = {k: v for k, v in (cfg.get("preprocess") or {}).items() if v is not None}
+    if {"mean", "std"} & set(given):
+        source = "config preprocess.mean/std"
+    base.update(given)
+    return {"preprocessing": base, "normalization_source": source}
 
 
 def read_prepared(data_dir: Path, prep: Preprocessing) -> tuple[pd.DataFrame, np.ndarray]:

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
@@ -30,11 +28,6 @@ Log = Callable[[str], None]
 
 class DistillError(RuntimeError):
     """A teacher or teacher-logit file that cannot be used (one-line message)."""
-
-
-def distill_defaults() -> dict[str, Any]:
-    """configs/distill.yaml."""
-    return yaml.safe_load(resources.files("dermlens.configs").joinpath("distill.yaml").read_text())
 
 
 def teacher_logits(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -19,11 +18,9 @@ FINISHED = "finished.json"  # written when a run has finished and its final vali
 
 def cpu_has_native_bf16() -> bool:
     """True when the CPU computes bf16 natively (AMX or AVX512-BF16); elsewhere bf16 is emulated and slow."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(f in flags.split() for f in ("amx_bf16", "avx512_bf16"))
+    from dermlens.settings import machine
+
+    return bool(machine()["native_bf16"])
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:
@@ -42,13 +39,10 @@ def run_dir_for(cfg: dict) -> Path:
 
 
 def hardware() -> dict:
-    """A short description of the machine the run used."""
-    info = {
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-    }
+    """A short description of the machine the run used (CPU model and native bf16, threads, GPUs)."""
+    from dermlens.settings import machine
+
+    info = {**machine(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
     if torch.cuda.is_available():
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return info
@@ -282,6 +276,9 @@ def fit(cfg: dict, module, dm, run_dir: Path, resume: bool | None, callbacks: li
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
+        from dermlens.train.datamodule import preprocessing_record
+
+        (run_dir / "preprocessing.json").write_text(json.dumps(preprocessing_record(cfg), indent=2) + "\n")
     start = time.time()
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     seconds = time.time() - start

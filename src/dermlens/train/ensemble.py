@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
+from dermlens import config as configuration
+from dermlens.extras import require
 from dermlens.train.config import ConfigError, load_config
 
 Log = Callable[[str], None]
@@ -28,46 +28,10 @@ class EnsembleError(RuntimeError):
     """An ensemble recipe or member set that cannot be used (one-line message)."""
 
 
-def default_recipe() -> dict[str, Any]:
-    """configs/ensemble.yaml."""
-    return yaml.safe_load(resources.files("dermlens.configs").joinpath("ensemble.yaml").read_text())
-
-
-def merge_sections(base: dict[str, Any], over: dict[str, Any], where: str) -> dict[str, Any]:
-    """base <- over, one level of nested dicts merged; unknown top-level keys are errors."""
-    out = dict(base)
-    for k, v in (over or {}).items():
-        if k not in base:
-            raise ConfigError(f"unknown key {k!r} in {where} (known: {', '.join(sorted(base))})")
-        out[k] = {**base[k], **v} if isinstance(base[k], dict) and isinstance(v, dict) else v
-    return out
-
-
-def read_yaml(path: str | Path, what: str) -> dict[str, Any]:
-    """A YAML mapping from a file, or one from the packaged configs/, with one-line errors."""
-    p = Path(path)
-    if not p.is_file():
-        packaged = resources.files("dermlens.configs").joinpath(str(path))
-        if not packaged.is_file():
-            raise ConfigError(f"{what} not found: {path}")
-        text = packaged.read_text()
-    else:
-        text = p.read_text()
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"cannot parse {path}: {str(e).splitlines()[0]}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must be a YAML mapping")
-    return data
-
-
 def load_recipe(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """configs/ensemble.yaml <- a recipe file <- overrides (a dict of top-level sections)."""
-    recipe = default_recipe()
-    if path is not None:
-        recipe = merge_sections(recipe, read_yaml(path, "ensemble recipe"), str(path))
-    return merge_sections(recipe, overrides or {}, "ensemble overrides")
+    """configs/ensemble.yaml <- a recipe file <- overrides (a dict of sections), via the one loader."""
+    layers = [("command-line options", overrides or {})]
+    return configuration.load("ensemble", path, layers=layers, what="ensemble recipe")
 
 
 # ---- members -------------------------------------------------------------------------------------------
@@ -248,7 +212,7 @@ def _fit_lr(
     x: np.ndarray, y: np.ndarray, n_classes: int, cfg: dict[str, Any]
 ) -> tuple[np.ndarray, np.ndarray]:
     """Multinomial logistic regression -> (weight [n_classes, F], bias [n_classes]); absent classes ~ p=0."""
-    from sklearn.linear_model import LogisticRegression
+    LogisticRegression = require("sklearn.linear_model", "train").LogisticRegression
 
     lr = LogisticRegression(C=float(cfg.get("C", 1.0)), max_iter=int(cfg.get("max_iter", 2000)))
     lr.fit(x, y)
@@ -263,7 +227,7 @@ def _fit_lr(
 
 def _cv_probs(x: np.ndarray, y: np.ndarray, groups: np.ndarray, n: int, cfg: dict[str, Any]) -> np.ndarray:
     """Cross-validated stacker probabilities (folds grouped by lesion) for an honest OOF figure."""
-    from sklearn.model_selection import GroupKFold
+    GroupKFold = require("sklearn.model_selection", "train").GroupKFold
 
     k = min(int(cfg.get("cv_folds", 5)), len(set(groups)))
     probs = np.zeros((len(y), n))
@@ -287,7 +251,7 @@ class Stacker:
 def fit_stacker(oof: OOF, cfg: dict[str, Any], lesion_groups: np.ndarray | None = None) -> Stacker:
     """Logistic regression on the OOF log-probabilities; reports OOF balanced accuracy of stacking (cross-
     validated by lesion) against plain probability averaging on the same images."""
-    from sklearn.metrics import balanced_accuracy_score
+    balanced_accuracy_score = require("sklearn.metrics", "train").balanced_accuracy_score
 
     n, nc = len(oof.classes), 2
     fw, fb = _fit_lr(oof.fine, oof.fine_labels, n, cfg)

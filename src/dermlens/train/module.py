@@ -10,6 +10,7 @@ import torch
 from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC
 
 from dermlens.data.taxonomy import MALIGNANT as _MAL
+from dermlens.extras import require
 from dermlens.model.network import DermNet, build_network
 from dermlens.preprocess import Preprocessing
 from dermlens.train.augment import TorchNormalize
@@ -39,7 +40,7 @@ def external_scores(parts: list[tuple[torch.Tensor, torch.Tensor]], classes: tup
     pred = np.asarray(present)[sub]
     out = {"bal_acc3": float(np.mean([(pred[y == c] == c).mean() for c in present]))}
     if "mel" in classes and 0 < (y == classes.index("mel")).sum() < len(y):
-        from sklearn.metrics import roc_auc_score
+        roc_auc_score = require("sklearn.metrics", "train").roc_auc_score
 
         mel = classes.index("mel")
         out["mel_auc"] = float(roc_auc_score(y == mel, probs[:, mel]))
@@ -94,7 +95,7 @@ class DermModule(L.LightningModule):
         decay = float(cfg["optim"].get("ema", 0.0) or 0.0)
         self.ema = None
         if decay > 0:
-            from timm.utils import ModelEmaV3
+            ModelEmaV3 = require("timm.utils", "train").ModelEmaV3
 
             self.ema = ModelEmaV3(self.net, decay=decay, use_warmup=True)
             self.ema.requires_grad_(False)

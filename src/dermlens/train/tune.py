@@ -17,14 +17,13 @@ import json
 import math
 import time
 from collections.abc import Callable
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from dermlens import config as configuration
+from dermlens.extras import require
 from dermlens.train.config import ConfigError, apply_override, load_config
-from dermlens.train.ensemble import finished, merge_sections, read_yaml, train_run
+from dermlens.train.ensemble import finished, train_run
 
 Log = Callable[[str], None]
 MONITOR = "val/bal_acc"
@@ -33,17 +32,13 @@ DISTRIBUTIONS = ("float", "int", "categorical")
 
 def default_study() -> dict[str, Any]:
     """configs/tune.yaml."""
-    return yaml.safe_load(resources.files("dermlens.configs").joinpath("tune.yaml").read_text())
+    return configuration.load("tune")
 
 
 def load_study_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> dict:
     """configs/tune.yaml <- a study file <- overrides; the space is checked against the training config."""
-    cfg = default_study()
-    for where, over in ((str(path), read_yaml(path, "tune study file") if path else {}), ("", overrides)):
-        space = (over or {}).get("space")
-        cfg = merge_sections(cfg, over or {}, where or "tune overrides")
-        if space is not None:  # a study's space replaces the default one
-            cfg["space"] = space
+    layers = [("command-line options", overrides or {})]
+    cfg = configuration.load("tune", path, layers=layers, what="tune study file")  # a `space` replaces
     check_space(cfg)
     return cfg
 
@@ -105,7 +100,7 @@ def trial_config(study_cfg: dict[str, Any], params: dict[str, Any], out: Path) -
 
 
 def make_sampler(cfg: dict[str, Any]):
-    import optuna
+    optuna = require("optuna", "train")
 
     s = cfg.get("sampler") or {}
     name, seed = str(s.get("type", "tpe")).lower(), s.get("seed")
@@ -117,7 +112,7 @@ def make_sampler(cfg: dict[str, Any]):
 
 
 def make_pruner(cfg: dict[str, Any]):
-    import optuna
+    optuna = require("optuna", "train")
 
     p = cfg.get("pruner") or {}
     name = str(p.get("type", "median")).lower()
@@ -134,7 +129,7 @@ def make_pruner(cfg: dict[str, Any]):
 
 def open_study(cfg: dict[str, Any], out: Path):
     """The study in OUT/study.db (created, or loaded to continue)."""
-    import optuna
+    optuna = require("optuna", "train")
 
     out.mkdir(parents=True, exist_ok=True)
     storage = cfg.get("storage") or f"sqlite:///{(out / 'study.db').resolve()}"
@@ -151,7 +146,7 @@ def open_study(cfg: dict[str, Any], out: Path):
 def requeue_interrupted(study: Any, log: Log) -> int:
     """Trials left RUNNING by a killed process: mark them failed and enqueue their parameters again (the new
     trial finds the same run folder and resumes from its last.ckpt)."""
-    from optuna.trial import TrialState
+    TrialState = require("optuna.trial", "train").TrialState
 
     n = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -167,7 +162,7 @@ def objective_for(cfg: dict[str, Any], out: Path, log: Log) -> Callable[[Any], f
     """The Optuna objective: train one configuration, report val balanced accuracy per epoch, prune."""
 
     def objective(trial: Any) -> float:
-        from optuna_integration import PyTorchLightningPruningCallback
+        pruning_callback = require("optuna_integration", "train").PyTorchLightningPruningCallback
 
         params = suggest(trial, cfg["space"])
         tcfg = trial_config(cfg, params, out)
@@ -179,7 +174,7 @@ def objective_for(cfg: dict[str, Any], out: Path, log: Log) -> Callable[[Any], f
         if done is not None:
             log(f"trial {trial.number}: the same parameters finished in {run_dir}, result reused")
         else:
-            cb = PyTorchLightningPruningCallback(trial, monitor=monitor)
+            cb = pruning_callback(trial, monitor=monitor)
             done = train_run(tcfg, log, callbacks=[cb])
         trial.set_user_attr("val_bal_acc", done["metrics"]["bal_acc"])
         best = (done.get("monitor") or {}).get("best")
@@ -190,8 +185,8 @@ def objective_for(cfg: dict[str, Any], out: Path, log: Log) -> Callable[[Any], f
 
 def run_study(cfg: dict[str, Any], log: Log = print) -> dict[str, Any]:
     """Run (or continue) the study until it holds cfg['n_trials'] finished trials; write the results."""
-    import optuna
-    from optuna.trial import TrialState
+    optuna = require("optuna", "train")
+    TrialState = require("optuna.trial", "train").TrialState
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     optuna.logging.disable_default_handler()  # its handler keeps the stderr of the first caller: propagate
@@ -248,12 +243,12 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 def write_plots(study: Any, out: Path, log: Log) -> list[str]:
     """Optuna's matplotlib optimization history (+ parameter importances with >= 2 finished trials)."""
-    import matplotlib
+    matplotlib = require("matplotlib", "train")
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from optuna.trial import TrialState
-    from optuna.visualization import matplotlib as ovm
+    plt = require("matplotlib.pyplot", "train")
+    TrialState = require("optuna.trial", "train").TrialState
+    ovm = require("optuna.visualization", "train").matplotlib
 
     written = []
     plots = [("optimization_history.png", ovm.plot_optimization_history)]
@@ -277,7 +272,8 @@ def write_plots(study: Any, out: Path, log: Log) -> list[str]:
 def write_results(study: Any, cfg: dict[str, Any], out: Path, log: Log) -> dict[str, Any]:
     """results.csv, results.md, results.json and the plots in OUT; returns the JSON summary."""
     import pandas as pd
-    from optuna.trial import TrialState
+
+    TrialState = require("optuna.trial", "train").TrialState
 
     rows = trial_rows(study)
     pd.DataFrame(rows).to_csv(out / "results.csv", index=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from dermlens.extras import require
 from dermlens.infer.calibration import log_softmax, mean_softmax
 
 
@@ -18,7 +19,7 @@ def fit_temperature(
     logits: np.ndarray, labels: np.ndarray, bounds: tuple[float, float] = (0.05, 20.0)
 ) -> float:
     """The temperature T > 0 minimizing validation NLL (bounded 1-D search over log T)."""
-    from scipy.optimize import minimize_scalar
+    minimize_scalar = require("scipy.optimize", "evaluate").minimize_scalar
 
     logits = np.asarray(logits, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64)
@@ -37,7 +38,7 @@ def fit_temperature_tta(
     view_logits: np.ndarray, labels: np.ndarray, bounds: tuple[float, float] = (0.05, 20.0)
 ) -> float:
     """The per-view temperature minimizing the NLL of the view-averaged probabilities (TTA calibration)."""
-    from scipy.optimize import minimize_scalar
+    minimize_scalar = require("scipy.optimize", "evaluate").minimize_scalar
 
     z = np.asarray(view_logits, dtype=np.float64)
     idx = (np.arange(z.shape[1]), np.asarray(labels, dtype=np.int64))

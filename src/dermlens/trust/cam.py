@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from dermlens.extras import require
 from dermlens.infer.cam import upsample
 
 
@@ -35,7 +36,7 @@ def pointing_hit(heat: np.ndarray, mask: np.ndarray, tolerance_px: float = 15.0)
 
 def dilated_fraction(mask: np.ndarray, tolerance_px: float = 15.0) -> float:
     """Share of pixels within `tolerance_px` of the mask: the hit rate of a random pointer."""
-    from scipy.ndimage import distance_transform_edt
+    distance_transform_edt = require("scipy.ndimage", "evaluate").distance_transform_edt
 
     m = np.asarray(mask) > 0
     if not m.any():

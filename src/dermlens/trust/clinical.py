@@ -15,6 +15,7 @@ import io
 import numpy as np
 from PIL import Image, ImageFilter
 
+from dermlens.extras import require
 from dermlens.infer.ood import l2_normalize
 
 # Skin tones (RGB) for the field around a zoomed-out lesion: Fitzpatrick I-VI, as photographed.
@@ -169,7 +170,7 @@ def dermoscopy_jitter(images: np.ndarray, seed: int = 0) -> np.ndarray:
 def fit_head(emb_in: np.ndarray, emb_out: np.ndarray, c: float = 1.0) -> tuple[np.ndarray, float]:
     """Logistic regression (scikit-learn) on standardized L2-normalized embeddings; returns (w, b) that act
     on the L2-normalized embedding directly."""
-    from sklearn.linear_model import LogisticRegression
+    LogisticRegression = require("sklearn.linear_model", "evaluate").LogisticRegression
 
     x = l2_normalize(np.concatenate([emb_in, emb_out]))
     y = np.r_[np.zeros(len(emb_in)), np.ones(len(emb_out))]

@@ -3,12 +3,12 @@ into a TrustState (dermlens.infer.state, which applies them)."""
 
 from __future__ import annotations
 
-from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
+from dermlens import config as configuration
 from dermlens.data.taxonomy import COARSE_CLASSES, FINE_CODES, coarse_label
 from dermlens.infer.calibration import softmax
 from dermlens.infer.ood import METHODS, l2_normalize
@@ -19,9 +19,9 @@ from dermlens.trust import ood, selective
 from dermlens.trust.calibration import fit_temperature, fit_temperature_tta, nll
 
 
-def trust_config() -> dict[str, Any]:
-    """Settings from configs/trust.yaml."""
-    return yaml.safe_load(resources.files("dermlens.configs").joinpath("trust.yaml").read_text())
+def trust_config(path: str | Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """configs/trust.yaml <- a YAML file <- `key=value` overrides (the one config loader)."""
+    return configuration.load("trust", path, list(overrides or []))
 
 
 def coarse_from_fine(labels: np.ndarray, n_classes: int) -> np.ndarray:
@@ -32,10 +32,8 @@ def coarse_from_fine(labels: np.ndarray, n_classes: int) -> np.ndarray:
 
 
 def _cfg(cfg: dict[str, Any] | None) -> dict[str, Any]:
-    base = trust_config()
-    for section, values in (cfg or {}).items():
-        base.setdefault(section, {}).update(values or {})
-    return base
+    """configs/trust.yaml with `cfg` (sections, partial) merged on top and checked."""
+    return configuration.load("trust", layers=[("trust settings", cfg or {})])
 
 
 def _min_confidence(probs: np.ndarray, labels: np.ndarray, refer_cfg: dict[str, Any]) -> tuple[float, str]:
@@ -97,7 +95,7 @@ def fit_trust(
         )
         t_coarse = fit_temperature(coarse, clab, bounds)
         info["coarse"] = {"nll_before": nll(coarse, clab), "nll_after": nll(coarse, clab, t_coarse)}
-    bins = int(c_cal.get("ece_bins", 15))
+    bins = int(c_cal["ece_bins"])
     info["fine"] = {
         "nll_before": nll(fine, labels),
         "nll_after": nll(fine, labels, t_fine),

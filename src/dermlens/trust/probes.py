@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageFilter
 
+from dermlens.extras import require
 from dermlens.preprocess import Preprocessing
 
 # skimage.data loaders that ship inside the wheel (no pooch download).
@@ -69,7 +70,7 @@ def _to_rgb_uint8(a: np.ndarray) -> np.ndarray:
 
 def skimage_image(name: str) -> np.ndarray:
     """One scikit-image sample image as RGB uint8 (motorcycle_left/right come from stereo_motorcycle)."""
-    from skimage import data
+    data = require("skimage", "evaluate").data
 
     if name in ("motorcycle_left", "motorcycle_right"):
         left, right, _ = data.stereo_motorcycle()
@@ -144,7 +145,7 @@ def skimage_transformed(prep: Preprocessing, seed: int = 0) -> np.ndarray:
 
 def other_modalities(prep: Preprocessing, seed: int = 0, crops: int = 12) -> np.ndarray:
     """Other imaging modalities: fundus, histology, microscopy, astronomy, CT phantom, faces; plus crops."""
-    from skimage import data
+    data = require("skimage", "evaluate").data
 
     rng = np.random.default_rng(seed)
     aspect = prep.width / prep.height

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from dermlens.extras import require
 from dermlens.infer.calibration import Params, calibrate
 from dermlens.metrics import balanced_accuracy, ece
 
@@ -35,7 +36,7 @@ def fit_condition(
     logits: np.ndarray, labels: np.ndarray, weights: np.ndarray, kind: str, l2: float = 1e-3
 ) -> dict[str, list[float]]:
     """Fit one condition's (w, b): a temperature (kind 'temperature') or vector scaling ('vector')."""
-    from scipy.optimize import minimize
+    minimize = require("scipy.optimize", "evaluate").minimize
 
     x = np.asarray(logits, np.float64)
     y = np.asarray(labels, np.int64)
