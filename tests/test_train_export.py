@@ -100,3 +100,17 @@ def test_export_of_a_checkpoint_train_wrote(tiny_dir: Path, tmp_path: Path) -> N
     pred = Predictor.load(bundle, threads=1)
     r = pred.predict_arrays(images, prepared=True)
     assert r["probs"].shape == (len(rows), len(card.classes)) and np.allclose(r["probs"].sum(1), 1.0)
+
+
+class _NotWeights:
+    """An object only the unsafe unpickler would rebuild."""
+
+
+def test_export_refuses_a_file_that_needs_code(tmp_path: Path) -> None:
+    from dermlens.export.checkpoint import ExportError, load_checkpoint
+
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "payload": _NotWeights()}, path)
+    with pytest.raises(ExportError, match="safe loader") as err:
+        load_checkpoint(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)

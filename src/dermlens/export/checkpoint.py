@@ -40,10 +40,12 @@ def find_checkpoint(run_dir: str | Path) -> Path:
 
 
 def _torch_load(path: Path) -> Any:
+    """torch.load with the safe (weights-only) unpickler: a file that needs arbitrary code is refused."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - Lightning hparams may hold objects the safe loader refuses
-        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - one line naming the file, whatever the unpickler disliked
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ExportError(f"cannot load {path} with torch's safe loader (weights_only): {first}") from e
 
 
 def _eval_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
