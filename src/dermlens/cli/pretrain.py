@@ -6,18 +6,13 @@ from typing import Annotated
 
 import typer
 
+from dermlens.cli.options import Overrides, Resume, config_option
+
 
 def pretrain(
-    overrides: Annotated[
-        list[str] | None, typer.Argument(help="key=value overrides, e.g. trainer.time_budget_min=120")
-    ] = None,
-    config: Annotated[
-        str | None, typer.Option("--config", "-c", help="YAML config (default configs/pretrain.yaml)")
-    ] = None,
-    resume: Annotated[
-        bool | None,
-        typer.Option("--resume/--no-resume", help="resume from last.ckpt (default: if it exists)"),
-    ] = None,
+    overrides: Overrides = None,
+    config: config_option("pretrain.yaml") = None,
+    resume: Resume = None,
 ) -> None:
     """Pretrain a backbone with SimCLR; writes <run_dir>/backbone.pt for `dermlens train model.init=PATH`."""
     from dermlens.train.config import ConfigError

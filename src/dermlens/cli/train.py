@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
 import typer
+
+from dermlens.cli.options import Overrides, Resume, config_option
 
 
 def train(
-    overrides: Annotated[
-        list[str] | None, typer.Argument(help="key=value overrides, e.g. trainer.max_epochs=3")
-    ] = None,
-    config: Annotated[
-        str | None, typer.Option("--config", "-c", help="YAML config (default configs/train.yaml)")
-    ] = None,
-    resume: Annotated[
-        bool | None,
-        typer.Option("--resume/--no-resume", help="resume from last.ckpt (default: if it exists)"),
-    ] = None,
+    overrides: Overrides = None,
+    config: config_option("train.yaml") = None,
+    resume: Resume = None,
 ) -> None:
     """Train a classifier; writes runs/<name>/ with config, logs, checkpoints, metrics and val outputs."""
     from dermlens.train.config import ConfigError, load_config
