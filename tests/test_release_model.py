@@ -31,6 +31,26 @@ def test_bundle_verifies_and_tampering_is_caught(tmp_path: Path) -> None:
     assert r.exit_code == 2 and "Traceback" not in r.output and "trust.npz" in r.output
 
 
+def test_card_schema_is_checked(tmp_path: Path) -> None:
+    import json
+
+    from dermlens.bundle import CARD, SCHEMA_VERSION
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle_dir(), copy)
+    card = json.loads((copy / CARD).read_text())
+    assert any(line.startswith(f"schema {card.get('schema_version', 1)}") for line in verify_bundle(copy))
+    (copy / CARD).write_text(json.dumps({**card, "schema_version": SCHEMA_VERSION + 1}))
+    with pytest.raises(BundleError, match="newer than this dermlens"):
+        verify_bundle(copy)
+    del card["lineage"]
+    (copy / CARD).write_text(json.dumps({**card, "schema_version": 2}))
+    with pytest.raises(BundleError, match="lacks lineage"):
+        verify_bundle(copy)
+    r = CliRunner().invoke(app, ["bundle", "info", str(bundle_dir())])
+    assert r.exit_code == 0 and "card schema" in r.output
+
+
 def test_card_records_lineage_and_refuses_foreign_metrics(tmp_path: Path) -> None:
     card = read_card(bundle_dir())
     lineage = card.extra.get("lineage")

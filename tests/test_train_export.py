@@ -83,6 +83,9 @@ def test_export_of_a_checkpoint_train_wrote(tiny_dir: Path, tmp_path: Path) -> N
     module.eval()
     card = read_card(bundle)
     assert card.preprocessing.to_dict() == module.hparams["prep"]  # the runtime reads what training used
+    from dermlens.bundle import SCHEMA_VERSION, verify_bundle
+
+    assert card.schema_version == SCHEMA_VERSION and f"schema {SCHEMA_VERSION}" in verify_bundle(bundle)
     df = read_manifest(tiny_dir)
     rows = np.flatnonzero(df["split"].to_numpy() == "val")[:12]
     images = np.asarray(open_cache(tiny_dir, card.preprocessing)[rows])

@@ -15,6 +15,8 @@ ONNX_FP32 = "model.onnx"
 ONNX_INT8 = "model.int8.onnx"
 TRUST = "trust.npz"
 TORCH_WEIGHTS = "model.pt"
+SCHEMA_VERSION = 2  # 1: no schema_version in the card; 2: + lineage, metadata_encoding (written by export)
+V2_KEYS = ("lineage", "metadata_encoding", "metrics", "export")
 
 
 class BundleError(FileNotFoundError):
@@ -42,6 +44,7 @@ class ModelCard:
     refer: dict[str, Any] = field(default_factory=dict)
     tta: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION  # a card read without one is version 1
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelCard:
@@ -57,6 +60,7 @@ class ModelCard:
             "ood",
             "refer",
             "tta",
+            "schema_version",
         }
         return cls(
             name=d["name"],
@@ -71,10 +75,12 @@ class ModelCard:
             refer=dict(d.get("refer", {})),
             tta=bool(d.get("tta", False)),
             extra={k: v for k, v in d.items() if k not in known},
+            schema_version=int(d.get("schema_version", 1)),
         )
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "schema_version": self.schema_version,
             "name": self.name,
             "version": self.version,
             "architecture": self.architecture,
@@ -155,6 +161,21 @@ def record_metrics(bundle: Path, name: str, results: dict[str, Any]) -> dict[str
     return summary
 
 
+def check_schema(card: ModelCard) -> str:
+    """One line on the card's format; a card newer than this dermlens or missing its v2 keys is an error."""
+    v = card.schema_version
+    if v > SCHEMA_VERSION:
+        raise BundleError(
+            f"card schema {v} is newer than this dermlens reads ({SCHEMA_VERSION}): upgrade dermlens"
+        )
+    if v == 1:
+        return "schema 1 (older format without schema_version; `dermlens export` writes schema 2)"
+    missing = [k for k in V2_KEYS if k not in card.extra]
+    if missing:
+        raise BundleError(f"card schema {v} lacks {', '.join(missing)}")
+    return f"schema {v}"
+
+
 def verify_bundle(bundle: Path) -> list[str]:
     """Check card, file hashes and that each ONNX graph maps the card's input shapes to its outputs."""
     import hashlib
@@ -165,7 +186,7 @@ def verify_bundle(bundle: Path) -> list[str]:
     from dermlens.metadata import META_DIM
 
     card = read_card(bundle)
-    lines = [f"card: {card.name} {card.version}"]
+    lines = [f"card: {card.name} {card.version}", check_schema(card)]
     recorded = card.extra.get("export", {}).get("files", {})
     for fname, digest in recorded.items():
         path = Path(bundle) / fname

@@ -41,7 +41,9 @@ def info(bundle: BundleArg = None) -> None:
     except (BundleError, ValueError, KeyError) as e:
         raise _fail(str(e)) from None
     p = card["preprocessing"]
-    typer.echo(f"{card['name']} {card['version']} ({card['architecture']})")
+    typer.echo(
+        f"{card['name']} {card['version']} ({card['architecture']}; card schema {card['schema_version']})"
+    )
     typer.echo(
         f"input {p['height']}x{p['width']}, colour constancy {p.get('color_constancy', 'none')}, "
         f"metadata {'used' if card['uses_metadata'] else 'not used'}; classes {', '.join(card['classes'])}"
