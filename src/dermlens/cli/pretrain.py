@@ -15,17 +15,15 @@ def pretrain(
     resume: Resume = None,
 ) -> None:
     """Pretrain a backbone with SimCLR; writes <run_dir>/backbone.pt for `dermlens train model.init=PATH`."""
-    from dermlens.train.config import ConfigError
-    from dermlens.train.datamodule import DataSetupError
+    from dermlens.cli.research import run_or_exit
 
-    try:
+    def go() -> dict | None:
         from dermlens.train.pretrain import load_pretrain_config
         from dermlens.train.pretrain import pretrain as run
 
-        report = run(load_pretrain_config(config, overrides or []), resume=resume)
-    except (ConfigError, DataSetupError, FileNotFoundError, ImportError, ValueError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+        return run(load_pretrain_config(config, overrides or []), resume=resume)
+
+    report = run_or_exit(go)
     if report:
         losses = report["epoch_losses"]
         first, last = (f"{losses[0]:.3f}", f"{losses[-1]:.3f}") if losses else ("-", "-")
@@ -42,17 +40,15 @@ def label_efficiency(
     ] = None,
 ) -> None:
     """Fine-tune from ImageNet and from the SSL encoder on 10-100% of the labels; table, JSON and plot."""
-    from dermlens.train.config import ConfigError
-    from dermlens.train.datamodule import DataSetupError
+    from dermlens.cli.research import run_or_exit
 
-    try:
+    def go() -> tuple[dict, dict]:
         from dermlens.evaluate.label_efficiency import load_study, run_study
 
         study = load_study(config)
-        out = run_study(study)
-    except (ConfigError, DataSetupError, FileNotFoundError, ImportError, ValueError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+        return study, run_study(study)
+
+    study, out = run_or_exit(go)
     typer.echo("init      labels  val BA                test BA               ISIC 2017 mel AUC")
     for c in out["cells"]:
         cols = [c[k] for k in ("val_bal_acc", "test_bal_acc", "isic2017_test_mel_auc")]

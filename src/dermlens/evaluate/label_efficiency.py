@@ -16,6 +16,7 @@ from dermlens import __version__
 from dermlens import config as configuration
 from dermlens.evaluate import EvaluateConfig, evaluate_arrays
 from dermlens.evaluate.external import isic2017_scores
+from dermlens.infer.calibration import softmax
 
 EVAL = "label_eval.json"
 
@@ -66,11 +67,6 @@ def predict_test(run_dir: Path, cfg: dict, data_dir: str) -> tuple[np.ndarray, n
             fine, _ = net.eval()(norm(image), meta)
             out.append(torch.softmax(fine.float(), dim=1).numpy())
     return np.concatenate(out), part.fine, df.iloc[part.rows]
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    e = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def score_run(run_dir: Path, cfg: dict, study: dict) -> dict:

@@ -15,28 +15,16 @@ from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, RandomSampler
 
 from dermlens.data.splits import holdout_rows
+from dermlens.extras import require
 from dermlens.model.weights import init_backbone
 from dermlens.preprocess import Preprocessing
-from dermlens.train.config import load_config, with_section
+from dermlens.train.config import ConfigError, load_config, with_section
 from dermlens.train.datamodule import preprocessing_from, read_prepared
 from dermlens.train.engine import LAST, finished_before, fit, hardware, mark_finished, setup_run
 from dermlens.train.module import lr_schedule
 
 BACKBONE = "backbone.pt"
 REPORT = "pretrain.json"
-
-
-def _lightly():
-    """The lightly package, or a one-line error naming the extra."""
-    try:
-        import lightly  # noqa: F401
-    except ImportError as e:
-        raise ImportError("self-supervised pretraining needs lightly: pip install 'dermlens[ssl]'") from e
-    import lightly.loss
-    import lightly.models.modules
-    import lightly.transforms
-
-    return lightly
 
 
 def load_pretrain_config(path: str | Path | None = None, overrides: list[str] | None = None) -> dict:
@@ -209,9 +197,9 @@ def write_outputs(
 
 def pretrain(cfg: dict, resume: bool | None = None) -> dict | None:
     """Run (or resume) SimCLR pretraining; returns the report written to <run_dir>/pretrain.json."""
-    _lightly()
+    require("lightly", "ssl", "self-supervised pretraining")
     if cfg["ssl"].get("method", "simclr") != "simclr":
-        raise ValueError(f"ssl.method {cfg['ssl']['method']!r} is not supported (simclr)")
+        raise ConfigError(f"ssl.method {cfg['ssl']['method']!r} is not supported (simclr)")
     run_dir = setup_run(cfg)
     if finished_before(cfg, run_dir, resume):
         return json.loads((run_dir / REPORT).read_text())
