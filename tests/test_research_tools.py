@@ -224,6 +224,36 @@ def test_release_build_resumes_and_never_retrains(build: dict) -> None:
     assert (members / "lite0-fold1" / "finished.json").is_file()
 
 
+def test_ensemble_of_given_runs_trains_nothing(build: dict, tmp_path: Path) -> None:
+    """`run:` members (already-trained runs) are combined as they are: no checkpoint is written or changed."""
+    from dermlens.config import ConfigError
+    from dermlens.train.ensemble import plan_members
+
+    run = build["out"] / "ensemble" / "members" / "lite0-fold0"
+    ckpts = {p: p.stat().st_mtime_ns for p in build["out"].rglob("*.ckpt")}
+    recipe = {
+        "out": str(tmp_path / "given"),
+        "folds": 0,
+        "members": [{"name": "a", "run": str(run)}, {"name": "b", "run": str(run)}],
+        "export": FAST_EXPORT,
+    }
+    path = tmp_path / "given.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    code, output = run_cli("ensemble", "--recipe", str(path))
+    assert code == 0, output
+    assert output.count("a given run, used as it is") == 2
+    summary = json.loads((tmp_path / "given" / "ensemble.json").read_text())
+    assert summary["architecture"] == "ensemble(2x tf_efficientnet_lite0, mean_prob)"
+    assert set(summary["members"]) == {"a", "b"} and summary["members"]["a"]["bal_acc"] is not None
+    assert {p: p.stat().st_mtime_ns for p in build["out"].rglob("*.ckpt")} == ckpts
+    assert not (tmp_path / "given" / "members").exists()
+    with pytest.raises(ConfigError, match="needs folds: 0"):
+        plan_members({**recipe, "folds": 2})
+    path.write_text(yaml.safe_dump({**recipe, "members": [{"name": "a", "run": str(tmp_path / "nope")}]}))
+    code, output = run_cli("ensemble", "--recipe", str(path))
+    assert code == 2 and "ensemble member a:" in output and "Traceback" not in output, output
+
+
 def test_tune_resumes_from_sqlite(tiny_dir: Path, tmp_path: Path) -> None:
     import optuna
 

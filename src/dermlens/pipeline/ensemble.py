@@ -16,9 +16,9 @@ from dermlens.train.ensemble import (
     Log,
     Member,
     Stacker,
-    finished,
     fit_stacker,
     lesion_groups,
+    member_summary,
     out_of_fold,
     train_members,
 )
@@ -104,7 +104,10 @@ def build_ensemble(
         f"{stacker.info['oof_bal_acc_stack_cv']:.4f}"
     )
     model = build_ensemble_model(members, recipe, stacker)
-    card = build_bundle(None, data_dir, bundle, ensemble_export_config(recipe), log, loaded=model)
+    external = recipe.get("external") or None
+    card = build_bundle(
+        None, data_dir, bundle, ensemble_export_config(recipe), log, loaded=model, external=external
+    )
     seen = bool(recipe.get("folds")) and recipe.get("fold_pool") == "train+val"
     record_in_card(bundle, {**model.info, "combine": recipe.get("combine"), "val_seen_in_training": seen})
     summary = {
@@ -112,7 +115,7 @@ def build_ensemble(
         "version": card["version"],
         "architecture": card["architecture"],
         "combine": recipe.get("combine"),
-        "members": {m.name: finished(m.run_dir)["metrics"] for m in members},
+        "members": {m.name: member_summary(m).get("metrics") for m in members},
         "stacker": stacker.info,
         "val": card["metrics"]["val"],
         "val_seen_in_training": seen,

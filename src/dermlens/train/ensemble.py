@@ -45,6 +45,7 @@ class Member:
     group: int
     fold: int | None
     cfg: dict[str, Any] = field(repr=False)
+    given: bool = False  # an already-trained run named by `run:` in the recipe: used as it is, never trained
 
     @property
     def run_dir(self) -> Path:
@@ -60,6 +61,11 @@ def plan_members(recipe: dict[str, Any]) -> list[Member]:
     for g, spec in enumerate(specs):
         if "name" not in spec:
             raise ConfigError(f"ensemble member {g} has no name")
+        if spec.get("run"):
+            if folds > 0:
+                raise ConfigError(f"ensemble member {spec['name']} names a run; a `run:` member needs folds: 0")
+            members.append(given_member(str(spec["name"]), g, Path(spec["run"])))
+            continue
         for fold in range(folds) if folds > 0 else [None]:
             name = str(spec["name"]) + (f"-fold{fold}" if fold is not None else "")
             over = [*recipe.get("overrides", []), *spec.get("overrides", [])]
@@ -68,6 +74,27 @@ def plan_members(recipe: dict[str, Any]) -> list[Member]:
             over += [f"trainer.run_dir={out / 'members' / name}", f"trainer.name={name}"]
             members.append(Member(name, g, fold, load_config(recipe.get("base_config"), over)))
     return members
+
+
+def given_member(name: str, group: int, run_dir: Path) -> Member:
+    """A member taken from an already-trained run folder (its config.yaml, best checkpoint, val outputs)."""
+    needed = [run_dir / "config.yaml", run_dir / "metrics_val.json", run_dir / "val_outputs.npz"]
+    missing = [str(f) for f in needed if not f.is_file()]
+    if missing:
+        raise EnsembleError(f"ensemble member {name}: {missing[0]} not found (is {run_dir} a finished run?)")
+    cfg = load_config(run_dir / "config.yaml")
+    cfg["trainer"]["run_dir"] = str(run_dir)
+    return Member(name, group, None, cfg, given=True)
+
+
+def member_summary(m: Member) -> dict[str, Any]:
+    """finished()'s summary of a member; a given run without the engine's marker reports its val metrics."""
+    done = finished(m.run_dir)
+    if done is not None or not m.given:
+        return done or {}
+    metrics = json.loads((m.run_dir / "metrics_val.json").read_text())
+    keys = ("bal_acc", "macro_auc", "accuracy", "n", "best_epoch", "train_seconds", "arch")
+    return {"config_hash": None, "reason": "given run", "metrics": {k: metrics.get(k) for k in keys}}
 
 
 def config_hash(cfg: dict[str, Any]) -> str:
@@ -138,6 +165,9 @@ def train_members(recipe: dict[str, Any], log: Log = print) -> list[Member]:
     members = plan_members(recipe)
     for i, m in enumerate(members, 1):
         log(f"member {i}/{len(members)}: {m.name}")
+        if m.given:
+            log(f"{m.run_dir}: a given run, used as it is")
+            continue
         train_run(m.cfg, log)
     return members
 
