@@ -69,7 +69,7 @@ def test_card_records_lineage_and_refuses_foreign_metrics(tmp_path: Path) -> Non
 
 @pytest.mark.parametrize("metadata", [True, False], ids=["with_metadata", "no_metadata"])
 def test_runtime_reaches_recorded_val_accuracy(ham_manifest, metadata: bool) -> None:
-    from dermlens.cli.evaluate import _predict_rows
+    from dermlens.evaluate.inputs import predict_rows
     from dermlens.infer.predictor import Predictor
 
     card = read_card(bundle_dir())
@@ -78,7 +78,7 @@ def test_runtime_reaches_recorded_val_accuracy(ham_manifest, metadata: bool) -> 
         pytest.skip("bundle exported before no-metadata validation was recorded")
     val = ham_manifest[ham_manifest["split"] == "val"]
     predictor = Predictor.load(bundle_dir(), precision="int8")
-    probs = _predict_rows(predictor, val, 64, use_metadata=metadata)["probs"]
+    probs = predict_rows(predictor, val, 64, use_metadata=metadata)["probs"]
     truth = np.array([card.classes.index(d) for d in val["diagnosis"]])
     bal_acc = balanced_accuracy_score(truth, probs.argmax(1))
     assert abs(bal_acc - recorded["bal_acc"]) < 0.01, (bal_acc, recorded["bal_acc"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 from pathlib import Path
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -25,22 +26,28 @@ def work_dir() -> Path:
     return Path(os.environ.get("DERMLENS_WORK", "work")).expanduser().resolve()
 
 
+def _cpuinfo(key: str) -> str | None:
+    """The first `key` field of /proc/cpuinfo, or None."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return None
+    return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith(key)), None)
+
+
 def machine() -> dict:
     """The processor a figure was measured on (model name, cores, native bf16), for results files."""
-    import platform
-
-    name, flags = platform.processor() or platform.machine(), ""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        name = next(
-            (ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), name
-        )
-        flags = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    except OSError:
-        pass
+    name = _cpuinfo("model name") or platform.processor() or platform.machine()
+    flags = (_cpuinfo("flags") or "").split()
     return {
         "cpu": name,
         "cores": os.cpu_count(),
-        "native_bf16": any(f in flags.split() for f in ("amx_bf16", "avx512_bf16")),
-        "avx512": "avx512f" in flags.split(),
+        "native_bf16": any(f in flags for f in ("amx_bf16", "avx512_bf16")),
+        "avx512": "avx512f" in flags,
     }
+
+
+def cpu_name() -> str:
+    """The CPU model name and the logical CPU count (for results files)."""
+    name = _cpuinfo("model name")
+    return f"{name} ({os.cpu_count()} logical CPUs visible)" if name else platform.processor() or "unknown"

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
+import pandas as pd
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, roc_auc_score
 
+from dermlens import DISCLAIMER
 from dermlens.evaluate.bootstrap import bootstrap
+from dermlens.evaluate.inputs import EvaluationInputError, predict_rows
+from dermlens.settings import machine
 
 ISIC2017_CLASSES: tuple[str, ...] = ("mel", "bkl", "nv")
 
@@ -53,3 +60,42 @@ def isic2017_scores(
             "confusion_matrix": confusion_matrix(y3, pred3, labels=[0, 1, 2]).tolist(),
         },
     }
+
+
+def _manifest_rows(manifest: Path, split: str) -> pd.DataFrame:
+    """The manifest's rows of one split ('all': every row); an unreadable or empty selection is an error."""
+    try:
+        rows = pd.read_csv(manifest)
+    except OSError as e:
+        raise EvaluationInputError(f"cannot read {manifest}: {e}") from e
+    if split != "all":
+        rows = rows[rows["split"] == split]
+    if rows.empty:
+        raise EvaluationInputError(f"no rows in {manifest} for split {split!r}")
+    return rows
+
+
+def score_isic2017(
+    manifest: Path, out: Path, split: str, model: Path | None, n_bootstrap: int, metadata: bool
+) -> tuple[dict, Path]:
+    """Predict a prepared ISIC 2017 manifest split with a bundle and write OUT/external.json."""
+    from dermlens.evaluate import EvaluateConfig
+    from dermlens.infer.predictor import Predictor
+
+    rows = _manifest_rows(manifest, split)
+    predictor = Predictor.load(model)
+    probs = predict_rows(predictor, rows, EvaluateConfig.load().batch_size, metadata)["probs"]
+    scores = isic2017_scores(probs, predictor.classes, rows["diagnosis"].tolist(), n_bootstrap)
+    scores.update(
+        {
+            "split": split,
+            "model_version": predictor.card.version,
+            "metadata": "given" if metadata else "withheld",
+            "machine": machine(),
+            "disclaimer": DISCLAIMER,
+        }
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "external.json"
+    path.write_text(json.dumps(scores, indent=2) + "\n")
+    return scores, path

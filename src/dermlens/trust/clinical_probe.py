@@ -7,8 +7,6 @@ Also a leave-one-family-out check: the head trained on one geometry family only,
 
 from __future__ import annotations
 
-import os
-import platform
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,22 +17,12 @@ from dermlens.bundle import TRUST
 from dermlens.infer.ood import not_dermoscopy_score
 from dermlens.infer.state import TrustState
 from dermlens.metrics import auroc
+from dermlens.settings import cpu_name
 from dermlens.trust import clinical, probes
 from dermlens.trust.fit import _cfg
 from dermlens.trust.refit import Runner, load_rows, no_meta
 
 PROBE_SEED = 777  # views of the probe: never the head's training seed
-
-
-def cpu_name() -> str:
-    """The CPU model name (for results files)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} logical CPUs visible)"
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _rates(state: TrustState, out: dict[str, np.ndarray]) -> dict[str, Any]:
