@@ -1,7 +1,4 @@
-"""`dermlens data ...`: read a dataset, validate it, split it without lesion leakage, cache its images.
-
-Long module: one typer group of four commands (prepare, fetch, cache, holdout) and their rich tables.
-"""
+"""`dermlens data ...`: options of prepare, fetch, cache and holdout; the work is in dermlens.data."""
 
 from __future__ import annotations
 
@@ -109,10 +106,6 @@ def _parse_fractions(text: str | None) -> dict[str, float] | None:
     return dict(zip(("train", "val", "test"), values, strict=True))
 
 
-class _Invalid(Exception):
-    """Validation failed under --on-error fail."""
-
-
 @app.command(epilog=PREPARE_EPILOG)
 def prepare(
     dataset: Annotated[
@@ -199,174 +192,35 @@ def prepare(
     from dermlens.data.manifest import DataError
 
     try:
-        _prepare(
-            _choice("--dataset", dataset, Dataset),
-            root,
-            out,
-            _choice("--split", split, SplitMethod),
-            seed,
-            folds,
-            _parse_fractions(fractions),
-            _choice("--on-error", on_error, OnError),
-            cache and check_images,
-            check_images,
-            image_dir,
-            _parse_columns(columns),
-            duplicates,
-            workers,
-            image_types,
+        from dermlens.data.prepare import PrepareOptions, ValidationFailed
+        from dermlens.data.prepare import prepare as run_prepare
+
+        options = PrepareOptions(
+            dataset=_choice("--dataset", dataset, Dataset),
+            root=root,
+            out=out,
+            method=_choice("--split", split, SplitMethod),
+            seed=seed,
+            folds=folds,
+            fractions=_parse_fractions(fractions),
+            on_error=_choice("--on-error", on_error, OnError),
+            build=cache and check_images,
+            check_images=check_images,
+            image_dir=image_dir,
+            columns=_parse_columns(columns),
+            duplicates=duplicates,
+            workers=workers,
+            image_types=image_types,
         )
+        run_prepare(options)
     except (DataError, ValueError) as e:
         raise _fail(str(e), EXIT_USAGE) from None
     except ModuleNotFoundError as e:
         from dermlens.extras import missing
 
         raise _fail(str(missing(e.name or "sklearn", "evaluate", "data preparation")), EXIT_USAGE) from None
-    except _Invalid as e:
+    except ValidationFailed as e:
         raise _fail(str(e), EXIT_INVALID) from None
-
-
-def _prepare(
-    dataset: str,
-    root: Path | None,
-    out: Path | None,
-    method: str,
-    seed: int | None,
-    folds: int | None,
-    fractions: dict[str, float] | None,
-    on_error: str,
-    build: bool,
-    check_images: bool,
-    image_dir: Path | None,
-    columns: dict[str, str] | None,
-    duplicates: Path | None,
-    workers: int | None,
-    image_types: str | None = None,
-) -> None:
-    from rich.console import Console
-
-    from dermlens.data import registry
-    from dermlens.data import splits as sp
-    from dermlens.data.cache import build_cache
-    from dermlens.data.manifest import REPORT_NAME, DataError, data_config, manifest_hash, write_manifest
-    from dermlens.data.validate import drop_bad_rows, validate
-    from dermlens.preprocess import Preprocessing
-    from dermlens.settings import work_dir
-
-    console = Console(soft_wrap=True)
-    cfg = data_config()["split"]
-    seed = int(cfg["seed"] if seed is None else seed)
-    folds = int(cfg["folds"] if folds is None else folds)
-    fractions = fractions or {k: float(v) for k, v in cfg["fractions"].items()}
-    out = Path(out) if out is not None else work_dir() / dataset
-    if root is None:
-        raise DataError("--root is required: the dataset folder (or, for --dataset csv, the CSV file)")
-    if not root.exists():
-        raise DataError(f"--root {root} does not exist")
-    if image_dir is not None and not image_dir.is_dir():
-        raise DataError(f"--image-dir {image_dir} is not a folder")
-    if folds == 1 or folds < 0:
-        raise DataError(f"--folds must be 0 (none) or at least 2, got {folds}")
-
-    kwargs: dict = {"image_dir": image_dir}
-    if dataset == "csv":
-        kwargs["columns"] = columns
-    elif columns:
-        raise DataError("--columns only applies to --dataset csv")
-    if dataset == "isic-archive":
-        kwargs["image_types"] = _image_types(image_types)
-    elif image_types:
-        raise DataError("--image-types only applies to --dataset isic-archive")
-    df = registry.read_dataset(dataset, root, **kwargs)
-    console.print(f"Read [bold]{len(df)}[/bold] images of {dataset} from {root}")
-    if dataset == "isic-archive":
-        _archive_summary(console, df, kwargs["image_types"])
-    if df.empty:
-        raise DataError(f"{root} lists no images")
-
-    report = validate(df, check_files=check_images, progress=True, workers=workers)
-    out.mkdir(parents=True, exist_ok=True)
-    report_path = report.write(out / REPORT_NAME, df, on_error)
-    if not check_images:
-        console.print("[yellow]Image files not checked (--no-check-images); no cache built.[/yellow]")
-    hint = ""
-    if any(i.kind == "missing_file" for i in report.issues):
-        hint = (
-            " If the images are elsewhere pass --image-dir; for a CSV-only manifest pass --no-check-images."
-        )
-    if not report.ok:
-        console.print(report.table())
-        if on_error == "fail":
-            raise _Invalid(
-                f"validation failed: {report.summary()}. Fix the data or re-run with "
-                f"--on-error skip to drop these rows (report: {report_path}).{hint}"
-            )
-        df = drop_bad_rows(df, report)
-        console.print(f"[yellow]Skipped {len(report.bad_rows)} bad rows[/yellow] (report: {report_path})")
-        if df.empty:
-            raise _Invalid(f"no usable rows left after skipping bad rows.{hint}")
-    else:
-        checked = "images exist and decode, " if check_images else ""
-        console.print(f"[green]Validation passed[/green]: {checked}labels, ids, lesions and ages consistent")
-
-    dup_path = duplicates or (root / sp.DUPLICATES_CSV if root.is_dir() else None)
-    pairs = sp.read_duplicate_pairs(dup_path) if dup_path and Path(dup_path).is_file() else []
-    if duplicates and not duplicates.is_file():
-        raise DataError(f"--duplicates {duplicates} not found")
-    df["group_id"] = sp.assign_groups(df, pairs)
-
-    if method == "auto":
-        method = "dataset" if "split" in df.columns else "grouped"
-    info: dict = {}
-    if method == "grouped":
-        df["split"], info = sp.grouped_split(
-            df, fractions, seed, int(cfg["attempts"]), float(cfg["max_deviation"])
-        )
-        if sp.leaking_groups(df):
-            raise DataError("internal error: a lesion group spans two splits")
-    elif method == "dermamnist":
-        csv = root / sp.DERMAMNIST_CSV if root.is_dir() else Path(sp.DERMAMNIST_CSV)
-        if not csv.is_file():
-            raise DataError(f"{sp.DERMAMNIST_CSV} not found in {root}")
-        df["split"] = sp.dermamnist_split(df, csv)
-        console.print(f"[bold yellow]warning:[/bold yellow] {sp.DERMAMNIST_WARNING}")
-    elif "split" not in df.columns:
-        raise DataError(f"--split dataset: {dataset} has no split column")
-    unknown_splits = set(df["split"].dropna()) - set(sp.SPLITS)
-    if unknown_splits or df["split"].isna().any():
-        raise DataError(f"split values must be train/val/test, got {sorted(map(str, unknown_splits))}")
-
-    trainval = df["split"].isin(["train", "val"])
-    if folds:
-        df["fold"] = sp.kfold(df, folds, seed, within=trainval)
-    manifest_path = write_manifest(df, out)
-    deviation = sp.max_deviation(df["diagnosis"], df["split"])
-    record = {
-        "dataset": dataset,
-        "root": str(root.resolve()),
-        "method": method,
-        "seed": seed,
-        "fractions": fractions if method == "grouped" else None,
-        "folds": folds,
-        "fold_scope": "train+val" if folds else None,
-        "n_images": len(df),
-        "n_groups": int(df["group_id"].nunique()),
-        "duplicate_pairs": len(pairs),
-        "manifest_hash": manifest_hash(df),
-        "counts": sp.split_counts(df),
-        "max_class_share_deviation_points": {k: round(100 * v, 3) for k, v in deviation.items()},
-        "leaking_groups": len(sp.leaking_groups(df)),
-        **({"search": info} if info else {}),
-        **({"warning": sp.DERMAMNIST_WARNING} if method == "dermamnist" else {}),
-    }
-    sp.write_splits_json(out, record)
-    console.print(_class_table(df, deviation))
-    console.print(_missing_table(df))
-    console.print(f"Wrote {manifest_path} and {out / sp.SPLITS_NAME} ({method} split, seed {seed})")
-    if build:
-        prep = Preprocessing.default()
-        path = build_cache(df, out, prep, workers=workers)
-        console.print(f"Image cache: {path} ({len(df)}x{prep.height}x{prep.width}x3 uint8)")
 
 
 @app.command()
@@ -401,80 +255,6 @@ def fetch(
         raise _fail(str(e), EXIT_USAGE) from None
     typer.echo(f"{n} image(s) with metadata in {out}")
     typer.echo(f"next: dermlens data prepare --dataset isic-archive --root {out}")
-
-
-def _image_types(text: str | None) -> tuple[str, ...]:
-    """--image-types: () for 'all', else the comma-separated values (default from the config)."""
-    from dermlens.data.isic_archive import archive_config
-
-    if text is None:
-        return tuple(archive_config()["image_types"])
-    if text.strip().lower() == "all":
-        return ()
-    values = tuple(v.strip() for v in text.split(",") if v.strip())
-    if not values:
-        raise ValueError(f"--image-types expects comma-separated image_type values or 'all', got {text!r}")
-    return values
-
-
-def _archive_summary(console, df, image_types: tuple[str, ...]) -> None:
-    """What the ISIC Archive reader left out: other image types, diagnoses that map to no class."""
-    from rich.table import Table
-
-    from dermlens.data.isic_archive import unmapped
-
-    dropped = int(df.attrs.get("dropped_image_type", 0))
-    if dropped:
-        kept = ", ".join(image_types)
-        console.print(
-            f"Kept image_type {kept}: left out {dropped} other image(s) (--image-types all keeps them)"
-        )
-    counts = unmapped(df)
-    if counts.empty:
-        console.print("[green]Every diagnosis maps onto a dermlens class[/green]")
-        return
-    t = Table(title=f"{int(counts.sum())} image(s) whose ISIC diagnosis maps to no dermlens class")
-    t.add_column("diagnosis_1:...:diagnosis_5")
-    t.add_column("images", justify="right")
-    for path, n in counts.items():
-        t.add_row(str(path), str(int(n)))
-    console.print(t)
-
-
-def _class_table(df, deviation: dict[str, float]):  # -> rich.table.Table
-    from rich.table import Table
-
-    from dermlens.data.splits import SPLITS
-
-    splits = [s for s in SPLITS if s in set(df["split"])]
-    t = Table(title="Images per class and split (share of split)")
-    t.add_column("class", style="bold")
-    for s in splits:
-        t.add_column(s, justify="right")
-    t.add_column("all", justify="right")
-    sizes = df["split"].value_counts()
-    for c, n in df["diagnosis"].value_counts().items():
-        cells = []
-        for s in splits:
-            k = int(((df["diagnosis"] == c) & (df["split"] == s)).sum())
-            cells.append(f"{k} ({100 * k / sizes[s]:.1f}%)")
-        t.add_row(str(c), *cells, f"{n} ({100 * n / len(df):.1f}%)")
-    t.add_row("total", *[str(int(sizes[s])) for s in splits], str(len(df)), style="bold")
-    t.add_row("max share dev.", *[f"{100 * deviation.get(s, 0):.2f} pt" for s in splits], "", style="dim")
-    return t
-
-
-def _missing_table(df):  # -> rich.table.Table
-    from rich.table import Table
-
-    t = Table(title="Missing metadata")
-    t.add_column("field", style="bold")
-    t.add_column("missing", justify="right")
-    t.add_column("share", justify="right")
-    for c in ("lesion_id", "age", "sex", "site", "dx_type"):
-        k = int(df[c].isna().sum())
-        t.add_row(c, str(k), f"{100 * k / len(df):.1f}%")
-    return t
 
 
 @app.command("cache")
