@@ -5,7 +5,7 @@ CORE_VENV ?= .venv-core
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test test-postgres install lint release release-eval
+.PHONY: serve test test-postgres install lint release release-eval release-ensemble release-choice
 
 $(CORE_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(CORE_VENV)
@@ -56,6 +56,31 @@ release: $(VENV)/.installed
 	$(DL) trust fit --bundle $(BUNDLE) --manifest work/ham10000 --external work/isic2017-holdout --out docs/results/trust_fit.json
 	$(DL) monitor-reference --manifest work/ham10000 --model $(BUNDLE)
 	$(MAKE) release-eval
+
+## release-ensemble: the release ensemble (configs/release_ensemble.yaml: the lite0 release run + lite2 on the
+## same recipe, mean probability), resumable; exported with trust fitted on int8 and the ISIC 2017 hold-out.
+ENSEMBLE_BUNDLE ?= runs/release-ensemble/bundle
+release-ensemble: $(VENV)/.installed
+	test -f work/isic2017-holdout/manifest.csv || $(DL) data holdout work/isic2017 --out work/isic2017-holdout
+	$(DL) ensemble --recipe src/dermlens/configs/release_ensemble.yaml --bundle $(ENSEMBLE_BUNDLE)
+	$(DL) monitor-reference --manifest work/ham10000 --model $(ENSEMBLE_BUNDLE)
+
+## release-choice: model choice on validation only (HAM10000 val and the ISIC 2017 hold-out, with and without
+## metadata) for each candidate bundle in CANDIDATES (name=path); JSONs go to docs/results/choice/.
+CANDIDATES ?= lite0=$(BUNDLE) ensemble=$(ENSEMBLE_BUNDLE)
+CHOICE = runs/choice
+release-choice: $(VENV)/.installed
+	mkdir -p docs/results/choice
+	for c in $(CANDIDATES); do n=$${c%%=*}; b=$${c#*=}; \
+	  $(DL) evaluate --manifest work/ham10000/manifest.csv --split val --model $$b --out $(CHOICE)/$$n/val && \
+	  $(DL) evaluate --manifest work/ham10000/manifest.csv --split val --model $$b --no-metadata --out $(CHOICE)/$$n/val_no_metadata && \
+	  $(DL) external --manifest work/isic2017-holdout/manifest.csv --split train --model $$b --out $(CHOICE)/$$n/holdout && \
+	  $(DL) external --manifest work/isic2017-holdout/manifest.csv --split train --model $$b --no-metadata --out $(CHOICE)/$$n/holdout_no_metadata && \
+	  cp $(CHOICE)/$$n/val/metrics.json docs/results/choice/$${n}_val.json && \
+	  cp $(CHOICE)/$$n/val_no_metadata/metrics.json docs/results/choice/$${n}_val_no_metadata.json && \
+	  cp $(CHOICE)/$$n/holdout/external.json docs/results/choice/$${n}_holdout.json && \
+	  cp $(CHOICE)/$$n/holdout_no_metadata/external.json docs/results/choice/$${n}_holdout_no_metadata.json || exit 1; \
+	done
 
 ## release-eval: score the bundle once on the held-out test splits, with and without metadata; record the
 ## results in its card and copy them to docs/results/ (the README's figures come from these files).
