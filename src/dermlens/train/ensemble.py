@@ -63,7 +63,9 @@ def plan_members(recipe: dict[str, Any]) -> list[Member]:
             raise ConfigError(f"ensemble member {g} has no name")
         if spec.get("run"):
             if folds > 0:
-                raise ConfigError(f"ensemble member {spec['name']} names a run; a `run:` member needs folds: 0")
+                raise ConfigError(
+                    f"ensemble member {spec['name']} names a run; a `run:` member needs folds: 0"
+                )
             members.append(given_member(str(spec["name"]), g, Path(spec["run"])))
             continue
         for fold in range(folds) if folds > 0 else [None]:
