@@ -5,7 +5,7 @@ CORE_VENV ?= .venv-core
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test test-postgres install lint release release-eval release-ensemble release-choice levers
+.PHONY: serve test test-postgres install lint release release-eval release-ensemble release-choice
 
 $(CORE_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(CORE_VENV)
@@ -80,23 +80,6 @@ release-choice: $(VENV)/.installed
 	  cp $(CHOICE)/$$n/val_no_metadata/metrics.json docs/results/choice/$${n}_val_no_metadata.json && \
 	  cp $(CHOICE)/$$n/holdout/external.json docs/results/choice/$${n}_holdout.json && \
 	  cp $(CHOICE)/$$n/holdout_no_metadata/external.json docs/results/choice/$${n}_holdout_no_metadata.json || exit 1; \
-	done
-
-## levers: one-at-a-time proxy ablations of the release recipe (issue 9): each lever is the release config with
-## one change, trained at 96x128 for 3 epochs on all training images (resumable; a finished lever is skipped).
-## Figures: docs/results/levers/<lever>.json (HAM val, metadata given) and .csv (per-epoch ISIC 2017 hold-out).
-LEVER_PROXY = preprocess.height=96 preprocess.width=128 trainer.max_epochs=3 trainer.time_budget_min=null trainer.max_time=null
-LEVERS ?= base: no_colour_constancy:preprocess.color_constancy=none no_ema:optim.ema=0.0 \
-	no_random_erasing:augment.coarse_dropout=0.0 image_only:model.metadata=false \
-	ham_only:data.extra_train=[] lite1:model.arch=tf_efficientnet_lite1 lite2:model.arch=tf_efficientnet_lite2
-levers: $(VENV)/.installed
-	$(DL) data cache work/ham10000 --height 96 --width 128 --color-constancy shades_of_gray
-	$(DL) data cache work/isic2017 --height 96 --width 128 --color-constancy shades_of_gray
-	mkdir -p docs/results/levers
-	for l in $(LEVERS); do n=$${l%%:*}; o=$$(echo "$${l#*:}" | tr ',' ' '); \
-	  $(DL) train --config $(RELEASE_CFG) $(LEVER_PROXY) trainer.name=lever_$$n trainer.run_dir=runs/levers/$$n $$o || exit 1; \
-	  cp runs/levers/$$n/metrics_val.json docs/results/levers/$$n.json; \
-	  cp runs/levers/$$n/logs/csv/metrics.csv docs/results/levers/$$n.csv; \
 	done
 
 ## release-eval: score the bundle once on the held-out test splits, with and without metadata; record the
