@@ -39,10 +39,12 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
 ## release: the whole release build, resumable (re-run the same command after an interruption):
-## prepare HAM10000 + ISIC 2017, build their caches, train (resumes from last.ckpt), export, fit trust on
-## HAM10000 val + the ISIC 2017 hold-out the model never trained on, write the monitor reference, evaluate.
+## prepare HAM10000 + ISIC 2017, build their caches, train the lite0 member (resumes from last.ckpt) and export
+## it as a candidate, build the lite0 + lite2 ensemble (release-ensemble), score both candidates on validation
+## (release-choice), package the ensemble (the candidate validation chose), record its trust fit, evaluate.
 RELEASE_CFG ?= src/dermlens/configs/release.yaml
 BUNDLE ?= src/dermlens/models/release
+LITE0_BUNDLE ?= runs/release/bundle
 DATA ?= ../shared/data
 DL = $(VENV)/bin/dermlens
 release: $(VENV)/.installed
@@ -50,11 +52,14 @@ release: $(VENV)/.installed
 	test -f work/isic2017/manifest.csv || $(DL) data prepare --dataset isic2017 --root $(DATA)/isic2017 --out work/isic2017 --split dataset
 	$(DL) data cache work/ham10000 --height 192 --width 256 --color-constancy shades_of_gray
 	$(DL) data cache work/isic2017 --height 192 --width 256 --color-constancy shades_of_gray
+	test -f work/isic2017-holdout/manifest.csv || $(DL) data holdout work/isic2017 --out work/isic2017-holdout
 	$(DL) train --config $(RELEASE_CFG)
-	$(DL) export --run runs/release --manifest work/ham10000 --out $(BUNDLE)
-	$(DL) data holdout work/isic2017 --out work/isic2017-holdout
+	$(DL) export --run runs/release --manifest work/ham10000 --out $(LITE0_BUNDLE)
+	$(DL) trust fit --bundle $(LITE0_BUNDLE) --manifest work/ham10000 --external work/isic2017-holdout
+	$(MAKE) release-ensemble
+	$(MAKE) release-choice CANDIDATES="lite0=$(LITE0_BUNDLE) ensemble=$(ENSEMBLE_BUNDLE)"
+	rm -rf $(BUNDLE) && cp -r $(ENSEMBLE_BUNDLE) $(BUNDLE)
 	$(DL) trust fit --bundle $(BUNDLE) --manifest work/ham10000 --external work/isic2017-holdout --out docs/results/trust_fit.json
-	$(DL) monitor-reference --manifest work/ham10000 --model $(BUNDLE)
 	$(MAKE) release-eval
 
 ## release-ensemble: the release ensemble (configs/release_ensemble.yaml: the lite0 release run + lite2 on the
@@ -67,7 +72,7 @@ release-ensemble: $(VENV)/.installed
 
 ## release-choice: model choice on validation only (HAM10000 val and the ISIC 2017 hold-out, with and without
 ## metadata) for each candidate bundle in CANDIDATES (name=path); JSONs go to docs/results/choice/.
-CANDIDATES ?= lite0=$(BUNDLE) ensemble=$(ENSEMBLE_BUNDLE)
+CANDIDATES ?= lite0=$(LITE0_BUNDLE) ensemble=$(ENSEMBLE_BUNDLE)
 CHOICE = runs/choice
 release-choice: $(VENV)/.installed
 	mkdir -p docs/results/choice
