@@ -22,6 +22,7 @@ from dermlens.extras import require
 from dermlens.train.config import ConfigError, load_config
 
 Log = Callable[[str], None]
+SUMMARY_KEYS = ("bal_acc", "macro_auc", "accuracy", "n", "best_epoch", "train_seconds", "arch")
 
 
 class EnsembleError(RuntimeError):
@@ -94,9 +95,13 @@ def member_summary(m: Member) -> dict[str, Any]:
     done = finished(m.run_dir)
     if done is not None or not m.given:
         return done or {}
-    metrics = json.loads((m.run_dir / "metrics_val.json").read_text())
-    keys = ("bal_acc", "macro_auc", "accuracy", "n", "best_epoch", "train_seconds", "arch")
-    return {"config_hash": None, "reason": "given run", "metrics": {k: metrics.get(k) for k in keys}}
+    return {"config_hash": None, "reason": "given run", "metrics": val_metrics(m.run_dir)}
+
+
+def val_metrics(run_dir: Path) -> dict[str, Any]:
+    """The summary fields of a run's metrics_val.json."""
+    metrics = json.loads((Path(run_dir) / "metrics_val.json").read_text())
+    return {k: metrics.get(k) for k in SUMMARY_KEYS}
 
 
 def config_hash(cfg: dict[str, Any]) -> str:
@@ -130,13 +135,11 @@ def finished(run_dir: Path, cfg: dict[str, Any] | None = None) -> dict[str, Any]
     record = json.loads(path.read_text())
     if cfg is not None and record.get("config") != config_hash(cfg):
         return None
-    metrics = json.loads((Path(run_dir) / "metrics_val.json").read_text())
-    keys = ("bal_acc", "macro_auc", "accuracy", "n", "best_epoch", "train_seconds", "arch")
     monitor = str((cfg or {}).get("trainer", {}).get("monitor") or "val/bal_acc")
     return {
         "config_hash": record.get("config"),
         "reason": record.get("reason"),
-        "metrics": {k: metrics.get(k) for k in keys},
+        "metrics": val_metrics(run_dir),
         "monitor": {"name": monitor, "best": monitored_best(run_dir, monitor)},
     }
 
