@@ -69,6 +69,12 @@ release-ensemble: $(VENV)/.installed
 	test -f work/isic2017-holdout/manifest.csv || $(DL) data holdout work/isic2017 --out work/isic2017-holdout
 	$(DL) ensemble --recipe src/dermlens/configs/release_ensemble.yaml --bundle $(ENSEMBLE_BUNDLE)
 	$(DL) monitor-reference --manifest work/ham10000 --model $(ENSEMBLE_BUNDLE)
+	mkdir -p docs/results/choice
+	cp runs/release-ensemble/ensemble.json docs/results/choice/ensemble_build.json
+	cp runs/release/metrics_val.json docs/results/choice/lite0_training_val.json
+	cp runs/release-ensemble/members/lite2/metrics_val.json docs/results/choice/lite2_training_val.json
+	cp runs/release/logs/csv/metrics.csv docs/results/choice/lite0_training_log.csv
+	cp runs/release-ensemble/members/lite2/logs/csv/metrics.csv docs/results/choice/lite2_training_log.csv
 
 ## release-choice: model choice on validation only (HAM10000 val and the ISIC 2017 hold-out, with and without
 ## metadata) for each candidate bundle in CANDIDATES (name=path); JSONs go to docs/results/choice/.
