@@ -300,6 +300,49 @@ def test_tune_resumes_from_sqlite(tiny_dir: Path, tmp_path: Path) -> None:
         assert (tmp_path / "tune" / name).is_file(), name
 
 
+def test_levers_train_one_change_each_and_tabulate(tiny_dir: Path, tmp_path: Path) -> None:
+    """`release levers`: each lever is the base plus one change; the table gives both metadata conditions."""
+    recipe = {
+        "base_config": "train.yaml",
+        "out": str(tmp_path / "levers"),
+        "overrides": [
+            f"data.dir={tiny_dir}",
+            *TINY,
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=2",
+            "model.metadata=true",
+            f"data.external_val={tiny_dir}",
+        ],
+        "levers": [
+            {"name": "base", "overrides": []},
+            {"name": "image_only", "overrides": ["model.metadata=false"]},
+            {"name": "later", "overrides": ["optim.ema=0"]},
+        ],
+    }
+    path = tmp_path / "levers.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "levers.json"
+    code, output = run_cli(
+        "release", "levers", "-r", str(path), "--only", "base", "--only", "image_only", "--out", str(out)
+    )
+    assert code == 0, output
+    table = json.loads(out.read_text())
+    rows = {r["lever"]: r for r in table["levers"]}
+    assert set(rows) == {"base", "image_only"} and table["not_run"] == ["later"]
+    assert rows["base"]["uses_metadata"] and not rows["image_only"]["uses_metadata"]
+    assert rows["base"]["delta_val_bal_acc"] == 0
+    only = rows["image_only"]
+    assert only["val_bal_acc_no_metadata"] == only["val_bal_acc"]  # an image-only model has one condition
+    assert only["delta_val_bal_acc"] == pytest.approx(only["val_bal_acc"] - rows["base"]["val_bal_acc"])
+    assert 0 <= rows["base"]["val_bal_acc_no_metadata"] <= 1 and rows["base"]["external_bal_acc3"] is not None
+    assert "not run yet: later" in output and table["cpu"]
+    bad = {**recipe, "levers": [*recipe["levers"], {"name": "bad", "overrides": ["model.nope=1"]}]}
+    path.write_text(yaml.safe_dump(bad))
+    code, output = run_cli("release", "levers", "-r", str(path))
+    assert code == 2 and "unknown config key 'model.nope'" in output and "Traceback" not in output, output
+    assert not (tmp_path / "levers" / "later").exists()  # checked before any training
+
+
 def test_research_cli_errors_are_one_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"space": {"optim.nope": {"type": "float", "low": 0, "high": 1}}}))

@@ -115,11 +115,15 @@ def test_run_with_dropout_and_external_val_logs_and_says_why(tiny_dir: Path, tmp
         "trainer.monitor=val/select",
         "augment.meta_drop_all=0.5",
         "augment.meta_drop_field=0.2",
+        "model.metadata=true",
     )
     metrics = train(cfg)
     log = pd.read_csv(run / "logs" / "csv" / "metrics.csv")
     assert {"ext/bal_acc3", "val/select", "val/bal_acc"} <= set(log.columns)
     assert log["ext/bal_acc3"].dropna().between(0, 1).all()
+    # the final pass scores the best checkpoint in the other conditions too: no metadata, external set
+    assert 0 <= metrics["no_metadata"]["bal_acc"] <= 1 and 0 <= metrics["no_metadata"]["macro_auc"] <= 1
+    assert metrics["external"]["bal_acc3"] == pytest.approx(log["ext/bal_acc3"].dropna().iloc[-1], abs=0.02)
     assert "Finished all 1 epochs" in capsys.readouterr().out
     assert metrics["precision"] in ("bf16-mixed", "32-true")
 

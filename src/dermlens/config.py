@@ -35,11 +35,13 @@ OPEN_KEYS: dict[str, tuple[str, ...]] = {
     "ensemble": ("export",),  # configs/export.yaml sections, merged by the export step
     "release_build": ("ensemble", "distill", "export"),
     "label_efficiency": ("inits", "epochs", "test"),
+    "levers": ("levers", "overrides"),
 }
 # Sections a user file replaces whole instead of merging key by key.
 REPLACE_KEYS: dict[str, tuple[str, ...]] = {
     "tune": ("space",),
     "label_efficiency": ("inits", "epochs", "test"),
+    "levers": ("levers", "overrides"),
 }
 
 

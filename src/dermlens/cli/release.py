@@ -35,3 +35,54 @@ def build(
         f"ensemble {s['ensemble']['bundle']} val BA {c['val_bal_acc_int8']['ensemble']:.4f}; student "
         f"{s['student']['bundle']} val BA {c['val_bal_acc_int8']['student']:.4f}; default: {c['default']}"
     )
+
+
+@app.command("levers")
+def levers(
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(help="training key=value overrides for every lever, e.g. trainer.threads=1"),
+    ] = None,
+    only: Annotated[
+        list[str] | None, typer.Option("--only", help="train only these levers (repeat); default: all")
+    ] = None,
+    recipe: Annotated[
+        Path | None, typer.Option("--recipe", "-r", help="levers YAML (default configs/levers.yaml)")
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="write the table as JSON here")] = None,
+    train: Annotated[bool, typer.Option("--train/--no-train", help="--no-train only tabulates")] = True,
+) -> None:
+    """Train one-at-a-time variants of the release recipe and tabulate each one's val effect."""
+    from dermlens.cli.research import echo, run_or_exit
+
+    def go() -> dict:
+        from dermlens.pipeline.levers import lever_config, load_levers, summarise, train_levers
+
+        r = load_levers(recipe, list(overrides or []))
+        names = list(only or [str(lever["name"]) for lever in r["levers"]])
+        for name in names:
+            lever_config(r, name)  # every bad name or override fails before any training
+        if train:
+            train_levers(r, names, echo)
+        return summarise(r)
+
+    table = run_or_exit(go)
+    if out is not None:
+        import json
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(table, indent=2) + "\n")
+    for row in table["levers"]:
+        d = row["delta_val_bal_acc"]
+        typer.echo(
+            f"{row['lever']:<22} val BA {row['val_bal_acc']:.4f}"
+            + (f" ({d:+.4f})" if d is not None else "")
+            + f", no metadata {row['val_bal_acc_no_metadata']:.4f}"
+            + (
+                f", external 3-class {row['external_bal_acc3']:.4f}"
+                if row["external_bal_acc3"] is not None
+                else ""
+            )
+        )
+    if table["not_run"]:
+        typer.echo(f"not run yet: {', '.join(table['not_run'])}")

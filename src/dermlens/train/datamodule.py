@@ -222,8 +222,8 @@ class DermDataModule(L.LightningDataModule):
             sampler = RandomSampler(ds)
         return self._loader(ds, sampler, drop_last=True)
 
-    def _eval_loader(self, images: np.ndarray, part: SplitData) -> DataLoader:
-        ds = CacheDataset(images, part, eval_transform(self.prep))
+    def _eval_loader(self, images: np.ndarray, part: SplitData, no_metadata: bool = False) -> DataLoader:
+        ds = CacheDataset(images, part, eval_transform(self.prep), (0.0, 1.0 if no_metadata else 0.0))
         rank, world = self._dist()
         sampler = (
             DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=False)
@@ -236,3 +236,11 @@ class DermDataModule(L.LightningDataModule):
         """HAM val, plus the external validation set (second loader) when configured."""
         main = self._eval_loader(self.images, self.val)
         return [main, self._eval_loader(*self.external)] if self.external else main
+
+    def no_metadata_val_dataloader(self) -> DataLoader:
+        """HAM val with every metadata field missing: how the model does on a folder of bare images."""
+        return self._eval_loader(self.images, self.val, no_metadata=True)
+
+    def external_val_dataloader(self) -> DataLoader | None:
+        """The external validation set alone (None when not configured)."""
+        return self._eval_loader(*self.external) if self.external else None

@@ -183,6 +183,27 @@ def val_metrics(out: dict, fine: np.ndarray, coarse: np.ndarray, classes: tuple[
     }
 
 
+def other_conditions(module, dm, cfg: dict, precision: str) -> dict:
+    """The best checkpoint on val without metadata (metadata models) and on the external set, if any."""
+    from scipy.special import softmax
+
+    from dermlens.metrics import classification_metrics
+
+    found: dict = {}
+    if cfg["model"].get("metadata", False):
+        bare = predict_split(module, dm.no_metadata_val_dataloader(), precision, "validation, no metadata")
+        scores = classification_metrics(softmax(bare["fine_logits"], axis=1), dm.val.fine, len(dm.classes))
+        found["no_metadata"] = {k: scores[k] for k in ("bal_acc", "macro_auc")}
+    loader = dm.external_val_dataloader()
+    if loader is not None:
+        from dermlens.train.module import external_scores
+
+        ext = predict_split(module, loader, precision, "external validation")
+        probs = torch.from_numpy(softmax(ext["fine_logits"], axis=1))
+        found["external"] = external_scores([(probs, torch.from_numpy(dm.external[1].fine))], dm.classes)
+    return found
+
+
 def finish(
     run_dir: Path, dm, module_cls, ckpt: Path, cfg: dict, seconds: float, precision: str = "32-true"
 ) -> dict:
@@ -192,6 +213,7 @@ def finish(
     loaders = dm.val_dataloader()
     out = predict_split(module, loaders[0] if isinstance(loaders, list) else loaders, precision)
     metrics = val_metrics(out, dm.val.fine, dm.val.coarse, dm.classes)
+    metrics.update(other_conditions(module, dm, cfg, precision))
     epoch = torch.load(ckpt, map_location="cpu", weights_only=False).get("epoch")
     metrics.update(
         {
