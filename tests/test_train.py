@@ -69,6 +69,35 @@ def test_losses_are_finite_and_differentiable(name: str) -> None:
     assert torch.isfinite(loss) and logits.grad is not None
 
 
+@pytest.mark.parametrize("name", LOSSES)
+def test_one_hot_soft_targets_give_the_hard_target_loss(name: str) -> None:
+    """Mixup/cutmix hand the losses class probabilities; a one-hot row must cost what its label costs."""
+    counts = np.array([500, 50, 5])
+    logits, y = torch.randn(8, 3), torch.tensor([0, 1, 2, 0, 0, 1, 2, 0])
+    loss = ImbalanceLoss(name, counts)
+    assert loss(logits, torch.nn.functional.one_hot(y, 3).float()) == pytest.approx(float(loss(logits, y)))
+
+
+def test_cutmix_mixes_images_and_both_target_levels(tiny_dir: Path, tmp_path: Path) -> None:
+    from dermlens.train.datamodule import DermDataModule
+    from dermlens.train.module import DermModule
+
+    cfg = tiny_cfg(tiny_dir, tmp_path / "run", "augment.cutmix_alpha=1.0", "augment.mixup_alpha=0.0")
+    dm = DermDataModule(cfg)
+    module = DermModule(cfg, list(dm.classes), dm.class_counts().tolist(), dm.prep.to_dict())
+    image, meta, y, yc = next(iter(dm.train_dataloader()))
+    torch.manual_seed(0)
+    x, soft = module.mix(module.prepare(image), y.clone())
+    assert soft.shape == (len(y), 7) and torch.allclose(soft.sum(1), torch.ones(len(y)))
+    mixed = soft.max(1).values < 1  # cutmix pairs each image with the flipped batch: a mixed target
+    assert torch.equal(mixed, y != y.flip(0))  # wherever the two labels differ
+    lam = float(soft[0, y[0]]) if y[0] != y.flip(0)[0] else None
+    if lam is not None:  # the pasted box covers 1 - lam of the first image, taken from the last one
+        pasted = (x[0] != module.prepare(image)[0]).any(0).float().mean()
+        assert float(pasted) == pytest.approx(1 - lam, abs=0.05)
+    module.training_step((image, meta, y, yc), 0)  # soft coarse targets derived from the soft fine ones
+
+
 def test_logit_adjustment_favours_rare_classes() -> None:
     counts = np.array([900, 100])
     la, ce = ImbalanceLoss("logit_adjust", counts), ImbalanceLoss("ce", counts)

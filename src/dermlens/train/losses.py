@@ -19,7 +19,7 @@ def class_weights(counts: np.ndarray, power: float = 1.0) -> torch.Tensor:
 
 
 class ImbalanceLoss(nn.Module):
-    """One configurable classification loss over integer targets."""
+    """One configurable classification loss over integer targets or soft (mixed) class probabilities."""
 
     def __init__(
         self,
@@ -43,6 +43,10 @@ class ImbalanceLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
+        target = target.float() if target.is_floating_point() else target
+        if self.name == "weighted_ce" and target.is_floating_point():  # weighted mean, as for hard labels
+            w = target * self.weight
+            return -(w * F.log_softmax(logits, dim=1)).sum() / w.sum()
         if self.name == "weighted_ce":
             return F.cross_entropy(logits, target, weight=self.weight)
         if self.name == "label_smoothing":
@@ -50,8 +54,9 @@ class ImbalanceLoss(nn.Module):
         if self.name == "logit_adjust":
             return F.cross_entropy(logits + self.log_prior, target)
         if self.name == "focal":
-            logp = F.log_softmax(logits, dim=1).gather(1, target[:, None]).squeeze(1)
-            return (-((1 - logp.exp()) ** self.gamma) * logp).mean()
+            logp = F.log_softmax(logits, dim=1)
+            soft = target if target.is_floating_point() else F.one_hot(target, logits.shape[1]).float()
+            return (-(soft * (1 - logp.exp()) ** self.gamma * logp).sum(1)).mean()
         return F.cross_entropy(logits, target)
 
 

@@ -47,6 +47,16 @@ def external_scores(parts: list[tuple[torch.Tensor, torch.Tensor]], classes: tup
     return out
 
 
+def batch_mixer(aug: dict, n_classes: int):
+    """timm's Mixup (mixup and/or cutmix on a batch, soft targets), or None when both alphas are 0."""
+    mixup, cutmix = float(aug.get("mixup_alpha", 0) or 0), float(aug.get("cutmix_alpha", 0) or 0)
+    if mixup <= 0 and cutmix <= 0:
+        return None
+    Mixup = require("timm.data", "train").Mixup
+    prob = float(aug.get("mix_prob", 1.0))
+    return Mixup(mixup, cutmix, prob=prob, label_smoothing=0.0, num_classes=n_classes)
+
+
 def lr_schedule(module: L.LightningModule, opt, o: dict):
     """Warm-up then cosine per step, or cosine over wall-clock progress when a TimeBudget is set."""
     from dermlens.train.budget import TimeBudget
@@ -92,6 +102,9 @@ class DermModule(L.LightningModule):
         self.fine_loss = build_loss(cfg["loss"], counts)
         self.coarse_loss = build_loss(cfg["loss"], coarse_counts)
         self.coarse_weight = float(cfg["loss"].get("coarse_weight", 0.5))
+        self.mix = batch_mixer(cfg.get("augment", {}), len(classes))
+        malignant = torch.tensor([c in _MAL for c in classes])
+        self.register_buffer("malignant", malignant, persistent=False)  # soft fine -> soft coarse targets
         decay = float(cfg["optim"].get("ema", 0.0) or 0.0)
         self.ema = None
         if decay > 0:
@@ -137,7 +150,11 @@ class DermModule(L.LightningModule):
     # -- steps ---------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         image, meta, y, yc = batch
-        fine, coarse = self(image, meta)
+        x = self.prepare(image)
+        if self.mix is not None:  # mixup/cutmix on the normalised batch: soft fine and coarse targets
+            x, y = self.mix(x, y)
+            yc = torch.stack([y[:, ~self.malignant].sum(1), y[:, self.malignant].sum(1)], 1)
+        fine, coarse = self.net(x, meta)
         loss = self._loss(fine, coarse, y, yc)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
         return loss
