@@ -5,7 +5,7 @@ CORE_VENV ?= .venv-core
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test test-postgres install lint release release-eval release-ensemble release-choice
+.PHONY: serve test test-postgres install lint release release-eval release-ensemble release-choice levers
 
 $(CORE_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(CORE_VENV)
@@ -112,3 +112,15 @@ release-eval: $(VENV)/.installed
 	for d in ham_test ham_test_no_metadata dermamnist_test_unseen; do cp $(EVAL)/$$d/metrics.json docs/results/$$d.json; done
 	for d in isic2017_test isic2017_test_no_metadata; do cp $(EVAL)/$$d/external.json docs/results/$$d.json; done
 	cp $(BUNDLE)/card.json docs/results/release_card.json
+
+## levers: one-at-a-time ablations of the release recipe on a short fixed schedule (configs/levers.yaml),
+## resumable; the val table goes to docs/results/levers.json. LEVERS="base image_only" trains only those;
+## LEVER_ARGS="trainer.threads=1" lets two `make levers` share 2 cores.
+LEVERS ?=
+LEVER_ARGS ?=
+levers: $(VENV)/.installed
+	$(DL) data cache work/ham10000 --height 192 --width 256 --color-constancy none
+	$(DL) data cache work/isic2017 --height 192 --width 256 --color-constancy none
+	$(DL) data cache work/ham10000 --height 150 --width 200 --color-constancy shades_of_gray
+	$(DL) data cache work/isic2017 --height 150 --width 200 --color-constancy shades_of_gray
+	$(DL) release levers $(foreach l,$(LEVERS),--only $(l)) $(LEVER_ARGS) --out docs/results/levers.json

@@ -300,8 +300,9 @@ def test_tune_resumes_from_sqlite(tiny_dir: Path, tmp_path: Path) -> None:
         assert (tmp_path / "tune" / name).is_file(), name
 
 
-def test_levers_train_one_change_each_and_tabulate(tiny_dir: Path, tmp_path: Path) -> None:
-    """`release levers`: each lever is the base plus one change; the table gives both metadata conditions."""
+def test_levers_train_one_change_each_and_tabulate(build: dict, tiny_dir: Path, tmp_path: Path) -> None:
+    """`release levers`: each lever is the base plus one change (or a teacher to distil from); the table
+    gives both metadata conditions."""
     recipe = {
         "base_config": "train.yaml",
         "out": str(tmp_path / "levers"),
@@ -317,18 +318,32 @@ def test_levers_train_one_change_each_and_tabulate(tiny_dir: Path, tmp_path: Pat
             {"name": "base", "overrides": []},
             {"name": "image_only", "overrides": ["model.metadata=false"]},
             {"name": "later", "overrides": ["optim.ema=0"]},
+            {"name": "distilled", "overrides": [], "teacher": str(build["out"] / "ensemble" / "bundle")},
         ],
     }
     path = tmp_path / "levers.yaml"
     path.write_text(yaml.safe_dump(recipe))
     out = tmp_path / "levers.json"
     code, output = run_cli(
-        "release", "levers", "-r", str(path), "--only", "base", "--only", "image_only", "--out", str(out)
+        "release",
+        "levers",
+        "-r",
+        str(path),
+        "--only",
+        "base",
+        "--only",
+        "image_only",
+        "--only",
+        "distilled",
+        "--out",
+        str(out),
     )
     assert code == 0, output
     table = json.loads(out.read_text())
     rows = {r["lever"]: r for r in table["levers"]}
-    assert set(rows) == {"base", "image_only"} and table["not_run"] == ["later"]
+    assert set(rows) == {"base", "image_only", "distilled"} and table["not_run"] == ["later"]
+    assert (tmp_path / "levers" / "distilled" / "distill.json").is_file()  # trained on the teacher's logits
+    assert rows["distilled"]["overrides"][-1].startswith("teacher=")
     assert rows["base"]["uses_metadata"] and not rows["image_only"]["uses_metadata"]
     assert rows["base"]["delta_val_bal_acc"] == 0
     only = rows["image_only"]

@@ -56,12 +56,19 @@ def levers(
     from dermlens.cli.research import echo, run_or_exit
 
     def go() -> dict:
-        from dermlens.pipeline.levers import lever_config, load_levers, summarise, train_levers
+        from dermlens.pipeline.levers import (
+            distill_config,
+            lever_config,
+            load_levers,
+            summarise,
+            train_levers,
+        )
 
         r = load_levers(recipe, list(overrides or []))
         names = list(only or [str(lever["name"]) for lever in r["levers"]])
-        for name in names:
-            lever_config(r, name)  # every bad name or override fails before any training
+        for name in names:  # every bad name or override fails before any training
+            lever_config(r, name)
+            distill_config(r, name)
         if train:
             train_levers(r, names, echo)
         return summarise(r)

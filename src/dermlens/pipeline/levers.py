@@ -24,23 +24,46 @@ def load_levers(path: str | Path | None = None, overrides: list[str] | None = No
     return r
 
 
+def _lever(recipe: dict[str, Any], name: str) -> dict[str, Any]:
+    found = {str(lever["name"]): lever for lever in recipe["levers"]}
+    if name not in found:
+        raise ConfigError(f"no lever named {name!r} (known: {', '.join(found)})")
+    return found[name]
+
+
+def _overrides(recipe: dict[str, Any], name: str) -> list[str]:
+    own = list(_lever(recipe, name).get("overrides") or [])
+    run_dir = Path(recipe["out"]) / name
+    return [*recipe["overrides"], *own, f"trainer.run_dir={run_dir}", f"trainer.name=lever-{name}"]
+
+
 def lever_config(recipe: dict[str, Any], name: str) -> dict[str, Any]:
     """The training config of one lever: base recipe <- shared overrides <- the lever's own."""
-    own = {str(lever["name"]): list(lever.get("overrides") or []) for lever in recipe["levers"]}
-    if name not in own:
-        raise ConfigError(f"no lever named {name!r} (known: {', '.join(own)})")
-    run_dir = Path(recipe["out"]) / name
-    extra = [*recipe["overrides"], *own[name], f"trainer.run_dir={run_dir}", f"trainer.name=lever-{name}"]
-    return load_config(recipe["base_config"], extra)
+    return load_config(recipe["base_config"], _overrides(recipe, name))
+
+
+def distill_config(recipe: dict[str, Any], name: str) -> dict[str, Any] | None:
+    """configs/distill.yaml for a lever with a `teacher:` bundle (the student is the lever), else None."""
+    teacher = _lever(recipe, name).get("teacher")
+    if not teacher:
+        return None
+    base = {"teacher": str(teacher), "config": recipe["base_config"], "overrides": _overrides(recipe, name)}
+    return configuration.load("distill", layers=[(f"lever {name}", base)])
 
 
 def train_levers(recipe: dict[str, Any], names: list[str], log: Log) -> None:
-    """Train the named levers in turn (finished runs are skipped, interrupted ones resume)."""
+    """Train the named levers in turn (finished runs are skipped, interrupted ones resume); a lever with a
+    `teacher:` trains its student by distillation from that bundle."""
+    from dermlens.train.distill import distill
     from dermlens.train.engine import train
 
     for name in names:
         log(f"lever {name}: training")
-        train(lever_config(recipe, name))
+        dcfg = distill_config(recipe, name)
+        if dcfg is None:
+            train(lever_config(recipe, name))
+        else:
+            distill(dcfg, log=log)
 
 
 def _row(name: str, overrides: list[str], metrics: dict[str, Any]) -> dict[str, Any]:
@@ -60,15 +83,19 @@ def _row(name: str, overrides: list[str], metrics: dict[str, Any]) -> dict[str, 
     }
 
 
+def _changes(lever: dict[str, Any]) -> list[str]:
+    """What a lever changes: its overrides, and its teacher when it is distilled."""
+    teacher = [f"teacher={lever['teacher']}"] if lever.get("teacher") else []
+    return [*(lever.get("overrides") or []), *teacher]
+
+
 def summarise(recipe: dict[str, Any]) -> dict[str, Any]:
     """Each finished lever's val figures and its difference from `base` (levers not run are listed)."""
     rows, missing = [], []
     for lever in recipe["levers"]:
         path = Path(recipe["out"]) / str(lever["name"]) / "metrics_val.json"
         if path.is_file():
-            rows.append(
-                _row(str(lever["name"]), list(lever.get("overrides") or []), json.loads(path.read_text()))
-            )
+            rows.append(_row(str(lever["name"]), _changes(lever), json.loads(path.read_text())))
         else:
             missing.append(str(lever["name"]))
     base = next((r for r in rows if r["lever"] == "base"), None)
