@@ -345,7 +345,9 @@ def test_levers_train_one_change_each_and_tabulate(build: dict, tiny_dir: Path, 
     assert (tmp_path / "levers" / "distilled" / "distill.json").is_file()  # trained on the teacher's logits
     assert rows["distilled"]["overrides"][-1].startswith("teacher=")
     assert rows["base"]["uses_metadata"] and not rows["image_only"]["uses_metadata"]
-    assert rows["base"]["delta_val_bal_acc"] == 0
+    assert rows["base"]["delta_val_bal_acc"] == 0 and rows["base"]["delta_val_bal_acc_ci95"] == [0, 0]
+    low, high = rows["image_only"]["delta_val_bal_acc_ci95"]  # paired lesion bootstrap of the difference
+    assert low <= rows["image_only"]["delta_val_bal_acc"] <= high
     only = rows["image_only"]
     assert only["val_bal_acc_no_metadata"] == only["val_bal_acc"]  # an image-only model has one condition
     assert only["delta_val_bal_acc"] == pytest.approx(only["val_bal_acc"] - rows["base"]["val_bal_acc"])

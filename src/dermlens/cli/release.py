@@ -80,16 +80,17 @@ def levers(
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(table, indent=2) + "\n")
     for row in table["levers"]:
-        d = row["delta_val_bal_acc"]
-        typer.echo(
-            f"{row['lever']:<22} val BA {row['val_bal_acc']:.4f}"
-            + (f" ({d:+.4f})" if d is not None else "")
-            + f", no metadata {row['val_bal_acc_no_metadata']:.4f}"
-            + (
-                f", external 3-class {row['external_bal_acc3']:.4f}"
-                if row["external_bal_acc3"] is not None
-                else ""
-            )
-        )
+        typer.echo(_lever_line(row))
     if table["not_run"]:
         typer.echo(f"not run yet: {', '.join(table['not_run'])}")
+
+
+def _lever_line(row: dict) -> str:
+    """One lever's figures: val BA (difference from base, its paired 95% CI), no metadata, external."""
+    line = f"{row['lever']:<22} val BA {row['val_bal_acc']:.4f}"
+    if (ci := row["delta_val_bal_acc_ci95"]) is not None:
+        line += f" ({row['delta_val_bal_acc']:+.4f}, 95% CI {ci[0]:+.4f} to {ci[1]:+.4f})"
+    line += f", no metadata {row['val_bal_acc_no_metadata']:.4f}"
+    if row["external_bal_acc3"] is not None:
+        line += f", external 3-class {row['external_bal_acc3']:.4f}"
+    return line

@@ -7,6 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from dermlens import config as configuration
 from dermlens.settings import cpu_name
 from dermlens.train.config import ConfigError, load_config
@@ -89,6 +91,34 @@ def _changes(lever: dict[str, Any]) -> list[str]:
     return [*(lever.get("overrides") or []), *teacher]
 
 
+def paired_delta(base_run: Path, run: Path, data_dir: str | Path, seed: int = 0) -> list[float] | None:
+    """95% CI of (lever - base) val balanced accuracy: both scored on the same lesion resamples (metadata
+    given), so the interval reflects the difference, not each model's own spread. None if val differs."""
+    from scipy.special import softmax
+
+    from dermlens.data.manifest import read_manifest
+    from dermlens.evaluate.bootstrap import bootstrap
+    from dermlens.metrics import EvalData, decision_metrics
+
+    with np.load(base_run / "val_outputs.npz") as a, np.load(run / "val_outputs.npz") as b:
+        if not np.array_equal(a["image_ids"], b["image_ids"]):
+            return None
+        classes, truth, ids = tuple(str(c) for c in a["classes"]), a["fine_labels"], a["image_ids"]
+        base, other = (
+            EvalData(softmax(z["fine_logits"].astype(np.float64), 1), truth, classes) for z in (a, b)
+        )
+    groups = read_manifest(data_dir).set_index("image_id").loc[ids, "group_id"].to_numpy()
+
+    def delta(w: np.ndarray) -> dict[str, np.ndarray]:
+        return {
+            "d": decision_metrics(other, w)["balanced_accuracy"]
+            - decision_metrics(base, w)["balanced_accuracy"]
+        }
+
+    r = bootstrap(delta, len(truth), groups, n_resamples=1000, seed=seed)
+    return [float(r.low["d"]), float(r.high["d"])]
+
+
 def summarise(recipe: dict[str, Any]) -> dict[str, Any]:
     """Each finished lever's val figures and its difference from `base` (levers not run are listed)."""
     rows, missing = [], []
@@ -99,7 +129,10 @@ def summarise(recipe: dict[str, Any]) -> dict[str, Any]:
         else:
             missing.append(str(lever["name"]))
     base = next((r for r in rows if r["lever"] == "base"), None)
+    data_dir = lever_config(recipe, "base")["data"]["dir"]
     for r in rows:
+        runs = Path(recipe["out"]) / "base", Path(recipe["out"]) / r["lever"]
+        r["delta_val_bal_acc_ci95"] = paired_delta(*runs, data_dir) if base is not None else None
         for key in ("val_bal_acc", "val_bal_acc_no_metadata", "external_bal_acc3"):
             ok = base is not None and r[key] is not None and base[key] is not None
             r[f"delta_{key}"] = r[key] - base[key] if ok else None
