@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from dermlens import config as configuration
 from dermlens.settings import cpu_name
@@ -91,12 +92,12 @@ def _changes(lever: dict[str, Any]) -> list[str]:
     return [*(lever.get("overrides") or []), *teacher]
 
 
-def paired_delta(base_run: Path, run: Path, data_dir: str | Path, seed: int = 0) -> list[float] | None:
+def paired_delta(base_run: Path, run: Path, groups: pd.Series, seed: int = 0) -> list[float] | None:
     """95% CI of (lever - base) val balanced accuracy: both scored on the same lesion resamples (metadata
-    given), so the interval reflects the difference, not each model's own spread. None if val differs."""
+    given), so the interval reflects the difference, not each model's own spread. `groups`: lesion group by
+    image id. None if val differs."""
     from scipy.special import softmax
 
-    from dermlens.data.manifest import read_manifest
     from dermlens.evaluate.bootstrap import bootstrap
     from dermlens.metrics import EvalData, decision_metrics
 
@@ -107,7 +108,7 @@ def paired_delta(base_run: Path, run: Path, data_dir: str | Path, seed: int = 0)
         base, other = (
             EvalData(softmax(z["fine_logits"].astype(np.float64), 1), truth, classes) for z in (a, b)
         )
-    groups = read_manifest(data_dir).set_index("image_id").loc[ids, "group_id"].to_numpy()
+    lesions = groups.loc[ids].to_numpy()
 
     def delta(w: np.ndarray) -> dict[str, np.ndarray]:
         return {
@@ -115,7 +116,7 @@ def paired_delta(base_run: Path, run: Path, data_dir: str | Path, seed: int = 0)
             - decision_metrics(base, w)["balanced_accuracy"]
         }
 
-    r = bootstrap(delta, len(truth), groups, n_resamples=1000, seed=seed)
+    r = bootstrap(delta, len(truth), lesions, n_resamples=1000, seed=seed)
     return [float(r.low["d"]), float(r.high["d"])]
 
 
@@ -129,10 +130,15 @@ def summarise(recipe: dict[str, Any]) -> dict[str, Any]:
         else:
             missing.append(str(lever["name"]))
     base = next((r for r in rows if r["lever"] == "base"), None)
-    data_dir = lever_config(recipe, "base")["data"]["dir"]
+    groups = None
+    if base is not None:  # the manifest is read once, for every lever's lesion resamples
+        from dermlens.data.manifest import read_manifest
+
+        manifest = read_manifest(lever_config(recipe, "base")["data"]["dir"])
+        groups = manifest.set_index("image_id")["group_id"]
     for r in rows:
         runs = Path(recipe["out"]) / "base", Path(recipe["out"]) / r["lever"]
-        r["delta_val_bal_acc_ci95"] = paired_delta(*runs, data_dir) if base is not None else None
+        r["delta_val_bal_acc_ci95"] = paired_delta(*runs, groups) if groups is not None else None
         for key in ("val_bal_acc", "val_bal_acc_no_metadata", "external_bal_acc3"):
             ok = base is not None and r[key] is not None and base[key] is not None
             r[f"delta_{key}"] = r[key] - base[key] if ok else None

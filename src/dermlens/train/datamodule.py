@@ -234,8 +234,8 @@ class DermDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
         """HAM val, plus the external validation set (second loader) when configured."""
-        main = self._eval_loader(self.images, self.val)
-        return [main, self._eval_loader(*self.external)] if self.external else main
+        main, ext = self._eval_loader(self.images, self.val), self.external_val_dataloader()
+        return [main, ext] if ext is not None else main
 
     def no_metadata_val_dataloader(self) -> DataLoader:
         """HAM val with every metadata field missing: how the model does on a folder of bare images."""
