@@ -319,6 +319,8 @@ def test_levers_train_one_change_each_and_tabulate(build: dict, tiny_dir: Path, 
             {"name": "image_only", "overrides": ["model.metadata=false"]},
             {"name": "later", "overrides": ["optim.ema=0"]},
             {"name": "distilled", "overrides": [], "teacher": str(build["out"] / "ensemble" / "bundle")},
+            # a finished run trained elsewhere, compared with another lever
+            {"name": "reused", "run": str(tmp_path / "levers" / "base"), "versus": "image_only"},
         ],
     }
     path = tmp_path / "levers.yaml"
@@ -341,7 +343,9 @@ def test_levers_train_one_change_each_and_tabulate(build: dict, tiny_dir: Path, 
     assert code == 0, output
     table = json.loads(out.read_text())
     rows = {r["lever"]: r for r in table["levers"]}
-    assert set(rows) == {"base", "image_only", "distilled"} and table["not_run"] == ["later"]
+    assert set(rows) == {"base", "image_only", "distilled", "reused"} and table["not_run"] == ["later"]
+    assert not (tmp_path / "levers" / "reused").exists() and rows["reused"]["versus"] == "image_only"
+    assert rows["reused"]["delta_val_bal_acc"] == pytest.approx(-rows["image_only"]["delta_val_bal_acc"])
     assert (tmp_path / "levers" / "distilled" / "distill.json").is_file()  # trained on the teacher's logits
     assert rows["distilled"]["overrides"][-1].startswith("teacher=")
     assert rows["base"]["uses_metadata"] and not rows["image_only"]["uses_metadata"]
@@ -358,6 +362,10 @@ def test_levers_train_one_change_each_and_tabulate(build: dict, tiny_dir: Path, 
     code, output = run_cli("release", "levers", "-r", str(path))
     assert code == 2 and "unknown config key 'model.nope'" in output and "Traceback" not in output, output
     assert not (tmp_path / "levers" / "later").exists()  # checked before any training
+    versus_unknown = {"name": "x", "versus": "nope"}
+    path.write_text(yaml.safe_dump({**recipe, "levers": [*recipe["levers"], versus_unknown]}))
+    code, output = run_cli("release", "levers", "-r", str(path), "--no-train")
+    assert code == 2 and "no lever named 'nope'" in output and "Traceback" not in output, output
 
 
 def test_research_cli_errors_are_one_line(tmp_path: Path) -> None:

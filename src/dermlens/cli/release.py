@@ -56,19 +56,11 @@ def levers(
     from dermlens.cli.research import echo, run_or_exit
 
     def go() -> dict:
-        from dermlens.pipeline.levers import (
-            distill_config,
-            lever_config,
-            load_levers,
-            summarise,
-            train_levers,
-        )
+        from dermlens.pipeline.levers import check, load_levers, summarise, train_levers
 
         r = load_levers(recipe, list(overrides or []))
         names = list(only or [str(lever["name"]) for lever in r["levers"]])
-        for name in names:  # every bad name or override fails before any training
-            lever_config(r, name)
-            distill_config(r, name)
+        check(r, names)  # every bad name or override fails before any training
         if train:
             train_levers(r, names, echo)
         return summarise(r)
@@ -86,11 +78,12 @@ def levers(
 
 
 def _lever_line(row: dict) -> str:
-    """One lever's figures: val BA (difference from base, its paired 95% CI), no metadata, external."""
+    """One lever's figures: val BA (difference from `versus`, its paired 95% CI), no metadata, external."""
     line = f"{row['lever']:<22} val BA {row['val_bal_acc']:.4f}"
     if (ci := row["delta_val_bal_acc_ci95"]) is not None:
-        line += f" ({row['delta_val_bal_acc']:+.4f}, 95% CI {ci[0]:+.4f} to {ci[1]:+.4f})"
-    line += f", no metadata {row['val_bal_acc_no_metadata']:.4f}"
+        line += f" ({row['delta_val_bal_acc']:+.4f} vs {row['versus']}, 95% CI {ci[0]:+.4f} to {ci[1]:+.4f})"
+    if row["val_bal_acc_no_metadata"] is not None:
+        line += f", no metadata {row['val_bal_acc_no_metadata']:.4f}"
     if row["external_bal_acc3"] is not None:
         line += f", external 3-class {row['external_bal_acc3']:.4f}"
     return line

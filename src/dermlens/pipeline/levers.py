@@ -34,10 +34,30 @@ def _lever(recipe: dict[str, Any], name: str) -> dict[str, Any]:
     return found[name]
 
 
+def run_dir(recipe: dict[str, Any], name: str) -> Path:
+    """Where a lever's run lives: OUT/<name>, or the finished run it names with `run:` (not trained here)."""
+    lever = _lever(recipe, name)
+    return Path(lever["run"]) if lever.get("run") else Path(recipe["out"]) / name
+
+
 def _overrides(recipe: dict[str, Any], name: str) -> list[str]:
     own = list(_lever(recipe, name).get("overrides") or [])
-    run_dir = Path(recipe["out"]) / name
-    return [*recipe["overrides"], *own, f"trainer.run_dir={run_dir}", f"trainer.name=lever-{name}"]
+    return [
+        *recipe["overrides"],
+        *own,
+        f"trainer.run_dir={run_dir(recipe, name)}",
+        f"trainer.name=lever-{name}",
+    ]
+
+
+def check(recipe: dict[str, Any], names: list[str]) -> None:
+    """Fail on a bad lever name, override or `versus` before any training."""
+    for name in names:
+        lever = _lever(recipe, name)
+        _lever(recipe, str(lever.get("versus", "base")))
+        if not lever.get("run"):
+            lever_config(recipe, name)
+            distill_config(recipe, name)
 
 
 def lever_config(recipe: dict[str, Any], name: str) -> dict[str, Any]:
@@ -61,6 +81,9 @@ def train_levers(recipe: dict[str, Any], names: list[str], log: Log) -> None:
     from dermlens.train.engine import train
 
     for name in names:
+        if _lever(recipe, name).get("run"):
+            log(f"lever {name}: the finished run {run_dir(recipe, name)} (not trained here)")
+            continue
         log(f"lever {name}: training")
         dcfg = distill_config(recipe, name)
         if dcfg is None:
@@ -69,12 +92,15 @@ def train_levers(recipe: dict[str, Any], names: list[str], log: Log) -> None:
             distill(dcfg, log=log)
 
 
-def _row(name: str, overrides: list[str], metrics: dict[str, Any]) -> dict[str, Any]:
+def _row(name: str, lever: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
+    one_condition = None if metrics["uses_metadata"] else metrics["bal_acc"]  # image-only: no second one
     return {
         "lever": name,
-        "overrides": overrides,
+        "overrides": _changes(lever),
+        "versus": str(lever.get("versus", "base")),
+        "run": lever.get("run"),
         "val_bal_acc": metrics["bal_acc"],
-        "val_bal_acc_no_metadata": metrics.get("no_metadata", {}).get("bal_acc", metrics["bal_acc"]),
+        "val_bal_acc_no_metadata": metrics.get("no_metadata", {}).get("bal_acc", one_condition),
         "external_bal_acc3": metrics.get("external", {}).get("bal_acc3"),
         "external_mel_auc": metrics.get("external", {}).get("mel_auc"),
         "best_epoch": metrics["best_epoch"],
@@ -87,9 +113,9 @@ def _row(name: str, overrides: list[str], metrics: dict[str, Any]) -> dict[str, 
 
 
 def _changes(lever: dict[str, Any]) -> list[str]:
-    """What a lever changes: its overrides, and its teacher when it is distilled."""
+    """What a lever changes: its overrides, its teacher when it is distilled, its described `changes`."""
     teacher = [f"teacher={lever['teacher']}"] if lever.get("teacher") else []
-    return [*(lever.get("overrides") or []), *teacher]
+    return [*(lever.get("overrides") or []), *teacher, *(lever.get("changes") or [])]
 
 
 def paired_delta(base_run: Path, run: Path, groups: pd.Series, seed: int = 0) -> list[float] | None:
@@ -121,30 +147,32 @@ def paired_delta(base_run: Path, run: Path, groups: pd.Series, seed: int = 0) ->
 
 
 def summarise(recipe: dict[str, Any]) -> dict[str, Any]:
-    """Each finished lever's val figures and its difference from `base` (levers not run are listed)."""
-    rows, missing = [], []
+    """Each finished lever's val figures and its difference from the lever it is compared with (`versus`,
+    default `base`); levers not run are listed."""
+    rows, missing = {}, []
     for lever in recipe["levers"]:
-        path = Path(recipe["out"]) / str(lever["name"]) / "metrics_val.json"
+        name = str(lever["name"])
+        path = run_dir(recipe, name) / "metrics_val.json"
         if path.is_file():
-            rows.append(_row(str(lever["name"]), _changes(lever), json.loads(path.read_text())))
+            rows[name] = _row(name, lever, json.loads(path.read_text()))
         else:
-            missing.append(str(lever["name"]))
-    base = next((r for r in rows if r["lever"] == "base"), None)
+            missing.append(name)
     groups = None
-    if base is not None:  # the manifest is read once, for every lever's lesion resamples
+    if rows:  # the manifest is read once, for every lever's lesion resamples
         from dermlens.data.manifest import read_manifest
 
         manifest = read_manifest(lever_config(recipe, "base")["data"]["dir"])
         groups = manifest.set_index("image_id")["group_id"]
-    for r in rows:
-        runs = Path(recipe["out"]) / "base", Path(recipe["out"]) / r["lever"]
-        r["delta_val_bal_acc_ci95"] = paired_delta(*runs, groups) if groups is not None else None
+    for r in rows.values():
+        ref = rows.get(r["versus"])
+        runs = run_dir(recipe, r["versus"]), run_dir(recipe, r["lever"])
+        r["delta_val_bal_acc_ci95"] = paired_delta(*runs, groups) if ref is not None else None
         for key in ("val_bal_acc", "val_bal_acc_no_metadata", "external_bal_acc3"):
-            ok = base is not None and r[key] is not None and base[key] is not None
-            r[f"delta_{key}"] = r[key] - base[key] if ok else None
+            ok = ref is not None and r[key] is not None and ref[key] is not None
+            r[f"delta_{key}"] = r[key] - ref[key] if ok else None
     return {
         "recipe": {k: recipe[k] for k in ("base_config", "overrides")},
-        "levers": rows,
+        "levers": list(rows.values()),
         "not_run": missing,
         "cpu": cpu_name(),
         "note": "val = HAM10000 lesion-grouped val; external = the ISIC 2017 train hold-out (3-class BA)",
