@@ -207,6 +207,25 @@ def test_distilled_student_learns_and_exports(build: dict) -> None:
     assert summary["ensemble"]["size_bytes"]["model.onnx"] > summary["student"]["size_bytes"]["model.onnx"]
 
 
+def test_release_choose_applies_the_rule_to_two_bundles(build: dict, tmp_path: Path) -> None:
+    """`release choose` gives the build's own choice for its two bundles; other splits are refused."""
+    import dermlens
+
+    ens, student = build["out"] / "ensemble" / "bundle", build["out"] / "student_bundle"
+    out = tmp_path / "choice.json"
+    args = ("release", "choose", "--ensemble", str(ens), "--student", str(student))
+    code, output = run_cli(*args, "--out", str(out))
+    assert code == 0, output
+    summary = json.loads((build["out"] / "release_build.json").read_text())
+    assert json.loads(out.read_text())["choice"] == summary["choice"]
+    assert f"default: {summary['choice']['default']}" in output
+    code, output = run_cli(*args, "--max-drop", "1")
+    assert code == 0 and "default: student" in output, output
+    packaged = Path(dermlens.__file__).parent / "models" / "release"
+    code, output = run_cli("release", "choose", "--ensemble", str(packaged), "--student", str(student))
+    assert code == 2 and "not validated on the same split" in output and "Traceback" not in output, output
+
+
 def test_release_build_resumes_and_never_retrains(build: dict) -> None:
     members = build["out"] / "ensemble" / "members"
     ckpts = {p: p.stat().st_mtime_ns for p in build["out"].rglob("*.ckpt")}

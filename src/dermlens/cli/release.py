@@ -37,6 +37,36 @@ def build(
     )
 
 
+@app.command("choose")
+def choose(
+    ensemble: Annotated[Path, typer.Option("--ensemble", help="the ensemble (teacher) bundle")],
+    student: Annotated[Path, typer.Option("--student", help="the distilled student bundle")],
+    max_drop: Annotated[
+        float, typer.Option("--max-drop", help="largest val BA drop the student may have")
+    ] = 0.01,
+    out: Annotated[Path | None, typer.Option("--out", help="write the choice as JSON here")] = None,
+) -> None:
+    """Which bundle ships: the student if its int8 val BA is within --max-drop of the ensemble's."""
+    from dermlens.cli.research import run_or_exit
+
+    def go() -> dict:
+        from dermlens.pipeline.release_build import choose_bundles
+
+        return choose_bundles(ensemble, student, max_drop)
+
+    s = run_or_exit(go)
+    if out is not None:
+        import json
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(s, indent=2, default=float) + "\n")
+    ba = s["choice"]["val_bal_acc_int8"]
+    typer.echo(
+        f"val BA (int8): ensemble {ba['ensemble']:.4f}, student {ba['student']:.4f}; "
+        f"default: {s['choice']['default']} ({s['choice']['rule']})"
+    )
+
+
 @app.command("levers")
 def levers(
     overrides: Annotated[

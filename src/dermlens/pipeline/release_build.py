@@ -82,6 +82,34 @@ def choose(ens: dict[str, Any], student: dict[str, Any], max_drop: float) -> dic
     }
 
 
+def choose_bundles(ensemble: Path, student: Path, max_drop: float = 0.01) -> dict[str, Any]:
+    """The issue rule applied to two exported bundles (their cards' int8 val BA), with sizes and versions."""
+    from dermlens.bundle import read_card
+
+    cards = {"ensemble": read_card(ensemble).to_dict(), "student": read_card(student).to_dict()}
+    splits = {
+        k: [e.get("split_hash") for e in c.get("lineage", {}).get("evaluated_on", [])]
+        for k, c in cards.items()
+    }
+    if splits["ensemble"] != splits["student"] or not splits["student"]:
+        raise ConfigError(f"{ensemble} and {student} were not validated on the same split (card lineage)")
+    summary = {
+        k: {
+            "bundle": str(b),
+            "version": cards[k]["version"],
+            "architecture": cards[k]["architecture"],
+            "val": cards[k]["metrics"]["val"],
+            "size_bytes": bundle_size(b),
+        }
+        for k, b in (("ensemble", ensemble), ("student", student))
+    }
+    return {
+        "choice": choose(summary["ensemble"], summary["student"], max_drop),
+        **summary,
+        "cpu": cpu_model(),
+    }
+
+
 def cpu_model() -> str:
     """The processor's model name (Linux /proc/cpuinfo), else the platform's machine type."""
     import platform
