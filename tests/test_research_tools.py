@@ -207,6 +207,30 @@ def test_distilled_student_learns_and_exports(build: dict) -> None:
     assert summary["ensemble"]["size_bytes"]["model.onnx"] > summary["student"]["size_bytes"]["model.onnx"]
 
 
+def test_distill_command_exports_with_external_trust(build: dict, tiny_dir: Path, tmp_path: Path) -> None:
+    """`distill --export B --external D`: the student bundle's trust is fitted with the external set."""
+    run_dir, bundle = tmp_path / "student", tmp_path / "bundle"
+    code, output = run_cli(
+        "distill",
+        "--teacher",
+        str(build["out"] / "ensemble" / "bundle"),
+        "--config",
+        "train.yaml",
+        "--export",
+        str(bundle),
+        "--external",
+        str(tiny_dir),
+        f"data.dir={tiny_dir}",
+        *TINY,
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
+        f"trainer.run_dir={run_dir}",
+    )
+    assert code == 0, output
+    card = json.loads((bundle / "card.json").read_text())
+    assert card["metrics"]["trust"]["shift"]["n_external"] > 0 and "student val balanced accuracy" in output
+
+
 def test_release_choose_applies_the_rule_to_two_bundles(build: dict, tmp_path: Path) -> None:
     """`release choose` gives the build's own choice for its two bundles; other splits are refused."""
     import dermlens

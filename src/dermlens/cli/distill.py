@@ -21,6 +21,10 @@ def distill(
     export: Annotated[
         Path | None, typer.Option(help="also export the finished student to this bundle folder")
     ] = None,
+    external: Annotated[
+        Path | None,
+        typer.Option(help="with --export: external prepared data (e.g. work/isic2017-holdout) for trust"),
+    ] = None,
 ) -> None:
     """Precompute the teacher's logits once, then train the student (resumable, like `dermlens train`)."""
     from dermlens.cli.research import echo, run_or_exit
@@ -43,7 +47,8 @@ def distill(
             from dermlens.pipeline.bundle import build_bundle
 
             cfg = student_config(d, list(overrides or []))
-            build_bundle(find_checkpoint(cfg["trainer"]["run_dir"]), cfg["data"]["dir"], export, log=echo)
+            run_dir = cfg["trainer"]["run_dir"]
+            build_bundle(find_checkpoint(run_dir), cfg["data"]["dir"], export, log=echo, external=external)
         return done
 
     done = run_or_exit(go)
