@@ -5,7 +5,7 @@ CORE_VENV ?= .venv-core
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test test-postgres install lint release release-eval release-ensemble release-choice levers
+.PHONY: serve test test-postgres install lint release release-eval release-ensemble release-choice release-student levers
 
 $(CORE_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(CORE_VENV)
@@ -75,6 +75,20 @@ release-ensemble: $(VENV)/.installed
 	cp runs/release-ensemble/members/lite2/metrics_val.json docs/results/choice/lite2_training_val.json
 	cp runs/release/logs/csv/metrics.csv docs/results/choice/lite0_training_log.csv
 	cp runs/release-ensemble/members/lite2/logs/csv/metrics.csv docs/results/choice/lite2_training_log.csv
+
+## release-student: distil the packaged ensemble into one lite0 student on the release recipe (8 epochs,
+## resumable), export it like the lite0 candidate, score it on validation (release-choice), apply the issue's
+## rule (the student ships by default if its int8 val BA is within 1 point of the ensemble's), time both.
+STUDENT_BUNDLE ?= runs/student/bundle
+release-student: $(VENV)/.installed
+	test -f work/isic2017-holdout/manifest.csv || $(DL) data holdout work/isic2017 --out work/isic2017-holdout
+	$(DL) distill --teacher $(BUNDLE) --export $(STUDENT_BUNDLE) --external work/isic2017-holdout \
+	  trainer.time_budget_min=null trainer.max_epochs=8
+	$(MAKE) release-choice CANDIDATES="student=$(STUDENT_BUNDLE)"
+	$(DL) release choose --ensemble $(BUNDLE) --student $(STUDENT_BUNDLE) \
+	  --out docs/results/choice/student_vs_ensemble.json
+	$(VENV)/bin/python benchmarks/bench_ensemble.py --bundle $(STUDENT_BUNDLE) --ensemble $(BUNDLE) \
+	  --json docs/results/bench_student_vs_ensemble.json
 
 ## release-choice: model choice on validation only (HAM10000 val and the ISIC 2017 hold-out, with and without
 ## metadata) for each candidate bundle in CANDIDATES (name=path); JSONs go to docs/results/choice/.
