@@ -316,7 +316,7 @@ def test_tune_resumes_from_sqlite(tiny_dir: Path, tmp_path: Path) -> None:
         ],
         "space": {
             "optim.lr": {"type": "float", "low": 1e-4, "high": 3e-3, "log": True},
-            "model.dropout": {"type": "categorical", "choices": [0.1, 0.3]},
+            "model.dropout": {"type": "categorical", "choices": [0.2, 0.3]},
         },
     }
     path = tmp_path / "study.yaml"
@@ -325,6 +325,8 @@ def test_tune_resumes_from_sqlite(tiny_dir: Path, tmp_path: Path) -> None:
     assert (
         first["counts"]["COMPLETE"] == 1 and first["trials"][0]["epochs_reported"] == 2
     )  # reported per epoch
+    base = first["trials"][0]  # trial 0 is train.yaml's own values: the others are judged against it
+    assert base["base_recipe"] and base["param:optim.lr"] == 1e-3 and base["param:model.dropout"] == 0.2
     done0 = Path(first["trials"][0]["run_dir"]) / "finished.json"
     stamp = done0.stat().st_mtime_ns
     db = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'tune' / 'study.db'}")
@@ -399,7 +401,15 @@ def test_levers_train_one_change_each_and_tabulate(build: dict, tiny_dir: Path, 
     assert only["val_bal_acc_no_metadata"] == only["val_bal_acc"]  # an image-only model has one condition
     assert only["delta_val_bal_acc"] == pytest.approx(only["val_bal_acc"] - rows["base"]["val_bal_acc"])
     assert 0 <= rows["base"]["val_bal_acc_no_metadata"] <= 1 and rows["base"]["external_bal_acc3"] is not None
-    assert "not run yet: later" in output and table["cpu"]
+    assert "not run yet: later" in output and table["cpu"] and rows["base"]["cpu"]
+    # a run no longer on this machine keeps its earlier row; a fresh row is compared with it without a CI
+    (tmp_path / "levers" / "image_only").rename(tmp_path / "image_only_elsewhere")
+    code, output = run_cli("release", "levers", "-r", str(path), "--no-train", "--out", str(out))
+    assert code == 0, output
+    again = {r["lever"]: r for r in json.loads(out.read_text())["levers"]}
+    assert again["image_only"] == {**rows["image_only"], "carried": True}
+    assert again["reused"]["delta_val_bal_acc_ci95"] is None and "no paired CI" in output
+    assert again["reused"]["delta_val_bal_acc"] == pytest.approx(rows["reused"]["delta_val_bal_acc"])
     bad = {**recipe, "levers": [*recipe["levers"], {"name": "bad", "overrides": ["model.nope=1"]}]}
     path.write_text(yaml.safe_dump(bad))
     code, output = run_cli("release", "levers", "-r", str(path))

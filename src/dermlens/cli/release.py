@@ -85,6 +85,8 @@ def levers(
     """Train one-at-a-time variants of the release recipe and tabulate each one's val effect."""
     from dermlens.cli.research import echo, run_or_exit
 
+    import json
+
     def go() -> dict:
         from dermlens.pipeline.levers import check, load_levers, summarise, train_levers
 
@@ -93,12 +95,11 @@ def levers(
         check(r, names)  # every bad name or override fails before any training
         if train:
             train_levers(r, names, echo)
-        return summarise(r)
+        earlier = json.loads(out.read_text()) if out is not None and out.is_file() else None
+        return summarise(r, earlier)
 
     table = run_or_exit(go)
     if out is not None:
-        import json
-
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(table, indent=2) + "\n")
     for row in table["levers"]:
@@ -112,6 +113,8 @@ def _lever_line(row: dict) -> str:
     line = f"{row['lever']:<22} val BA {row['val_bal_acc']:.4f}"
     if (ci := row["delta_val_bal_acc_ci95"]) is not None:
         line += f" ({row['delta_val_bal_acc']:+.4f} vs {row['versus']}, 95% CI {ci[0]:+.4f} to {ci[1]:+.4f})"
+    elif row.get("delta_val_bal_acc") is not None:
+        line += f" ({row['delta_val_bal_acc']:+.4f} vs {row['versus']}, no paired CI: a run is not here)"
     if row["val_bal_acc_no_metadata"] is not None:
         line += f", no metadata {row['val_bal_acc_no_metadata']:.4f}"
     if row["external_bal_acc3"] is not None:

@@ -109,6 +109,7 @@ def _row(name: str, lever: dict[str, Any], metrics: dict[str, Any]) -> dict[str,
         "uses_metadata": metrics["uses_metadata"],
         "precision": metrics["precision"],
         "torch_threads": metrics["hardware"].get("torch_threads"),
+        "cpu": metrics["hardware"].get("cpu"),
     }
 
 
@@ -121,8 +122,11 @@ def _changes(lever: dict[str, Any]) -> list[str]:
 def paired_delta(base_run: Path, run: Path, groups: pd.Series, seed: int = 0) -> list[float] | None:
     """95% CI of (lever - base) val balanced accuracy: both scored on the same lesion resamples (metadata
     given), so the interval reflects the difference, not each model's own spread. `groups`: lesion group by
-    image id. None if val differs."""
+    image id. None if val differs or either run's val outputs are not on this machine."""
     from scipy.special import softmax
+
+    if not ((base_run / "val_outputs.npz").is_file() and (run / "val_outputs.npz").is_file()):
+        return None
 
     from dermlens.evaluate.bootstrap import bootstrap
     from dermlens.metrics import EvalData, decision_metrics
@@ -146,26 +150,32 @@ def paired_delta(base_run: Path, run: Path, groups: pd.Series, seed: int = 0) ->
     return [float(r.low["d"]), float(r.high["d"])]
 
 
-def summarise(recipe: dict[str, Any]) -> dict[str, Any]:
+def summarise(recipe: dict[str, Any], earlier: dict[str, Any] | None = None) -> dict[str, Any]:
     """Each finished lever's val figures and its difference from the lever it is compared with (`versus`,
-    default `base`); levers not run are listed."""
-    rows, missing = {}, []
+    default `base`). A lever whose run is not on this machine keeps its row from `earlier` (the table written
+    before, marked `carried`); levers in neither are listed as not run."""
+    before = {str(r["lever"]): r for r in (earlier or {}).get("levers", [])}
+    rows, fresh, missing = {}, [], []
     for lever in recipe["levers"]:
         name = str(lever["name"])
         path = run_dir(recipe, name) / "metrics_val.json"
         if path.is_file():
             rows[name] = _row(name, lever, json.loads(path.read_text()))
+            fresh.append(name)
+        elif name in before:
+            rows[name] = {"cpu": (earlier or {}).get("cpu"), **before[name], "carried": True}
         else:
             missing.append(name)
     groups = None
-    if rows:  # the manifest is read once, for every lever's lesion resamples
+    if fresh:  # the manifest is read once, for every lever's lesion resamples
         from dermlens.data.manifest import read_manifest
 
         manifest = read_manifest(lever_config(recipe, "base")["data"]["dir"])
         groups = manifest.set_index("image_id")["group_id"]
-    for r in rows.values():
+    for name in fresh:
+        r = rows[name]
         ref = rows.get(r["versus"])
-        runs = run_dir(recipe, r["versus"]), run_dir(recipe, r["lever"])
+        runs = run_dir(recipe, r["versus"]), run_dir(recipe, name)
         r["delta_val_bal_acc_ci95"] = paired_delta(*runs, groups) if ref is not None else None
         for key in ("val_bal_acc", "val_bal_acc_no_metadata", "external_bal_acc3"):
             ok = ref is not None and r[key] is not None and ref[key] is not None
@@ -175,5 +185,6 @@ def summarise(recipe: dict[str, Any]) -> dict[str, Any]:
         "levers": list(rows.values()),
         "not_run": missing,
         "cpu": cpu_name(),
-        "note": "val = HAM10000 lesion-grouped val; external = the ISIC 2017 train hold-out (3-class BA)",
+        "note": "val = HAM10000 lesion-grouped val; external = the ISIC 2017 train hold-out (3-class BA); "
+        "rows marked carried come from an earlier table (their runs are not on the machine that wrote this)",
     }

@@ -158,6 +158,38 @@ def requeue_interrupted(study: Any, log: Log) -> int:
     return n
 
 
+def base_params(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The base config's own value of every space key (after the proxy overrides)."""
+    base = load_config(cfg.get("base_config"), list(cfg.get("overrides") or []))
+    out = {}
+    for key in cfg["space"]:
+        value: Any = base
+        for part in key.split("."):
+            value = value[part]
+        out[key] = value
+    return out
+
+
+def in_space(value: Any, dist: dict[str, Any]) -> bool:
+    """Whether a value is one the distribution can give."""
+    if dist["type"] == "categorical":
+        return value in dist["choices"]
+    return isinstance(value, int | float) and float(dist["low"]) <= float(value) <= float(dist["high"])
+
+
+def enqueue_base(study: Any, cfg: dict[str, Any], log: Log) -> None:
+    """A new study's first trial is the base recipe itself, so every other trial is judged against it."""
+    if not cfg.get("start_from_base", True) or study.trials:
+        return
+    params = base_params(cfg)
+    outside = [k for k, v in params.items() if not in_space(v, cfg["space"][k])]
+    if outside:
+        log(f"the base recipe's {', '.join(outside)} lie outside the space: trial 0 is sampled like the rest")
+        return
+    study.enqueue_trial(params, user_attrs={"base_recipe": True})
+    log(f"trial 0 is the base recipe: {json.dumps(params, default=str)}")
+
+
 def objective_for(cfg: dict[str, Any], out: Path, log: Log) -> Callable[[Any], float]:
     """The Optuna objective: train one configuration, report val balanced accuracy per epoch, prune."""
 
@@ -194,6 +226,7 @@ def run_study(cfg: dict[str, Any], log: Log = print) -> dict[str, Any]:
     out = Path(cfg["out"])
     study = open_study(cfg, out)
     requeue_interrupted(study, log)
+    enqueue_base(study, cfg, log)
     ended = (TrialState.COMPLETE, TrialState.PRUNED)
     have = len(study.get_trials(deepcopy=False, states=ended))
     todo = max(0, int(cfg["n_trials"]) - have)
@@ -220,6 +253,7 @@ def trial_rows(study: Any) -> list[dict[str, Any]]:
                 "value": t.value,
                 "val_bal_acc": t.user_attrs.get("val_bal_acc"),
                 "epochs_reported": len(t.intermediate_values),
+                "base_recipe": bool(t.user_attrs.get("base_recipe")),
                 "seconds": round(secs, 1) if secs is not None else None,
                 **{f"param:{k}": v for k, v in t.params.items()},
                 "run_dir": t.user_attrs.get("run_dir"),
