@@ -83,9 +83,9 @@ def levers(
     train: Annotated[bool, typer.Option("--train/--no-train", help="--no-train only tabulates")] = True,
 ) -> None:
     """Train one-at-a-time variants of the release recipe and tabulate each one's val effect."""
-    from dermlens.cli.research import echo, run_or_exit
-
     import json
+
+    from dermlens.cli.research import echo, run_or_exit
 
     def go() -> dict:
         from dermlens.pipeline.levers import check, load_levers, summarise, train_levers
