@@ -65,7 +65,7 @@ def test_bad_overrides_are_one_line_errors() -> None:
     assert load_config(None, ["trainer.max_epochs=3.0"])["trainer"]["max_epochs"] == 3
     with pytest.raises(ConfigError, match="not a timm architecture"):
         check_arch(load_config(None, ["model.arch=efficientnet_b9"]))
-    for bad in ("trainer.max_epochs=abc", "model.arch=efficientnet_b9"):
+    for bad in ("trainer.max_epochs=abc", "model.arch=efficientnet_b9", "trainer.progress=bars"):
         r = CliRunner().invoke(app, ["train", bad])
         assert r.exit_code == 2 and "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
 
@@ -116,6 +116,7 @@ def test_run_with_dropout_and_external_val_logs_and_says_why(tiny_dir: Path, tmp
         "augment.meta_drop_all=0.5",
         "augment.meta_drop_field=0.2",
         "model.metadata=true",
+        "trainer.progress=none",
     )
     metrics = train(cfg)
     log = pd.read_csv(run / "logs" / "csv" / "metrics.csv")
@@ -124,7 +125,12 @@ def test_run_with_dropout_and_external_val_logs_and_says_why(tiny_dir: Path, tmp
     # the final pass scores the best checkpoint in the other conditions too: no metadata, external set
     assert 0 <= metrics["no_metadata"]["bal_acc"] <= 1 and 0 <= metrics["no_metadata"]["macro_auc"] <= 1
     assert metrics["external"]["bal_acc3"] == pytest.approx(log["ext/bal_acc3"].dropna().iloc[-1], abs=0.02)
-    assert "Finished all 1 epochs" in capsys.readouterr().out
+    said = capsys.readouterr()
+    assert "Finished all 1 epochs" in said.out
+    # progress none: no bar, one line per epoch with the logged validation figures
+    (line,) = [x for x in said.err.splitlines() if x.startswith("epoch 1/1:")]
+    assert f"val/bal_acc {log['val/bal_acc'].dropna().iloc[-1]:.3f}" in line and "ext/bal_acc3" in line
+    assert "it/s" not in said.err
     assert metrics["precision"] in ("bf16-mixed", "32-true")
 
 

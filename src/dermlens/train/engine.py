@@ -74,15 +74,9 @@ def _callbacks(cfg: dict, ckpt_dir: Path) -> list:
     cbs.append(TimeBudget(float(t["time_budget_min"])) if t.get("time_budget_min") else TrainClock())
     if monitor and int(t.get("patience", 0) or 0) > 0:
         cbs.append(EarlyStopping(monitor=monitor, mode="max", patience=int(t["patience"]), verbose=True))
-    if t.get("progress", "rich") == "rich":
-        from lightning.pytorch.callbacks import RichProgressBar
+    from dermlens.train.progress import progress_callbacks
 
-        cbs.append(RichProgressBar(leave=True))
-    else:
-        from lightning.pytorch.callbacks import TQDMProgressBar
-
-        cbs.append(TQDMProgressBar(refresh_rate=10))
-    return cbs
+    return cbs + progress_callbacks(str(t.get("progress", "rich")))
 
 
 def resolve_strategy(t: dict) -> str:
@@ -135,6 +129,7 @@ def build_trainer(cfg: dict, run_dir: Path, extra_callbacks: list | None = None)
         num_sanity_val_steps=0,
         deterministic=False,
         enable_model_summary=False,
+        enable_progress_bar=str(t.get("progress", "rich")) != "none",
     )
 
 
@@ -337,8 +332,10 @@ def train(
     from dermlens.train.config import check_arch
     from dermlens.train.datamodule import DermDataModule
     from dermlens.train.module import DermModule
+    from dermlens.train.progress import check_mode
 
     check_arch(cfg)
+    check_mode(str(cfg["trainer"].get("progress", "rich")))
     module_cls = module_cls or DermModule
     datamodule_cls = datamodule_cls or DermDataModule
     run_dir = setup_run(cfg)
