@@ -11,18 +11,12 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")  # as `dermlens predict` does before numpy loads
-
-
-def cpu_name() -> str:
-    text = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("Model name")), "?")
 
 
 def main() -> None:
@@ -32,7 +26,7 @@ def main() -> None:
     from dermlens.infer.session import cpu_count
     from dermlens.serve.batch import collect_inputs, run_batch
     from dermlens.serve.ray_batch import connect, run_ray
-    from dermlens.settings import data_root
+    from dermlens.settings import cpu_name, data_root
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--limit", type=int, default=0, help="first N images only (0 = all 2,750)")
@@ -44,7 +38,7 @@ def main() -> None:
     predictor = Predictor.load()
     print(
         f"model {predictor.card.name} {predictor.version} ({predictor.precision}), {len(items)} images, "
-        f"{cpu_count()} CPUs ({cpu_name()})"
+        f"{cpu_count()} CPUs used, {cpu_name()}"
     )
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -69,7 +63,7 @@ def main() -> None:
         + (f" --limit {args.limit}" if args.limit else ""),
         "model": f"{predictor.card.name} {predictor.version}",
         "precision": predictor.precision,
-        "cpu": f"{cpu_name()}, {cpu_count()} cores",
+        "cpu": cpu_name(),
         "python": platform.python_version(),
         "ray": ray.__version__,
         "images": len(items),

@@ -17,6 +17,7 @@ from typing import Any
 from dermlens import config as configuration
 from dermlens.pipeline.bundle import build_bundle
 from dermlens.pipeline.ensemble import build_ensemble
+from dermlens.settings import cpu_name
 from dermlens.train.config import ConfigError
 from dermlens.train.ensemble import (
     config_hash,
@@ -106,21 +107,8 @@ def choose_bundles(ensemble: Path, student: Path, max_drop: float = 0.01) -> dic
     return {
         "choice": choose(summary["ensemble"], summary["student"], max_drop),
         **summary,
-        "cpu": cpu_model(),
+        "cpu": cpu_name(),
     }
-
-
-def cpu_model() -> str:
-    """The processor's model name (Linux /proc/cpuinfo), else the platform's machine type."""
-    import platform
-
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 def build_release(recipe: dict[str, Any], log: Log = print) -> dict[str, Any]:
@@ -165,7 +153,7 @@ def build_release(recipe: dict[str, Any], log: Log = print) -> dict[str, Any]:
         "student": {**student, "train": done["metrics"], "size_bytes": bundle_size(sbundle)},
         "choice": choose(ensemble, student, float(recipe["choose"]["max_drop"])),
         "this_invocation_seconds": round(time.time() - start, 1),
-        "cpu": cpu_model(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
     }
     (out / "release_build.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
