@@ -313,6 +313,8 @@ def test_tune_resumes_from_sqlite(tiny_dir: Path, tmp_path: Path) -> None:
             *TINY,
             "trainer.max_epochs=2",
             "trainer.limit_train_batches=2",
+            "model.metadata=true",
+            f"data.external_val={tiny_dir}",
         ],
         "space": {
             "optim.lr": {"type": "float", "low": 1e-4, "high": 3e-3, "log": True},
@@ -327,6 +329,9 @@ def test_tune_resumes_from_sqlite(tiny_dir: Path, tmp_path: Path) -> None:
     )  # reported per epoch
     base = first["trials"][0]  # trial 0 is train.yaml's own values: the others are judged against it
     assert base["base_recipe"] and base["param:optim.lr"] == 1e-3 and base["param:model.dropout"] == 0.2
+    ran = json.loads((Path(base["run_dir"]) / "metrics_val.json").read_text())  # the run's own figures
+    assert base["external_bal_acc3"] == ran["external"]["bal_acc3"] and 0 <= base["external_bal_acc3"] <= 1
+    assert base["val_bal_acc_no_metadata"] == ran["no_metadata"]["bal_acc"] and first["cpu"]
     done0 = Path(first["trials"][0]["run_dir"]) / "finished.json"
     stamp = done0.stat().st_mtime_ns
     db = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'tune' / 'study.db'}")

@@ -22,6 +22,7 @@ from typing import Any
 
 from dermlens import config as configuration
 from dermlens.extras import require
+from dermlens.settings import cpu_name
 from dermlens.train.config import ConfigError, apply_override, load_config
 from dermlens.train.ensemble import finished, train_run
 
@@ -241,8 +242,21 @@ def run_study(cfg: dict[str, Any], log: Log = print) -> dict[str, Any]:
     return write_results(study, cfg, out, log)
 
 
+def run_figures(run_dir: str | None) -> dict[str, Any]:
+    """A finished trial run's other final-pass figures: val BA without metadata, external 3-class BA."""
+    path = Path(run_dir) / "metrics_val.json" if run_dir else None
+    if path is None or not path.is_file():
+        return {"val_bal_acc_no_metadata": None, "external_bal_acc3": None, "train_seconds": None}
+    m = json.loads(path.read_text())
+    return {
+        "val_bal_acc_no_metadata": (m.get("no_metadata") or {}).get("bal_acc"),
+        "external_bal_acc3": (m.get("external") or {}).get("bal_acc3"),
+        "train_seconds": m.get("train_seconds"),
+    }
+
+
 def trial_rows(study: Any) -> list[dict[str, Any]]:
-    """One row per trial: number, state, value, epochs reported, seconds, parameters, run folder."""
+    """One row per trial: number, state, value, figures of its run, seconds, parameters, run folder."""
     rows = []
     for t in study.get_trials(deepcopy=False):
         secs = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else None
@@ -252,6 +266,7 @@ def trial_rows(study: Any) -> list[dict[str, Any]]:
                 "state": t.state.name,
                 "value": t.value,
                 "val_bal_acc": t.user_attrs.get("val_bal_acc"),
+                **run_figures(t.user_attrs.get("run_dir")),
                 "epochs_reported": len(t.intermediate_values),
                 "base_recipe": bool(t.user_attrs.get("base_recipe")),
                 "seconds": round(secs, 1) if secs is not None else None,
@@ -327,6 +342,7 @@ def write_results(study: Any, cfg: dict[str, Any], out: Path, log: Log) -> dict[
             else None
         ),
         "trials": rows,
+        "cpu": cpu_name(),
         "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     summary["plots"] = write_plots(study, out, log)
