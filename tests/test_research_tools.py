@@ -335,8 +335,8 @@ def test_tune_resumes_from_sqlite(tiny_dir: Path, tmp_path: Path) -> None:
     done0 = Path(first["trials"][0]["run_dir"]) / "finished.json"
     stamp = done0.stat().st_mtime_ns
     db = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'tune' / 'study.db'}")
-    db.enqueue_trial({"optim.lr": 1e-3, "model.dropout": 0.3})
-    db.ask()  # a trial left RUNNING, as by a killed process
+    db.enqueue_trial({"optim.lr": 1e-3, "model.dropout": 0.3}, user_attrs={"base_recipe": True})
+    db.ask()  # a trial left RUNNING, as by a killed process (flagged like a base-recipe trial)
     code, output = run_cli("tune", "--study", str(path), "--n-trials", "2")
     assert code == 0, output
     assert "trial 1 was interrupted: queued again" in output
@@ -345,6 +345,7 @@ def test_tune_resumes_from_sqlite(tiny_dir: Path, tmp_path: Path) -> None:
     assert states == {0: "COMPLETE", 1: "FAIL", 2: "COMPLETE"}
     rerun = next(t for t in res["trials"] if t["trial"] == 2)
     assert rerun["param:optim.lr"] == 1e-3 and rerun["param:model.dropout"] == 0.3
+    assert rerun["base_recipe"]  # the resumed trial keeps its flag
     assert done0.stat().st_mtime_ns == stamp  # trial 0 was not trained again
     for name in ("results.csv", "results.md", "optimization_history.png", "param_importances.png"):
         assert (tmp_path / "tune" / name).is_file(), name

@@ -153,7 +153,8 @@ def requeue_interrupted(study: Any, log: Log) -> int:
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
         params = {**t.system_attrs.get("fixed_params", {}), **t.params}  # enqueued + sampled so far
-        study.enqueue_trial(params, user_attrs={"resumes_trial": t.number})
+        attrs = {k: v for k, v in t.user_attrs.items() if k == "base_recipe"}  # still the base recipe
+        study.enqueue_trial(params, user_attrs={**attrs, "resumes_trial": t.number})
         log(f"trial {t.number} was interrupted: queued again with the same parameters (resumes its run)")
         n += 1
     return n
