@@ -91,6 +91,10 @@ def test_dynamic_height_width(reexported, val_split) -> None:
 
 def test_int8_balanced_accuracy_within_one_point(val_split) -> None:
     """On the whole validation split: |bal_acc(int8) - bal_acc(fp32)| <= 0.01 (one point)."""
+    from dermlens.infer.session import int8_exact
+
+    if not int8_exact():
+        pytest.skip("x86 CPU without VNNI: int8 saturates here, so the runtime serves fp32")
     prep = read_card(bundle_dir()).preprocessing
     imgs, meta, labels = val_split["images"], val_split["meta"], val_split["labels"]
     bal = {

@@ -35,10 +35,11 @@ def reference(ham_images: list[Path]) -> np.ndarray:
 
 def test_load_defaults_and_errors(tmp_path: Path) -> None:
     from dermlens.infer.predictor import Predictor
+    from dermlens.infer.session import default_precision
 
     p = Predictor.load(bundle_dir(), threads=1)
     assert p.classes == HAM_CLASSES == tuple(p.card.classes)
-    assert p.precision == p.card.extra.get("default_precision", "int8")
+    assert p.precision == default_precision(p.card.extra.get("default_precision"))  # int8, fp32 w/o VNNI
     with pytest.raises(BundleError, match=str(tmp_path)):
         Predictor.load(tmp_path)
     with pytest.raises(ValueError, match="precision"):

@@ -48,7 +48,7 @@ def test_export_of_a_checkpoint_train_wrote(tiny_dir: Path, tmp_path: Path) -> N
     from dermlens.data.cache import open_cache
     from dermlens.data.manifest import read_manifest
     from dermlens.infer.predictor import Predictor
-    from dermlens.infer.session import OnnxModel
+    from dermlens.infer.session import OnnxModel, default_precision
     from dermlens.metadata import encode_rows
     from dermlens.train.module import DermModule
 
@@ -97,8 +97,9 @@ def test_export_of_a_checkpoint_train_wrote(tiny_dir: Path, tmp_path: Path) -> N
     assert np.abs(onnx - ref).max() <= 1e-3  # a normalisation or format skew moves logits by far more
 
     trust_info = card.extra["metrics"]["trust"]
-    assert trust_info["precision"] == card.extra["default_precision"] == "int8"
-    served = card.extra["metrics"]["val"]["int8"]
+    assert card.extra["default_precision"] == "int8"  # trust: fitted on what this CPU serves (fp32 w/o VNNI)
+    assert trust_info["precision"] == default_precision("int8")
+    served = card.extra["metrics"]["val"][trust_info["precision"]]
     assert served["ood_keep_rate"] == pytest.approx(card.ood["val_keep_rate"])  # fitted on what is served
     pred = Predictor.load(bundle, threads=1)
     r = pred.predict_arrays(images, prepared=True)

@@ -36,7 +36,7 @@ def _cpuinfo(key: str) -> str | None:
 
 
 def machine() -> dict:
-    """The processor a figure was measured on (model name, cores, native bf16), for results files."""
+    """The processor a figure was measured on (model name, cores, native bf16, int8 dot products)."""
     name = _cpuinfo("model name") or platform.processor() or platform.machine()
     flags = (_cpuinfo("flags") or "").split()
     return {
@@ -44,6 +44,8 @@ def machine() -> dict:
         "cores": os.cpu_count(),
         "native_bf16": any(f in flags for f in ("amx_bf16", "avx512_bf16")),
         "avx512": "avx512f" in flags,
+        "int8_vnni": any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8")),
+        "x86": platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"),
     }
 
 

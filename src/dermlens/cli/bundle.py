@@ -86,3 +86,23 @@ def add_metrics(
     except (BundleError, OSError, ValueError) as e:
         raise _fail(f"{results}: {e}") from None
     typer.echo(f"recorded {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()))
+
+
+@app.command("record-lineage")
+def record_lineage(
+    bundle: Annotated[Path | None, typer.Option(help="Bundle folder (default: the packaged one).")] = None,
+) -> None:
+    """Record the extra training sources (each ensemble member's data.extra_train) with their hashes."""
+    from dermlens.bundle import BundleError
+    from dermlens.export.lineage import record_extra_sources
+
+    try:
+        found = record_extra_sources(_bundle(bundle))
+    except (BundleError, OSError, ValueError) as e:
+        raise _fail(str(e)) from None
+    for entry in found:
+        typer.echo(
+            f"extra training data {entry['dir']} {entry['dataset']}: split hash {entry['split_hash'][:16]}"
+        )
+    if not found:
+        typer.echo("no extra training data in the card's training record")

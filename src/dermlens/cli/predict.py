@@ -125,7 +125,9 @@ def predict(
         _echo_err("error: no images to predict")
         raise typer.Exit(2)
     err.print(
-        f"model {predictor.card.name} {predictor.version} ({predictor.precision}), {len(items)} image(s)"
+        f"model {predictor.card.name} {predictor.version} ({predictor.precision}"
+        + (f"; {predictor.precision_note}" if predictor.precision_note else "")
+        + f"), {len(items)} image(s)"
         + (f", {n_dicom} DICOM (metadata from tags where not given)" if n_dicom else "")
     )
     if ray_at is not None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -22,6 +21,7 @@ from dermlens.bundle import CARD, ONNX_FP32, ONNX_INT8, TORCH_WEIGHTS, ModelCard
 from dermlens.data.taxonomy import COARSE_CLASSES, coarse_label
 from dermlens.export.checkpoint import LoadedModel, fp16_state_dict, load_checkpoint
 from dermlens.export.graph import export_onnx, torch_outputs
+from dermlens.export.lineage import extra_sources, lineage
 from dermlens.export.quantize import quantize_checked
 from dermlens.export.splits import SplitImages, load_split
 from dermlens.infer.calibration import softmax
@@ -59,33 +59,6 @@ def _sha256(path: Path) -> str:
 
 
 # ---- bundle ---------------------------------------------------------------------------------------------
-
-
-def lineage(data_dirs: list[str | Path]) -> list[dict[str, Any]]:
-    """What each prepared data set behind a model is: dataset, manifest and split hashes, split counts."""
-    from dermlens.data.manifest import read_manifest, split_hash
-
-    out = []
-    for d in data_dirs:
-        d = Path(d).expanduser()
-        try:
-            df = read_manifest(d)
-            record = json.loads((d / "splits.json").read_text())
-        except (OSError, ValueError) as e:
-            out.append({"dir": str(d), "error": f"not readable here: {e}"})
-            continue
-        out.append(
-            {
-                "dir": str(d),
-                "dataset": sorted(df["dataset"].astype(str).unique().tolist()),
-                "split_method": record.get("method"),
-                "seed": record.get("seed"),
-                "manifest_hash": record.get("manifest_hash"),
-                "split_hash": split_hash(df),
-                "counts": record.get("counts"),
-            }
-        )
-    return out
 
 
 def _parity(net: Any, val: SplitImages, val_out: dict[str, np.ndarray], prep: Any, n: int) -> dict[str, Any]:
@@ -189,7 +162,7 @@ def export_bundle(
         "training": {"model": loaded.model_cfg, "checkpoint": loaded.source.name, **loaded.info},
         "lineage": {
             "evaluated_on": lineage([data_dir]),
-            "extra_training_data": lineage(list(loaded.info.get("data", {}).get("extra_train") or [])),
+            "extra_training_data": lineage(extra_sources(loaded.info)),
             "licences": dict(cfg.get("licences") or {}),
         },
         "metadata_encoding": {"fields": list(META_FIELDS), "dim": META_DIM, "age_scale": "years / 100"},

@@ -19,7 +19,7 @@ from dermlens.infer.calibration import softmax
 from dermlens.infer.cam import cam, overlay_png
 from dermlens.infer.inputs import encode_meta, meta_given, prepare
 from dermlens.infer.refer import refer_message
-from dermlens.infer.session import PRECISIONS, OnnxModel
+from dermlens.infer.session import PRECISIONS, OnnxModel, default_precision
 from dermlens.infer.state import TrustState
 from dermlens.infer.tta import VIEWS, view_logits
 from dermlens.metadata import META_DIM
@@ -101,12 +101,14 @@ class Predictor:
         self.malignant_index = self.coarse_classes.index("malignant")
         self.tta_views: tuple[str, ...] = tuple(card.extra.get("tta_views") or VIEWS)
         self.max_batch = 32
+        self.precision_note = ""  # why the precision is not the card's default, when it is not
 
     @classmethod
     def load(
         cls, bundle_dir: str | Path | None = None, precision: str | None = None, threads: int | None = None
     ) -> Predictor:
-        """Open a bundle (None: the packaged release) at `precision` ('int8' | 'fp32'; None: the card's)."""
+        """Open a bundle (None: the packaged release) at `precision` ('int8' | 'fp32'; None: the card's,
+        fp32 instead of int8 on an x86 CPU without VNNI, where int8 loses accuracy)."""
         bundle = Path(bundle_dir) if bundle_dir is not None else release_dir()
         if not (bundle / "card.json").is_file():
             hint = (
@@ -116,13 +118,17 @@ class Predictor:
             )
             raise BundleError(f"no model bundle at {bundle} ({hint})")
         card = read_card(bundle)
-        precision = (precision or card.extra.get("default_precision") or "int8").lower()
+        asked = precision is not None
+        precision = (precision or default_precision(card.extra.get("default_precision"))).lower()
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, not {precision!r}")
         if not (bundle / TRUST).is_file():
             raise BundleError(f"model bundle {bundle} has no {TRUST}")
         model = OnnxModel(bundle / PRECISIONS[precision], threads)
-        return cls(bundle, card, model, TrustState.load(bundle / TRUST), precision)
+        predictor = cls(bundle, card, model, TrustState.load(bundle / TRUST), precision)
+        if not asked and precision != str(card.extra.get("default_precision") or "int8").lower():
+            predictor.precision_note = "not int8: int8 loses accuracy on an x86 CPU without VNNI"
+        return predictor
 
     @property
     def version(self) -> str:

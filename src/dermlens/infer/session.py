@@ -15,6 +15,21 @@ OUTPUTS: tuple[str, ...] = ("fine_logits", "coarse_logits", "embedding", "featur
 PRECISIONS: dict[str, str] = {"fp32": ONNX_FP32, "int8": ONNX_INT8}
 
 
+def int8_exact() -> bool:
+    """False on x86 CPUs without VNNI: there onnxruntime's u8s8 int8 kernels can saturate and lose accuracy
+    (measured: the packaged ensemble's val BA 0.720 in int8 against 0.782 on a VNNI CPU)."""
+    from dermlens.settings import machine
+
+    m = machine()
+    return bool(m["int8_vnni"] or not m["x86"])
+
+
+def default_precision(card_default: str | None) -> str:
+    """The bundle's default precision, except int8 on a CPU where it loses accuracy (then fp32)."""
+    precision = str(card_default or "int8").lower()
+    return "fp32" if precision == "int8" and not int8_exact() else precision
+
+
 def cpu_count() -> int:
     """Cores this process may use (affinity-aware)."""
     try:

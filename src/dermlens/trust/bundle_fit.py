@@ -10,7 +10,7 @@ from typing import Any
 
 from dermlens.bundle import read_card, write_card
 from dermlens.export.stage import Exported
-from dermlens.infer.session import PRECISIONS, OnnxModel
+from dermlens.infer.session import PRECISIONS, OnnxModel, default_precision
 from dermlens.infer.tta import view_logits
 from dermlens.metrics import classification_metrics
 from dermlens.trust.fit import fit_trust, trust_config
@@ -27,7 +27,7 @@ def fit_exported(
     """Fit trust.npz for `exported` with the graph its card serves (cfg: export.yaml); returns the card."""
     bundle, val, train = exported.bundle, exported.val, exported.train
     card = read_card(bundle)
-    precision = str(card.extra.get("default_precision") or "int8").lower()
+    precision = default_precision(card.extra.get("default_precision"))
     model, prep, bs = (
         OnnxModel(bundle / PRECISIONS[precision]),
         card.preprocessing,

@@ -94,11 +94,11 @@ class Runner:
     """The bundle's ONNX graph at its default precision (the one the Predictor serves)."""
 
     def __init__(self, bundle: Path, threads: int | None = None, precision: str | None = None) -> None:
-        from dermlens.infer.session import PRECISIONS, OnnxModel
+        from dermlens.infer.session import PRECISIONS, OnnxModel, default_precision
 
         self.card = read_card(bundle)
         self.prep: Preprocessing = self.card.preprocessing
-        self.precision = (precision or self.card.extra.get("default_precision") or "int8").lower()
+        self.precision = (precision or default_precision(self.card.extra.get("default_precision"))).lower()
         self.model = OnnxModel(Path(bundle) / PRECISIONS[self.precision], threads)
 
     def __call__(self, images: np.ndarray, meta: np.ndarray) -> dict[str, np.ndarray]:
