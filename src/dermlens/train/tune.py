@@ -267,7 +267,7 @@ def trial_rows(study: Any) -> list[dict[str, Any]]:
                 "state": t.state.name,
                 "value": t.value,
                 "val_bal_acc": t.user_attrs.get("val_bal_acc"),
-                **run_figures(t.user_attrs.get("run_dir")),
+                **run_figures(t.user_attrs.get("run_dir") if t.state.name == "COMPLETE" else None),
                 "epochs_reported": len(t.intermediate_values),
                 "base_recipe": bool(t.user_attrs.get("base_recipe")),
                 "seconds": round(secs, 1) if secs is not None else None,
