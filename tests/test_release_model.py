@@ -93,7 +93,7 @@ def test_runtime_reaches_recorded_val_accuracy(ham_manifest, metadata: bool) -> 
         assert bal_acc > recorded["bal_acc"] - 0.01, (bal_acc, recorded["bal_acc"])
 
 
-def test_int8_is_the_default_only_where_it_is_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_int8_is_the_default_only_where_it_is_exact(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from dermlens import settings
     from dermlens.infer.predictor import Predictor
 
@@ -101,6 +101,9 @@ def test_int8_is_the_default_only_where_it_is_exact(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(settings, "machine", lambda: {**flags, "int8_vnni": False})
     chosen = Predictor.load(bundle_dir())
     assert chosen.precision == "fp32" and "VNNI" in chosen.precision_note  # AVX2 only: u8s8 int8 saturates
+    int8_only = tmp_path / "bundle"
+    shutil.copytree(bundle_dir(), int8_only, ignore=shutil.ignore_patterns("model.pt", "model.onnx"))
+    assert Predictor.load(int8_only).precision == "int8"  # no fp32 graph to fall back to
     assert Predictor.load(bundle_dir(), precision="int8").precision == "int8"  # asked for: honoured
     monkeypatch.setattr(settings, "machine", lambda: {**flags, "int8_vnni": True})
     assert Predictor.load(bundle_dir()).precision == "int8"

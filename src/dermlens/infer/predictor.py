@@ -119,7 +119,7 @@ class Predictor:
             raise BundleError(f"no model bundle at {bundle} ({hint})")
         card = read_card(bundle)
         asked = precision is not None
-        precision = (precision or default_precision(card.extra.get("default_precision"))).lower()
+        precision = (precision or default_precision(card.extra.get("default_precision"), bundle)).lower()
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, not {precision!r}")
         if not (bundle / TRUST).is_file():

@@ -98,7 +98,8 @@ class Runner:
 
         self.card = read_card(bundle)
         self.prep: Preprocessing = self.card.preprocessing
-        self.precision = (precision or default_precision(self.card.extra.get("default_precision"))).lower()
+        served = default_precision(self.card.extra.get("default_precision"), Path(bundle))
+        self.precision = (precision or served).lower()
         self.model = OnnxModel(Path(bundle) / PRECISIONS[self.precision], threads)
 
     def __call__(self, images: np.ndarray, meta: np.ndarray) -> dict[str, np.ndarray]:
