@@ -107,3 +107,16 @@ def test_int8_is_the_default_only_where_it_is_exact(monkeypatch: pytest.MonkeyPa
     assert Predictor.load(bundle_dir(), precision="int8").precision == "int8"  # asked for: honoured
     monkeypatch.setattr(settings, "machine", lambda: {**flags, "int8_vnni": True})
     assert Predictor.load(bundle_dir()).precision == "int8"
+
+
+def test_record_lineage_names_a_missing_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`bundle record-lineage` where the extra training data is not prepared: one line, card unchanged."""
+    copy = tmp_path / "bundle"
+    copy.mkdir()
+    shutil.copy(bundle_dir() / "card.json", copy / "card.json")
+    before = (copy / "card.json").read_bytes()
+    monkeypatch.chdir(tmp_path)  # the card's sources are relative (work/isic2017): absent here
+    r = CliRunner().invoke(app, ["bundle", "record-lineage", "--bundle", str(copy)])
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert "work/isic2017" in r.output and "not readable here" in r.output
+    assert (copy / "card.json").read_bytes() == before

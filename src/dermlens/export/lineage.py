@@ -17,7 +17,7 @@ def extra_sources(info: dict[str, Any]) -> list[str]:
 
 def lineage(data_dirs: list[str | Path]) -> list[dict[str, Any]]:
     """What each prepared data set behind a model is: dataset, manifest and split hashes, split counts."""
-    from dermlens.data.manifest import read_manifest, split_hash
+    from dermlens.data.manifest import DataError, read_manifest, split_hash
 
     out = []
     for d in data_dirs:
@@ -25,7 +25,7 @@ def lineage(data_dirs: list[str | Path]) -> list[dict[str, Any]]:
         try:
             df = read_manifest(d)
             record = json.loads((d / "splits.json").read_text())
-        except (OSError, ValueError) as e:
+        except (DataError, OSError, ValueError) as e:
             out.append({"dir": str(d), "error": f"not readable here: {e}"})
             continue
         out.append(
@@ -47,9 +47,9 @@ def record_extra_sources(bundle: Path) -> list[dict[str, Any]]:
     before export recorded those of ensemble members); a source not readable here is an error."""
     card = read_card(bundle)
     found = lineage(extra_sources(card.extra.get("training") or {}))
-    unreadable = [e["error"] for e in found if "error" in e]
+    unreadable = [e for e in found if "error" in e]
     if unreadable:
-        raise ValueError(f"{found[0]['dir']}: {unreadable[0]}")
+        raise ValueError(f"{unreadable[0]['dir']}: {unreadable[0]['error']}")
     card.extra.setdefault("lineage", {})["extra_training_data"] = found
     write_card(bundle, card)
     return found
