@@ -118,16 +118,18 @@ class Predictor:
             )
             raise BundleError(f"no model bundle at {bundle} ({hint})")
         card = read_card(bundle)
-        asked = precision is not None
-        precision = (precision or default_precision(card.extra.get("default_precision"), bundle)).lower()
+        card_default = str(card.extra.get("default_precision") or "int8").lower()
+        served = default_precision(card_default, bundle)  # fp32 where int8 loses accuracy
+        switched = precision is None and served != card_default
+        precision = (precision or served).lower()
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, not {precision!r}")
         if not (bundle / TRUST).is_file():
             raise BundleError(f"model bundle {bundle} has no {TRUST}")
         model = OnnxModel(bundle / PRECISIONS[precision], threads)
         predictor = cls(bundle, card, model, TrustState.load(bundle / TRUST), precision)
-        if not asked and precision != str(card.extra.get("default_precision") or "int8").lower():
-            predictor.precision_note = "not int8: int8 loses accuracy on an x86 CPU without VNNI"
+        if switched:
+            predictor.precision_note = f"not {card_default}: int8 loses accuracy on an x86 CPU without VNNI"
         return predictor
 
     @property
