@@ -19,7 +19,7 @@ from dermlens.infer.calibration import softmax
 from dermlens.infer.cam import cam, overlay_png
 from dermlens.infer.inputs import encode_meta, meta_given, prepare
 from dermlens.infer.refer import refer_message
-from dermlens.infer.session import PRECISIONS, OnnxModel, default_precision
+from dermlens.infer.session import PRECISIONS, OnnxModel, card_precision, default_precision
 from dermlens.infer.state import TrustState
 from dermlens.infer.tta import VIEWS, view_logits
 from dermlens.metadata import META_DIM
@@ -118,7 +118,7 @@ class Predictor:
             )
             raise BundleError(f"no model bundle at {bundle} ({hint})")
         card = read_card(bundle)
-        card_default = str(card.extra.get("default_precision") or "int8").lower()
+        card_default = card_precision(card.extra.get("default_precision"))
         served = default_precision(card_default, bundle)  # fp32 where int8 loses accuracy
         switched = precision is None and served != card_default
         precision = (precision or served).lower()

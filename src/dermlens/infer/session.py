@@ -24,10 +24,15 @@ def int8_exact() -> bool:
     return bool(m["int8_vnni"] or not m["x86"])
 
 
+def card_precision(card_default: str | None) -> str:
+    """The precision a card records as its default (int8 when it records none)."""
+    return str(card_default or "int8").lower()
+
+
 def default_precision(card_default: str | None, bundle: Path | None = None) -> str:
     """The bundle's default precision, except int8 on a CPU where it loses accuracy: then fp32, when the
     bundle (if given) has the fp32 graph."""
-    precision = str(card_default or "int8").lower()
+    precision = card_precision(card_default)
     has_fp32 = bundle is None or (Path(bundle) / ONNX_FP32).is_file()
     return "fp32" if precision == "int8" and not int8_exact() and has_fp32 else precision
 

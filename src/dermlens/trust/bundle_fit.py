@@ -27,7 +27,7 @@ def fit_exported(
     """Fit trust.npz for `exported` with the graph its card serves (cfg: export.yaml); returns the card."""
     bundle, val, train = exported.bundle, exported.val, exported.train
     card = read_card(bundle)
-    precision = default_precision(card.extra.get("default_precision"))
+    precision = default_precision(card.extra.get("default_precision"), bundle)
     model, prep, bs = (
         OnnxModel(bundle / PRECISIONS[precision]),
         card.preprocessing,
