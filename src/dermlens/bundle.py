@@ -8,6 +8,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from dermlens.errors import BundleError  # noqa: F401 (re-exported)
 from dermlens.preprocess import Preprocessing
 
 CARD = "card.json"
@@ -17,10 +18,6 @@ TRUST = "trust.npz"
 TORCH_WEIGHTS = "model.pt"
 SCHEMA_VERSION = 2  # 1: no schema_version in the card; 2: + lineage, metadata_encoding (written by export)
 V2_KEYS = ("lineage", "metadata_encoding", "metrics", "export")
-
-
-class BundleError(FileNotFoundError):
-    """A model bundle that is missing or incomplete (names the path)."""
 
 
 def release_dir() -> Path:

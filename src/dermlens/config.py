@@ -27,6 +27,8 @@ from pydantic import (
     create_model,
 )
 
+from dermlens.errors import ConfigError  # noqa: F401 (re-exported)
+
 # Sections whose keys are free (a mapping the user may extend), per config name.
 OPEN_KEYS: dict[str, tuple[str, ...]] = {
     "tune": ("space",),
@@ -43,10 +45,6 @@ REPLACE_KEYS: dict[str, tuple[str, ...]] = {
     "label_efficiency": ("inits", "epochs", "test"),
     "levers": ("levers", "overrides"),
 }
-
-
-class ConfigError(ValueError):
-    """A configuration file or override that cannot be used (one-line message)."""
 
 
 # ---- reading ---------------------------------------------------------------------------------------

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from dermlens.data.taxonomy import sex_value, site_general, snomed_site
+from dermlens.errors import DicomError  # noqa: F401 (re-exported)
 from dermlens.extras import install_hint
-from dermlens.preprocess import ImageDecodeError
 
 MAGIC_OFFSET = 128
 MAGIC = b"DICM"
@@ -26,10 +26,6 @@ INSTALL_HINT = install_hint("dicom")
 _AGE = re.compile(r"^\s*(\d{1,3})\s*([DWMY])\s*$", re.IGNORECASE)
 _AGE_UNIT_YEARS = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
 _SEX = {"F": "female", "M": "male"}
-
-
-class DicomError(ImageDecodeError):
-    """A DICOM file dermlens cannot use as a photograph (names the file)."""
 
 
 def is_dicom_bytes(head: bytes) -> bool:

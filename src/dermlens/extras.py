@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+from dermlens.errors import MissingExtra  # noqa: F401 (re-exported)
+
 # Top-level module -> the extra of pyproject.toml that installs it.
 EXTRAS: dict[str, str] = {
     "sklearn": "evaluate",
@@ -38,10 +40,6 @@ EXTRAS: dict[str, str] = {
     "ray": "ray",
     "isic_metadata": "isic",
 }
-
-
-class MissingExtra(ModuleNotFoundError):
-    """An optional dependency is not installed (one-line message naming the extra to install)."""
 
 
 def install_hint(extra: str) -> str:

@@ -18,17 +18,11 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from dermlens import config as configuration
+from dermlens.errors import ImageDecodeError  # noqa: F401 (re-exported)
 
 # The decoder's pixel limit when none is given: the upload limit of configs/serve.yaml (one source).
 DEFAULT_MAX_PIXELS: int = int(configuration.packaged("serve")["limits"]["max_pixels"])
 COLOR_CONSTANCY: tuple[str, ...] = ("none", "shades_of_gray")
-
-
-class ImageDecodeError(ValueError):
-    """An input that cannot be decoded as an image (names the source); `code`/`reason`: our own words."""
-
-    code: str = "corrupt_image"
-    reason: str = "corrupt or truncated image"
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from dermlens.cli import serve as serve_cli
 from dermlens.cli import train as train_cli
 from dermlens.cli import trust as trust_cli
 from dermlens.cli import tune as tune_cli
+from dermlens.errors import DermlensError
 
 app = typer.Typer(
     name="dermlens",
@@ -57,30 +58,38 @@ def version() -> None:
     typer.echo(__version__)
 
 
-def _one_line_missing_extra(fn: Callable) -> Callable:
-    """A command that reports a missing optional dependency as one line naming its extra (exit 2)."""
+def _one_line_errors(fn: Callable) -> Callable:
+    """A command that reports any DermlensError (a missing optional dependency included) as one line,
+    `error: ...`, with exit code 2. Any other exception is a bug and shows as one."""
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except DermlensError as e:
+            _fail(str(e))
         except ImportError as e:
             from dermlens.extras import as_missing_extra
 
             err = as_missing_extra(e)
             if err is None:
                 raise
-            typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-            raise typer.Exit(2) from None
+            _fail(str(err))
 
     return run
 
 
+def _fail(message: str) -> None:
+    """Print `error: message` in red on stderr and exit 2."""
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2) from None
+
+
 def _guard(group: typer.Typer) -> None:
-    """Wrap every command of a Typer app (and of its sub-apps) with _one_line_missing_extra."""
+    """Wrap every command of a Typer app (and of its sub-apps) with _one_line_errors."""
     for command in group.registered_commands:
         if command.callback is not None:
-            command.callback = _one_line_missing_extra(command.callback)
+            command.callback = _one_line_errors(command.callback)
     for sub in group.registered_groups:
         if sub.typer_instance is not None:
             _guard(sub.typer_instance)

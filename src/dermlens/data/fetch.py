@@ -17,6 +17,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from dermlens.data.isic_archive import archive_config
+from dermlens.errors import FetchError  # noqa: F401 (re-exported)
 from dermlens.extras import install_hint
 
 INSTALL_HINT = install_hint("isic")
@@ -26,10 +27,6 @@ _NETWORK_SIGNS = (
     "Name or service not known",
     "NewConnectionError",
 )
-
-
-class FetchError(Exception):
-    """The download could not run or failed; the message is one line."""
 
 
 def client_command(client: str | None = None) -> list[str]:

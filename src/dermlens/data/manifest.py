@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from dermlens import config as configuration
+from dermlens.errors import DataError  # noqa: F401 (re-exported)
 
 MANIFEST_NAME = "manifest.csv"
 SPLITS_NAME = "splits.json"
@@ -32,10 +33,6 @@ BASE_COLUMNS: tuple[str, ...] = (
 OPTIONAL_COLUMNS: tuple[str, ...] = ("mask_path", "split", "fold")
 _STR_COLUMNS = ("image_id", "image_path", "lesion_id", "group_id", "diagnosis", "coarse", "sex", "site")
 _STR_COLUMNS += ("dataset", "dx_type", "mask_path", "split")
-
-
-class DataError(Exception):
-    """An expected problem with the user's data or arguments; the CLI prints it without a traceback."""
 
 
 @cache

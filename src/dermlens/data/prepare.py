@@ -13,12 +13,9 @@ from dermlens.data import registry
 from dermlens.data import splits as sp
 from dermlens.data.manifest import REPORT_NAME, DataError, data_config, manifest_hash, write_manifest
 from dermlens.data.summary import archive_summary, class_table, missing_table
+from dermlens.errors import ValidationFailed  # noqa: F401 (re-exported)
 
 Show = Callable[[object], None]
-
-
-class ValidationFailed(Exception):
-    """Validation failed under on_error 'fail', or no usable row is left after skipping bad ones."""
 
 
 @dataclass

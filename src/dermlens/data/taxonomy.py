@@ -6,6 +6,8 @@ ISIC 2018 Task 3 / ISIC 2019 submission columns, so probabilities line up with I
 
 from __future__ import annotations
 
+from dermlens.errors import UnknownLabelError  # noqa: F401 (re-exported)
+
 # Fine diagnosis codes in ISIC column order. HAM10000 uses the first seven.
 FINE_CODES: tuple[str, ...] = ("mel", "nv", "bcc", "akiec", "bkl", "df", "vasc", "scc")
 HAM_CLASSES: tuple[str, ...] = FINE_CODES[:7]
@@ -150,10 +152,6 @@ CONFIRM_TYPES: dict[str, str] = {
     "confocal": "confocal microscopy with consensus dermoscopy",
 }
 SEXES: tuple[str, ...] = ("female", "male")
-
-
-class UnknownLabelError(ValueError):
-    """A diagnosis label that the taxonomy cannot map."""
 
 
 def fine_code(label: object) -> str:

@@ -9,9 +9,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-
-class EvaluationInputError(ValueError):
-    """Inputs that cannot be evaluated together (message says why)."""
+from dermlens.errors import EvaluationInputError  # noqa: F401 (re-exported)
 
 
 @dataclass

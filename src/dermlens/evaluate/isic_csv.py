@@ -18,14 +18,11 @@ import numpy as np
 import pandas as pd
 
 from dermlens.data.taxonomy import FINE_CODES, HAM_CLASSES, ISIC2018_COLUMNS, ISIC2019_COLUMNS, UNKNOWN
+from dermlens.errors import PredictionFileError  # noqa: F401 (re-exported)
 
 ISIC_WEIGHT_COLUMNS = ("score_weight", "validation_weight")
 CODE_ORDER: tuple[str, ...] = (*FINE_CODES, UNKNOWN)
 _SHOW = 5  # offending ids listed in an error message
-
-
-class PredictionFileError(ValueError):
-    """A truth or prediction file that cannot be evaluated; the message says which file and why."""
 
 
 @dataclass(frozen=True)

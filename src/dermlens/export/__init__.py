@@ -2,6 +2,4 @@
 model.pt and card.json. Needs torch, onnx and onnxruntime (the `train` extra). Trust statistics are fitted
 afterwards by dermlens.trust on the precision that will be served (dermlens.pipeline.bundle runs both)."""
 
-
-class ExportError(RuntimeError):
-    """A checkpoint, run folder or prepared data set that cannot be exported (one-line message)."""
+from dermlens.errors import ExportError  # noqa: F401 (re-exported)

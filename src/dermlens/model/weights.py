@@ -9,12 +9,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dermlens.errors import WeightsError  # noqa: F401 (re-exported)
+
 HEAD_KEYS = ("_fc.weight", "_fc.bias")
 _LITE = re.compile(r"^tf_efficientnet_lite([0-4])$")
-
-
-class WeightsError(RuntimeError):
-    """Weights that cannot be found or do not fit the architecture (message names the cause)."""
 
 
 def wheel_package(arch: str) -> str | None:

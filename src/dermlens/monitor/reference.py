@@ -17,12 +17,9 @@ from typing import Any
 import numpy as np
 
 from dermlens import config as configuration
+from dermlens.errors import MissingReference  # noqa: F401 (re-exported)
 
 REFERENCE_FILE = "monitor_reference.json"
-
-
-class MissingReference(FileNotFoundError):
-    """The bundle has no usable monitoring reference (one-line message)."""
 
 
 @cache

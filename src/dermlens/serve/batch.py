@@ -15,6 +15,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from dermlens.data.taxonomy import HAM_CLASSES, ISIC2018_COLUMNS
+from dermlens.errors import BatchInputError  # noqa: F401 (re-exported)
 from dermlens.infer.predictor import Predictor, refer_reasons, set_labels
 from dermlens.infer.session import cpu_count
 from dermlens.preprocess import ImageDecodeError, find_image, image_suffixes, load_rgb
@@ -25,10 +26,6 @@ IMAGE_COLUMNS = ("image_path", "path", "file", "filename", "image", "image_id", 
 AGE_COLUMNS = ("age", "age_approx", "age_approximate")
 SEX_COLUMNS = ("sex", "gender")
 SITE_COLUMNS = ("site", "anatom_site_general", "localization", "location")
-
-
-class BatchInputError(ValueError):
-    """Inputs that cannot be used at all (no images found, unreadable CSV); one-line message."""
 
 
 @dataclass

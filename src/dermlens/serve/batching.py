@@ -18,11 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from dermlens.errors import QueueFull  # noqa: F401 (re-exported)
 from dermlens.infer.predictor import Predictor, PredictResult
-
-
-class QueueFull(RuntimeError):
-    """The batch queue is full: the server is saturated."""
 
 
 @dataclass

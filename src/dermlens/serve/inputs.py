@@ -7,18 +7,11 @@ from __future__ import annotations
 import re
 
 from dermlens.data.taxonomy import SEXES, SITES, sex_value, site_general
+from dermlens.errors import InputError  # noqa: F401 (re-exported)
 
 _PLAIN_DECIMAL = re.compile(r"[0-9]{1,3}(\.[0-9]{1,3})?")  # ASCII digits only: no ٣٠, ３０, 4_2, 1e2, nan
 _MISSING = frozenset({"", "unknown"})
 QUOTE_CHARS = 40
-
-
-class InputError(ValueError):
-    """A metadata value that is not accepted; `code` is the API's error code."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
 
 
 def quote(value: str, limit: int = QUOTE_CHARS) -> str:

@@ -22,6 +22,7 @@ import numpy as np
 from dermlens import config as configuration
 from dermlens.bundle import TRUST, read_card
 from dermlens.data.taxonomy import HAM_CLASSES
+from dermlens.errors import RayUnavailable  # noqa: F401 (re-exported)
 from dermlens.extras import install_hint
 from dermlens.infer.predictor import Predictor
 from dermlens.infer.session import PRECISIONS, cpu_count
@@ -40,10 +41,6 @@ from dermlens.serve.batch import (
 )
 
 INSTALL_HINT = install_hint("ray")
-
-
-class RayUnavailable(RuntimeError):
-    """Ray is not installed or the cluster cannot be reached (one-line message)."""
 
 
 # Text columns of a result row that travel through Ray batches (same names as the single-process rows).

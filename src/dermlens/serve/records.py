@@ -26,6 +26,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from dermlens.errors import RecordsConfigError, RecordsUnavailable  # noqa: F401 (re-exported)
 from dermlens.extras import install_hint
 
 
@@ -100,14 +101,6 @@ def user_data_dir() -> Path:
 def default_url() -> str:
     """SQLite file in the user data dir."""
     return f"sqlite:///{user_data_dir() / 'records.db'}"
-
-
-class RecordsConfigError(RuntimeError):
-    """The records database cannot be used at all (bad URL, missing driver, unreachable); one line."""
-
-
-class RecordsUnavailable(RuntimeError):
-    """A write could not be committed now (database locked or unreachable); try again later."""
 
 
 DRIVER_EXTRAS = {"postgresql": "postgres"}

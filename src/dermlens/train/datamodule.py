@@ -19,15 +19,12 @@ from torch.utils.data import (
 
 from dermlens.data.splits import holdout_rows
 from dermlens.data.taxonomy import COARSE_CLASSES, UNKNOWN, coarse_label, label_space
+from dermlens.errors import DataSetupError  # noqa: F401 (re-exported)
 from dermlens.metadata import META_BLOCKS, META_DIM, encode_rows, mark_missing
 from dermlens.preprocess import Preprocessing
 from dermlens.train.augment import eval_transform, to_chw, train_transform
 from dermlens.train.folds import fold_split
 from dermlens.train.sampling import DistributedWeightedSampler, sample_weights
-
-
-class DataSetupError(FileNotFoundError):
-    """Prepared data that is missing or inconsistent (one-line message)."""
 
 
 def preprocessing_from(cfg: dict) -> Preprocessing:

@@ -19,15 +19,12 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from dermlens.errors import DistillError  # noqa: F401 (re-exported)
 from dermlens.train.datamodule import DermDataModule
 from dermlens.train.module import DermModule
 
 TEACHER_FILE = "teacher.npz"
 Log = Callable[[str], None]
-
-
-class DistillError(RuntimeError):
-    """A teacher or teacher-logit file that cannot be used (one-line message)."""
 
 
 def teacher_logits(

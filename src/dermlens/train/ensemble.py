@@ -18,15 +18,12 @@ from typing import Any
 import numpy as np
 
 from dermlens import config as configuration
+from dermlens.errors import EnsembleError  # noqa: F401 (re-exported)
 from dermlens.extras import require
 from dermlens.train.config import ConfigError, load_config
 
 Log = Callable[[str], None]
 SUMMARY_KEYS = ("bal_acc", "macro_auc", "accuracy", "n", "best_epoch", "train_seconds", "arch")
-
-
-class EnsembleError(RuntimeError):
-    """An ensemble recipe or member set that cannot be used (one-line message)."""
 
 
 def load_recipe(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import pandas as pd
 
+from dermlens.errors import FoldError  # noqa: F401 (re-exported)
+
 POOLS: dict[str, tuple[str, ...]] = {"train": ("train",), "train+val": ("train", "val")}
-
-
-class FoldError(ValueError):
-    """A fold request the prepared manifest cannot satisfy (one-line message)."""
 
 
 def fold_split(df: pd.DataFrame, val_fold: int | None, pool: str = "train+val") -> pd.DataFrame:

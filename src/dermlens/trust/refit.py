@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from dermlens.bundle import TRUST, read_card, write_card
+from dermlens.errors import RefitError  # noqa: F401 (re-exported)
 from dermlens.infer.calibration import calibrate
 from dermlens.infer.ood import not_dermoscopy_score
 from dermlens.infer.state import TrustState
@@ -28,10 +29,6 @@ from dermlens.metrics import auroc, balanced_accuracy, ece
 from dermlens.preprocess import Preprocessing
 from dermlens.trust import clinical, conformal, scaling
 from dermlens.trust.fit import _cfg, _min_confidence
-
-
-class RefitError(ValueError):
-    """Inputs that cannot be used for fitting (message names them)."""
 
 
 @dataclass
