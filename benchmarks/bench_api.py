@@ -130,7 +130,7 @@ def load(url: str, images: list[bytes], total: int, clients: int) -> dict:
 def batch_predict_rate(images: list[bytes], tmp: Path, n: int) -> float:
     """img/s of `dermlens predict`'s engine (run_batch: decode threads, batches of 32) on the same JPEGs."""
     from dermlens.infer.predictor import Predictor
-    from dermlens.serve.batch import collect_inputs, run_batch
+    from dermlens.predict.folder import collect_inputs, run_batch
 
     folder = tmp / "predict_images"
     folder.mkdir()

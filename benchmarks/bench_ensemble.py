@@ -62,7 +62,7 @@ def replicated_ensemble(bundle: Path, k: int, out: Path, calib: np.ndarray) -> P
     from dermlens.export.quantize import quantize_int8
     from dermlens.export.stage import export_config
     from dermlens.metadata import META_DIM
-    from dermlens.model.ensemble import EnsembleNet
+    from dermlens.model.ensemble_net import EnsembleNet
 
     loaded = load_checkpoint(bundle / TORCH_WEIGHTS)
     import torch

@@ -24,8 +24,8 @@ def main() -> None:
 
     from dermlens.infer.predictor import Predictor
     from dermlens.infer.session import cpu_count
-    from dermlens.serve.batch import collect_inputs, run_batch
-    from dermlens.serve.ray_batch import connect, run_ray
+    from dermlens.predict.folder import collect_inputs, run_batch
+    from dermlens.predict.ray import connect, run_ray
     from dermlens.settings import cpu_name, data_root
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

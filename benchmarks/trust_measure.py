@@ -30,7 +30,7 @@ from dermlens.settings import data_root
 from dermlens.trust import cam as cam_measure
 from dermlens.trust import ood, probes, selective
 from dermlens.trust.calibration import nll
-from dermlens.trust.fit import coarse_from_fine, fit_trust, fit_tta, trust_config
+from dermlens.trust.outputs import coarse_from_fine, fit_trust, fit_tta, trust_config
 
 OUTPUTS = ("fine_logits", "coarse_logits", "embedding", "feature_map")
 

@@ -103,7 +103,7 @@ def test_precedence_packaged_then_file_then_overrides(tmp_path: Path, monkeypatc
     from dermlens.evaluate import EvaluateConfig
     from dermlens.serve.settings import load_settings
     from dermlens.train.config import load_config
-    from dermlens.trust.fit import trust_config
+    from dermlens.trust.outputs import trust_config
 
     user = _yaml(tmp_path, "train.yaml", {"trainer": {"max_epochs": 5}, "optim": {"lr": "2e-4"}})
     assert load_config()["trainer"]["max_epochs"] == config.packaged("train")["trainer"]["max_epochs"]

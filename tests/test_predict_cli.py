@@ -161,7 +161,7 @@ def test_no_images_is_a_usage_error(tmp_path: Path) -> None:
 def test_interrupt_keeps_finished_rows(image_folder: Path, tmp_path: Path) -> None:
     """Ctrl-C after the first batch: that batch's rows are on disk and the run says it was interrupted."""
     from dermlens.infer.predictor import Predictor
-    from dermlens.serve.batch import collect_inputs, run_batch
+    from dermlens.predict.folder import collect_inputs, run_batch
 
     items, _ = collect_inputs([image_folder])
     seen = []

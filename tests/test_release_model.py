@@ -74,7 +74,7 @@ def test_card_records_lineage_and_refuses_foreign_metrics(tmp_path: Path) -> Non
 
 @pytest.mark.parametrize("metadata", [True, False], ids=["with_metadata", "no_metadata"])
 def test_runtime_reaches_recorded_val_accuracy(ham_manifest, metadata: bool) -> None:
-    from dermlens.evaluate.inputs import predict_rows
+    from dermlens.evaluate.sources import predict_rows
     from dermlens.infer.predictor import Predictor
 
     card = read_card(bundle_dir())

@@ -104,8 +104,8 @@ def test_ensemble_bundle_is_the_mean_of_its_members(build: dict) -> None:
     from dermlens.data.manifest import read_manifest
     from dermlens.export.checkpoint import find_checkpoint, load_checkpoint
     from dermlens.export.graph import export_onnx
-    from dermlens.infer.inputs import encode_meta
     from dermlens.infer.predictor import Predictor
+    from dermlens.infer.prepare import encode_meta
     from dermlens.infer.session import OUTPUTS, OnnxModel
     from dermlens.preprocess import load_rgb
 
@@ -144,9 +144,9 @@ def test_stacking_fits_on_out_of_fold_predictions(build: dict) -> None:
 
     from dermlens.data.manifest import read_manifest
     from dermlens.export.splits import load_split
-    from dermlens.pipeline.ensemble import build_ensemble_model
+    from dermlens.pipeline.ensemble_bundle import build_ensemble_model
     from dermlens.pipeline.release_build import load_build_recipe
-    from dermlens.train.ensemble import fit_stacker, out_of_fold, plan_members
+    from dermlens.train.members import fit_stacker, out_of_fold, plan_members
 
     recipe = load_build_recipe(build["recipe"])["ensemble"]
     members = plan_members(recipe)
@@ -270,7 +270,7 @@ def test_release_build_resumes_and_never_retrains(build: dict) -> None:
 def test_ensemble_of_given_runs_trains_nothing(build: dict, tmp_path: Path) -> None:
     """`run:` members (already-trained runs) are combined as they are: no checkpoint is written or changed."""
     from dermlens.config import ConfigError
-    from dermlens.train.ensemble import plan_members
+    from dermlens.train.members import plan_members
 
     run = build["out"] / "ensemble" / "members" / "lite0-fold0"
     ckpts = {p: p.stat().st_mtime_ns for p in build["out"].rglob("*.ckpt")}

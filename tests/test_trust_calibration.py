@@ -14,7 +14,7 @@ from dermlens.infer.state import TrustState
 from dermlens.infer.tta import VIEWS, average_probs, tta_views
 from dermlens.metrics import aurc, ece, risk_coverage
 from dermlens.trust.calibration import fit_temperature, fit_temperature_tta, nll
-from dermlens.trust.fit import coarse_from_fine, fit_trust
+from dermlens.trust.outputs import coarse_from_fine, fit_trust
 from dermlens.trust.selective import confidence_for_coverage
 
 

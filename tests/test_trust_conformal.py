@@ -14,7 +14,7 @@ from bundles import bundle_dir
 from dermlens.evaluate import EvaluateConfig
 from dermlens.evaluate.audit import age_band, holm, subgroup_audit
 from dermlens.preprocess import load_rgb
-from dermlens.trust import clinical, conformal
+from dermlens.trust import conformal, photo_views
 
 ALPHA_TOL_Z = 3.0
 pytestmark = pytest.mark.slow  # scores ~560 real test images twice (~1 min on 2 cores)
@@ -97,7 +97,7 @@ def test_mondrian_sets_match_crepes(scored) -> None:
 
 
 def test_conditions_use_their_own_calibration(predictor, scored, test_rows: pd.DataFrame) -> None:
-    from dermlens.infer.inputs import encode_meta
+    from dermlens.infer.prepare import encode_meta
 
     st = predictor.trust
     assert set(st.calibration) == {"meta", "no_meta"}
@@ -165,7 +165,7 @@ def test_refer_reasons_fire_for_their_cause(predictor, scored, test_rows: pd.Dat
     assert REFER_MESSAGES["ood"] in photo.refer_reason
 
     small = np.stack([predictor.prep.resize(load_rgb(p)) for p in test_rows["image_path"][:40]])
-    views = clinical.clinical_views(small, seed=4242, family="zoom_out")
+    views = photo_views.clinical_views(small, seed=4242, family="zoom_out")
     res = [predictor.predict_image(v) for v in views]
     flagged = np.mean(["not_dermoscopy" in x.refer_codes for x in res])
     assert flagged >= 0.9, flagged
@@ -183,7 +183,9 @@ def test_api_returns_set_and_reason_codes(predictor, test_rows: pd.DataFrame, tm
 
     settings = load_settings(records={"url": f"sqlite:///{tmp_path / 'r.db'}"})
     path = test_rows["image_path"][0]
-    view = clinical.clinical_views(predictor.prep.resize(load_rgb(path))[None], seed=7, family="zoom_out")[0]
+    view = photo_views.clinical_views(predictor.prep.resize(load_rgb(path))[None], seed=7, family="zoom_out")[
+        0
+    ]
     jpg = tmp_path / "view.jpg"
     Image.fromarray(view).save(jpg)
     with TestClient(create_app(settings, predictor=predictor), base_url="http://127.0.0.1") as c:

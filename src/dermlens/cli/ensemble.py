@@ -27,8 +27,8 @@ def ensemble(
     from dermlens.cli.research import echo, run_or_exit
 
     def go() -> dict:
-        from dermlens.pipeline.ensemble import build_ensemble
-        from dermlens.train.ensemble import load_recipe
+        from dermlens.pipeline.ensemble_bundle import build_ensemble
+        from dermlens.train.members import load_recipe
 
         over: dict = {
             k: v for k, v in {"out": out, "combine": combine, "folds": folds}.items() if v is not None

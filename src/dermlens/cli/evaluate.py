@@ -186,8 +186,8 @@ def _expected_errors() -> tuple[type[Exception], ...]:
     import yaml
 
     from dermlens.bundle import BundleError
-    from dermlens.evaluate.inputs import EvaluationInputError
     from dermlens.evaluate.isic_csv import PredictionFileError
+    from dermlens.evaluate.sources import EvaluationInputError
     from dermlens.preprocess import ImageDecodeError
 
     expected: tuple[type[Exception], ...] = (
@@ -220,7 +220,7 @@ def external(
 ) -> None:
     """External validity on ISIC 2017: melanoma-vs-rest AUC and 3 classes (mel, SK->bkl, nevus->nv)."""
     from dermlens.evaluate.external import score_isic2017
-    from dermlens.evaluate.inputs import EvaluationInputError
+    from dermlens.evaluate.sources import EvaluationInputError
 
     try:
         scores, path = score_isic2017(manifest, out, split, model, n_bootstrap, metadata)

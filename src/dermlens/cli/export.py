@@ -44,7 +44,7 @@ def export(
     from dermlens.export.checkpoint import find_checkpoint
     from dermlens.export.stage import export_config
     from dermlens.pipeline.bundle import build_bundle
-    from dermlens.trust.refit import RefitError
+    from dermlens.trust.shift import RefitError
 
     if (run is None) == (checkpoint is None):
         typer.echo("error: give exactly one of --run RUN_DIR or --checkpoint CKPT", err=True)

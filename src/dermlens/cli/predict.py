@@ -85,7 +85,7 @@ def predict(
     from dermlens import DISCLAIMER
     from dermlens.bundle import BundleError
     from dermlens.infer.predictor import Predictor
-    from dermlens.serve.batch import (
+    from dermlens.predict.folder import (
         BatchInputError,
         apply_dicom_meta,
         collect_inputs,
@@ -196,7 +196,7 @@ def _finish(err, written: tuple[Path | None, ...], failures: list, interrupted: 
 
 def _checked_meta(age: str | None, sex: str | None, site: str | None) -> tuple:
     """--age/--sex/--site through the API's own parser: bad values stop the run (exit 2), never ignored."""
-    from dermlens.serve.inputs import InputError, parse_age, parse_sex, parse_site
+    from dermlens.predict.fields import InputError, parse_age, parse_sex, parse_site
 
     try:
         return parse_age(age), parse_sex(sex), parse_site(site)
@@ -238,9 +238,9 @@ class _SrWriter:
 
     def write(self, rows: list[dict]) -> None:
         from dermlens.dicom import is_dicom_file, read_dataset
+        from dermlens.predict.folder import Failure
+        from dermlens.predict.sr import SrPrediction, write_sr
         from dermlens.preprocess import ImageDecodeError
-        from dermlens.serve.batch import Failure
-        from dermlens.serve.dicom_sr import SrPrediction, write_sr
 
         p = self.predictor
         for r in rows:
@@ -277,8 +277,8 @@ class _SrWriter:
 
 def _predict_on_ray(err, predictor, items, failures, address, out, isic_csv, batch_size, tta) -> None:
     """`dermlens predict --ray`: the same rows from Ray Data, written ordered by image id."""
-    from dermlens.serve.batch import BatchInputError
-    from dermlens.serve.ray_batch import RayUnavailable, run_ray
+    from dermlens.predict.folder import BatchInputError
+    from dermlens.predict.ray import RayUnavailable, run_ray
 
     if out is None and isic_csv is None:
         _echo_err("error: --ray writes CSV files: give --out and/or --isic-csv")

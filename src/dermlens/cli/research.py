@@ -17,8 +17,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from dermlens.train.config import ConfigError
     from dermlens.train.datamodule import DataSetupError
     from dermlens.train.distill import DistillError
-    from dermlens.train.ensemble import EnsembleError
     from dermlens.train.folds import FoldError
+    from dermlens.train.members import EnsembleError
 
     return (
         ConfigError,

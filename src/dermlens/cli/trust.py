@@ -56,9 +56,9 @@ def fit(
     not-dermoscopy head and the refer thresholds into BUNDLE/trust.npz and card.json (a few minutes)."""
     from dermlens.bundle import BundleError
     from dermlens.data.manifest import DataError
-    from dermlens.trust.clinical_probe import cpu_name
-    from dermlens.trust.fit import trust_config
-    from dermlens.trust.refit import RefitError, refit_bundle
+    from dermlens.trust.not_dermoscopy import cpu_name
+    from dermlens.trust.outputs import trust_config
+    from dermlens.trust.shift import RefitError, refit_bundle
 
     try:
         cfg = trust_config(config, overrides)
@@ -91,8 +91,8 @@ def probe(
     """Not-dermoscopy refusal on the PROXY probe: near-OOD AUROC and the in-distribution refusal rate."""
     from dermlens.bundle import BundleError, release_dir
     from dermlens.data.manifest import DataError
-    from dermlens.trust.clinical_probe import measure_not_dermoscopy
-    from dermlens.trust.refit import RefitError
+    from dermlens.trust.not_dermoscopy import measure_not_dermoscopy
+    from dermlens.trust.shift import RefitError
 
     try:
         res = measure_not_dermoscopy(

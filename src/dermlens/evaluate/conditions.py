@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from dermlens.evaluate.audit import coverage_with_ci, ece_with_ci, subgroup_audit
-from dermlens.evaluate.inputs import EvalInputs, external_rows, predict_rows
+from dermlens.evaluate.sources import EvalInputs, external_rows, predict_rows
 from dermlens.settings import cpu_name
 
 EXTERNAL_NOTE = (

@@ -11,7 +11,7 @@ from sklearn.metrics import balanced_accuracy_score, confusion_matrix, roc_auc_s
 
 from dermlens import DISCLAIMER
 from dermlens.evaluate.bootstrap import bootstrap
-from dermlens.evaluate.inputs import EvaluationInputError, predict_rows
+from dermlens.evaluate.sources import EvaluationInputError, predict_rows
 from dermlens.settings import machine
 
 ISIC2017_CLASSES: tuple[str, ...] = ("mel", "bkl", "nv")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from dermlens.evaluate import EvaluateConfig, evaluate_arrays, json_safe
 from dermlens.evaluate.conditions import trust_block
-from dermlens.evaluate.inputs import EvalInputs, EvaluationInputError, from_csv, from_model, note
 from dermlens.evaluate.report import ReportInputs, worst_misclassifications, write_outputs
+from dermlens.evaluate.sources import EvalInputs, EvaluationInputError, from_csv, from_model, note
 
 
 @dataclass

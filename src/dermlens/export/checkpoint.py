@@ -98,7 +98,7 @@ def load_checkpoint(path: str | Path) -> LoadedModel:
 
 def build_model(model_cfg: dict[str, Any], n_fine: int) -> nn.Module:
     """An untrained DermNet, or an EnsembleNet when the config describes one (weights loaded afterwards)."""
-    from dermlens.model.ensemble import build_ensemble, is_ensemble
+    from dermlens.model.ensemble_net import build_ensemble, is_ensemble
 
     if is_ensemble(model_cfg):
         return build_ensemble(model_cfg, n_fine)

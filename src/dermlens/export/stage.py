@@ -1,6 +1,6 @@
 """The export stage: checkpoint + prepared data -> bundle folder (model.onnx, model.int8.onnx, model.pt and
 card.json with the val metrics of both precisions, parity and lineage). Trust statistics come next, from
-dermlens.trust.bundle_fit on the precision that will be served; dermlens.pipeline.bundle runs both."""
+dermlens.trust.exported on the precision that will be served; dermlens.pipeline.bundle runs both."""
 
 from __future__ import annotations
 
@@ -85,7 +85,7 @@ def export_bundle(
     model.int8.onnx, model.pt and card.json in `out_dir` (no trust.npz yet)."""
     import onnxruntime as ort
 
-    from dermlens.model.ensemble import describe, is_ensemble
+    from dermlens.model.ensemble_net import describe, is_ensemble
 
     cfg = cfg or export_config()
     out = Path(out_dir)

@@ -17,7 +17,7 @@ import numpy as np
 from dermlens.bundle import TRUST, BundleError, ModelCard, read_card, release_dir
 from dermlens.infer.calibration import softmax
 from dermlens.infer.cam import cam, overlay_png
-from dermlens.infer.inputs import encode_meta, meta_given, prepare
+from dermlens.infer.prepare import encode_meta, meta_given, prepare
 from dermlens.infer.refer import refer_message
 from dermlens.infer.session import PRECISIONS, OnnxModel, card_precision, default_precision
 from dermlens.infer.state import TrustState

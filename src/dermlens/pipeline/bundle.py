@@ -8,7 +8,7 @@ from typing import Any
 
 from dermlens.export.checkpoint import LoadedModel
 from dermlens.export.stage import export_bundle, export_config
-from dermlens.trust.bundle_fit import fit_exported
+from dermlens.trust.exported import fit_exported
 
 
 def build_bundle(

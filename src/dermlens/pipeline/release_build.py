@@ -16,10 +16,10 @@ from typing import Any
 
 from dermlens import config as configuration
 from dermlens.pipeline.bundle import build_bundle
-from dermlens.pipeline.ensemble import build_ensemble
+from dermlens.pipeline.ensemble_bundle import build_ensemble
 from dermlens.settings import cpu_name
 from dermlens.train.config import ConfigError
-from dermlens.train.ensemble import (
+from dermlens.train.members import (
     config_hash,
     finished,
     train_members,

@@ -15,14 +15,14 @@ from fastapi import Request, UploadFile
 from dermlens import DISCLAIMER, __version__
 from dermlens.data.taxonomy import FINE_NAMES, SEXES, SITES, coarse_label
 from dermlens.dicom import DicomError, is_dicom_bytes, merge_meta, read_dataset, read_meta
+from dermlens.predict.fields import InputError, quote
+from dermlens.predict.fields import parse_age as _parse_age
+from dermlens.predict.fields import parse_sex as _parse_sex
+from dermlens.predict.fields import parse_site as _parse_site
 from dermlens.preprocess import ImageDecodeError, load_rgb, probe
 from dermlens.serve import schemas
 from dermlens.serve.batching import DynamicBatcher, QueueFull
 from dermlens.serve.errors import ApiError, busy, decode_error
-from dermlens.serve.inputs import InputError, quote
-from dermlens.serve.inputs import parse_age as _parse_age
-from dermlens.serve.inputs import parse_sex as _parse_sex
-from dermlens.serve.inputs import parse_site as _parse_site
 from dermlens.serve.records import NewRecord, RecordStore, RecordsUnavailable
 from dermlens.serve.settings import ServeSettings
 
@@ -67,7 +67,7 @@ def _dicom_call(fn: Any, *args: Any) -> Any:
 
 def dicom_sr_payload(up: "Upload", r: Any, card: Any, site: str | None) -> str:
     """The prediction as a DICOM Structured Report referencing the uploaded DICOM image (base64)."""
-    from dermlens.serve.dicom_sr import SrPrediction, sr_bytes
+    from dermlens.predict.sr import SrPrediction, sr_bytes
 
     pred = SrPrediction(
         fine=r.fine,

@@ -27,8 +27,8 @@ from dermlens.infer.state import TrustState
 from dermlens.metadata import encode_metadata, encode_rows
 from dermlens.metrics import auroc, balanced_accuracy, ece
 from dermlens.preprocess import Preprocessing
-from dermlens.trust import clinical, conformal, scaling
-from dermlens.trust.fit import _cfg, _min_confidence
+from dermlens.trust import conformal, photo_views, scaling
+from dermlens.trust.outputs import _cfg, _min_confidence
 
 
 @dataclass
@@ -185,11 +185,13 @@ def fit_not_dermoscopy(
     emb_in = np.concatenate(
         [
             run(train.images, zeros)["embedding"],
-            run(run.views(clinical.dermoscopy_jitter(jitter, seed + 1)), no_meta(len(jitter)))["embedding"],
+            run(run.views(photo_views.dermoscopy_jitter(jitter, seed + 1)), no_meta(len(jitter)))[
+                "embedding"
+            ],
         ]
     )
-    emb_out = run(run.views(clinical.clinical_views(train.images, seed)), zeros)["embedding"]
-    w, b = clinical.fit_head(emb_in, emb_out, float(cfg.get("C", 0.1)))
+    emb_out = run(run.views(photo_views.clinical_views(train.images, seed)), zeros)["embedding"]
+    w, b = photo_views.fit_head(emb_in, emb_out, float(cfg.get("C", 0.1)))
     val_scores = not_dermoscopy_score(val_emb, w, b)
     keep = float(cfg.get("keep_rate", 0.98))
     threshold = float(np.quantile(val_scores, keep, method="higher"))

@@ -1,6 +1,6 @@
 """Trust fitting of a freshly exported bundle, on the precision that will be served: temperatures (single
 view and TTA), OOD statistics and thresholds, the refer threshold and CAM weights into trust.npz and the
-card; then (optionally) the shift-aware parts (dermlens.trust.refit)."""
+card; then (optionally) the shift-aware parts (dermlens.trust.shift)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from dermlens.export.stage import Exported
 from dermlens.infer.session import PRECISIONS, OnnxModel, default_precision
 from dermlens.infer.tta import view_logits
 from dermlens.metrics import classification_metrics
-from dermlens.trust.fit import fit_trust, trust_config
-from dermlens.trust.refit import refit_bundle, save_into_bundle
+from dermlens.trust.outputs import fit_trust, trust_config
+from dermlens.trust.shift import refit_bundle, save_into_bundle
 
 
 def fit_exported(

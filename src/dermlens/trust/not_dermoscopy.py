@@ -18,9 +18,9 @@ from dermlens.infer.ood import not_dermoscopy_score
 from dermlens.infer.state import TrustState
 from dermlens.metrics import auroc
 from dermlens.settings import cpu_name
-from dermlens.trust import clinical, probes
-from dermlens.trust.fit import _cfg
-from dermlens.trust.refit import Runner, load_rows, no_meta
+from dermlens.trust import photo_views, probes
+from dermlens.trust.outputs import _cfg
+from dermlens.trust.shift import Runner, load_rows, no_meta
 
 PROBE_SEED = 777  # views of the probe: never the head's training seed
 
@@ -59,8 +59,8 @@ def measure_not_dermoscopy(
     ind = _rates(state, test_out)
     log(f"scored {ind['n']} in-distribution test images")
     probe: dict[str, np.ndarray] = {
-        f"test_{fam}": run.views(clinical.clinical_views(test.images, PROBE_SEED + i, fam))
-        for i, fam in enumerate(clinical.FAMILIES)
+        f"test_{fam}": run.views(photo_views.clinical_views(test.images, PROBE_SEED + i, fam))
+        for i, fam in enumerate(photo_views.FAMILIES)
     }
     probe.update(probes.probe_sets(run.prep, ("skimage_photos", "skimage_crops")))
     sets: dict[str, Any] = {}
@@ -101,7 +101,7 @@ def measure_not_dermoscopy(
         result["external_dermoscopy_test"] = {k: v for k, v in r.items() if not k.endswith("_score")}
         result["external_test"] = trust_figures(state, ext, {"no_meta": ext_out}, classes)
         log(f"external test: {r['refused_not_dermoscopy']:.3f} refused as not dermoscopy")
-    views = {fam: embeddings[f"test_{fam}"] for fam in clinical.FAMILIES}
+    views = {fam: embeddings[f"test_{fam}"] for fam in photo_views.FAMILIES}
     result["leave_one_family_out"] = _lofo(run, manifest, classes, test_out["embedding"], views, lofo_train)
     return result
 
@@ -148,13 +148,13 @@ def _lofo(
     z = no_meta(len(train.labels))
     emb_in = run(train.images, z)["embedding"]
     out = {}
-    for i, fam in enumerate(clinical.FAMILIES):
-        emb_out = run(run.views(clinical.clinical_views(train.images, 100 + i, fam)), z)["embedding"]
-        w, b = clinical.fit_head(emb_in, emb_out, float(cfg.get("C", 0.1)))
+    for i, fam in enumerate(photo_views.FAMILIES):
+        emb_out = run(run.views(photo_views.clinical_views(train.images, 100 + i, fam)), z)["embedding"]
+        w, b = photo_views.fit_head(emb_in, emb_out, float(cfg.get("C", 0.1)))
         s_in = not_dermoscopy_score(test_in, w, b)
         out[f"trained_on_{fam}"] = {
             f"auroc_{other}": auroc(s_in, not_dermoscopy_score(test_emb[other], w, b))
-            for other in clinical.FAMILIES
+            for other in photo_views.FAMILIES
         }
     out["train_images"] = int(len(train.labels))
     return out

@@ -9,9 +9,9 @@ from typing import Any
 
 from dermlens.export.checkpoint import LoadedModel, find_checkpoint, load_checkpoint
 from dermlens.export.stage import export_config
-from dermlens.model.ensemble import EnsembleNet
+from dermlens.model.ensemble_net import EnsembleNet
 from dermlens.pipeline.bundle import build_bundle
-from dermlens.train.ensemble import (
+from dermlens.train.members import (
     EnsembleError,
     Log,
     Member,

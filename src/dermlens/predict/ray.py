@@ -26,7 +26,7 @@ from dermlens.errors import RayUnavailable  # noqa: F401 (re-exported)
 from dermlens.extras import install_hint
 from dermlens.infer.predictor import Predictor
 from dermlens.infer.session import PRECISIONS, cpu_count
-from dermlens.serve.batch import (
+from dermlens.predict.folder import (
     BatchInputError,
     BatchSummary,
     Failure,

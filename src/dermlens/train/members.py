@@ -1,6 +1,6 @@
 """Ensembles: train k members on the manifest's grouped folds (and/or several architectures), combine them
 by averaging or by a stacked logistic regression fitted on out-of-fold predictions (exported as ONE bundle
-by dermlens.pipeline.ensemble).
+by dermlens.pipeline.ensemble_bundle).
 
 Every member is an ordinary `dermlens train` run (resumes from last.ckpt; a finished member, marked by
 the engine's finished.json, is never retrained). The combined network is model.ensemble.EnsembleNet,
