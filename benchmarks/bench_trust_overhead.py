@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 
 from dermlens.infer.cam import cam, overlay_png, upsample
-from dermlens.infer.refer import refer_decision
 from dermlens.infer.state import TrustState
 
 
@@ -61,8 +60,7 @@ def main() -> None:
             f"ood {m}": _ms(lambda m=m: state.score(m, logits, emb), a.n)
             for m in ("msp", "energy", "mahalanobis", "knn")
         },
-        "assess (probs + default OOD + refer)": _ms(lambda: state.assess(logits, logits[:, :2], emb), a.n),
-        "refer_decision": _ms(lambda: refer_decision(logits, logits[:, 0], state), a.n),
+        "decide (calibration, OOD, sets, the refer rule)": _ms(lambda: state.decide(logits, emb), a.n),
         "cam [5x7]": _ms(lambda: cam(fmap, state.cam_weight, 0), 1),
         "cam upsample to 450x600": _ms(lambda: upsample(cam(fmap, state.cam_weight, 0), (450, 600)), 1),
         "overlay PNG 450x600": _ms(lambda: overlay_png(rgb, cam(fmap, state.cam_weight, 0)), 1),

@@ -21,7 +21,6 @@ from dermlens.bundle import TRUST, read_card
 from dermlens.infer import cam as camlib
 from dermlens.infer import tta
 from dermlens.infer.calibration import mean_softmax, softmax
-from dermlens.infer.refer import refer_decision
 from dermlens.infer.state import TrustState
 from dermlens.metadata import encode_metadata, encode_rows
 from dermlens.metrics import aurc, auroc, balanced_accuracy, ece, reliability, risk_coverage
@@ -378,9 +377,7 @@ def measure(
     }
     p_test = softmax(outs["test"]["fine_logits"], state.temperature_fine)
     _, risk = risk_coverage(p_test, lab["test"])
-    refer = refer_decision(
-        p_test, state.ood_score(outs["test"]["fine_logits"], outs["test"]["embedding"]), state
-    )
+    refer = state.decide(outs["test"]["fine_logits"], outs["test"]["embedding"], probs=p_test)["refer"]
     report["selective_test"] = {
         "aurc": aurc(p_test, lab["test"]),
         "min_confidence": state.min_confidence,

@@ -9,7 +9,7 @@ import pytest
 
 from _ham import ham_reference
 from dermlens.infer.calibration import mean_softmax, softmax
-from dermlens.infer.refer import refer_decision
+from dermlens.infer.refer import refer_codes
 from dermlens.infer.state import TrustState
 from dermlens.infer.tta import VIEWS, average_probs, tta_views
 from dermlens.metrics import aurc, ece, risk_coverage
@@ -87,7 +87,7 @@ def test_fit_trust_state_round_trip_and_card(real_logits: dict[str, np.ndarray],
     assert np.allclose(back.precision, state.precision, rtol=1e-4, atol=1e-3)
     assert np.array_equal(back.precision, back.precision.T)
     assert back.cam_weight.shape == (7, cam_w.shape[1])
-    ev = back.assess(real_logits["eval"], None, real_logits["eval_emb"])
+    ev = back.decide(real_logits["eval"], real_logits["eval_emb"])
     assert ev["probs"].shape == (len(real_logits["eval"]), 7) and ev["refer"].dtype == bool
     card = state.card_fields()
     assert {"method", "threshold", "val_keep_rate"} <= set(card)
@@ -102,8 +102,10 @@ def test_risk_coverage_and_refer_rule() -> None:
     assert np.allclose(risk, [0.0, 0.5, 1 / 3, 0.5])
     assert aurc(probs, labels) == pytest.approx(np.mean([0.0, 0.5, 1 / 3, 0.5]))
     state = TrustState(ood_threshold=1.0, min_confidence=confidence_for_coverage(probs, 0.75))
-    refer = refer_decision(probs, np.array([0.0, 2.0, 0.0, 0.0]), state)
-    assert refer.tolist() == [False, True, False, True]
+    ood_score = np.array([0.0, 2.0, 0.0, 0.0])
+    flags = {"ood": ood_score > state.ood_threshold, "low_confidence": probs.max(1) < state.min_confidence}
+    assert (flags["ood"] | flags["low_confidence"]).tolist() == [False, True, False, True]
+    assert refer_codes(flags) == [[], ["ood"], [], ["low_confidence"]]
 
 
 def test_tta_views_keep_shape_and_invert() -> None:

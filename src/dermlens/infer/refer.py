@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
-
-if TYPE_CHECKING:
-    from dermlens.infer.state import TrustState
-
 
 # Machine-readable refer reasons, in the order they are reported, with the plain-words explanation.
 REFER_MESSAGES: dict[str, str] = {
@@ -39,10 +33,3 @@ def refer_codes(flags: dict[str, np.ndarray]) -> list[list[str]]:
 def refer_message(codes: list[str]) -> str | None:
     """The reasons in plain words, joined; None when there is none."""
     return "; ".join(REFER_MESSAGES[c] for c in codes) or None
-
-
-def refer_decision(probs: np.ndarray, ood_score: np.ndarray, state: TrustState) -> np.ndarray:
-    """True where the image should go to a clinician: OOD score above threshold or top probability too low."""
-    conf = np.asarray(probs, dtype=np.float64).max(axis=1)
-    ood = np.asarray(ood_score, dtype=np.float64) > state.ood_threshold
-    return ood | (conf < state.min_confidence)

@@ -23,7 +23,7 @@ from dermlens.infer.ood import (
     msp_score,
     not_dermoscopy_score,
 )
-from dermlens.infer.refer import RULE, refer_codes, refer_decision
+from dermlens.infer.refer import RULE, refer_codes
 
 STATE_VERSION = 1
 
@@ -161,24 +161,6 @@ class TrustState:
     def ood_score(self, fine_logits: np.ndarray, embedding: np.ndarray | None = None) -> np.ndarray:
         """Score of the default method."""
         return self.score(self.ood_method, fine_logits, embedding)
-
-    def assess(
-        self,
-        fine_logits: np.ndarray,
-        coarse_logits: np.ndarray | None = None,
-        embedding: np.ndarray | None = None,
-    ) -> dict[str, np.ndarray]:
-        """Calibrated probabilities, OOD score/flag and the refer decision for a batch of model outputs."""
-        probs = softmax(fine_logits, self.temperature_fine)
-        out: dict[str, np.ndarray] = {"probs": probs}
-        if coarse_logits is not None:
-            out["coarse_probs"] = softmax(coarse_logits, self.temperature_coarse)
-        score = self.ood_score(fine_logits, embedding)
-        out["ood_score"] = score
-        out["ood"] = score > self.ood_threshold
-        out["low_confidence"] = probs.max(axis=1) < self.min_confidence
-        out["refer"] = refer_decision(probs, score, self)
-        return out
 
     # ---- card + file ---------------------------------------------------------------------------------
     def card_fields(self) -> dict[str, Any]:

@@ -12,7 +12,6 @@ from dermlens import config as configuration
 from dermlens.data.taxonomy import COARSE_CLASSES, FINE_CODES, coarse_label
 from dermlens.infer.calibration import softmax
 from dermlens.infer.ood import METHODS, l2_normalize
-from dermlens.infer.refer import refer_decision
 from dermlens.infer.state import TrustState
 from dermlens.metrics import ece
 from dermlens.trust import ood, selective
@@ -138,7 +137,7 @@ def fit_trust(
     state.val_keep_rate = float((val_scores <= state.ood_threshold).mean())
     probs = softmax(fine, t_fine)
     state.min_confidence, rule = _min_confidence(probs, labels, cfg["refer"])
-    refer = refer_decision(probs, val_scores, state)
+    refer = state.decide(fine, emb)["refer"]  # the one refer rule (trust/shift.py refits its other parts)
     info["refer"] = {"rule": rule, **selective.selective_summary(probs, labels, refer)}
     fit_tta(state, val, bounds)
     if cam_weight is not None:

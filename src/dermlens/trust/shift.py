@@ -27,7 +27,7 @@ from dermlens.infer.state import TrustState
 from dermlens.metadata import encode_metadata, encode_rows
 from dermlens.metrics import auroc, balanced_accuracy, ece
 from dermlens.preprocess import Preprocessing
-from dermlens.trust import conformal, photo_views, scaling
+from dermlens.trust import conformal, photo_views, scaling, selective
 from dermlens.trust.outputs import _cfg, _min_confidence
 
 
@@ -275,17 +275,18 @@ def refit_bundle(
             "val_no_meta": conformal.set_summary(sets_none, val.labels, classes),
         },
         "not_dermoscopy": nd_info,
-        "refer": {
-            "min_confidence": state.min_confidence,
-            "min_confidence_rule": rule,
-            "max_set_size": state.max_set_size,
-            "val_rates": {
-                k: float(np.mean(decided[k]))
-                for k in ("ood", "not_dermoscopy", "low_confidence", "set_too_large", "refer")
-            },
+    }
+    refer = {
+        "rule": rule,
+        "min_confidence": state.min_confidence,
+        "max_set_size": state.max_set_size,
+        **selective.selective_summary(p_meta, val.labels, decided["refer"]),
+        "val_rates": {
+            k: float(np.mean(decided[k]))
+            for k in ("ood", "not_dermoscopy", "low_confidence", "set_too_large", "refer")
         },
     }
-    state.info = {**state.info, "shift": report}
+    state.info = {**state.info, "refer": refer, "shift": report}
     save_into_bundle(bundle, state)
     log(f"wrote {bundle / TRUST} and card.json")
     return report
