@@ -161,12 +161,13 @@ def predict(
         except BatchInputError as e:
             _echo_err(f"error: {e}")
             raise typer.Exit(2) from None
-    for r in human:
-        flag = f"  REFER: {r['refer_reason']}" if r["refer"] else ""
+    for s in human:
+        r = s.prediction
+        flag = f"  REFER: {r.refer_reason}" if r.refer else ""
         typer.echo(
-            f"{r['path']}: {r['top']} {r['confidence']:.3f}  p_malignant {r['p_malignant']:.3f}  "
-            f"ood_score {r['ood_score']:.4g}"
-            + (f"  set {{{r['prediction_set'].replace('|', ', ')}}}" if r.get("prediction_set") else "")
+            f"{s.item.path}: {r.top_class} {r.confidence:.3f}  p_malignant {r.p_malignant:.3f}  "
+            f"ood_score {r.ood_score:.4g}"
+            + (f"  set {{{', '.join(r.prediction_set)}}}" if r.prediction_set else "")
             + flag
         )
     failures += summary.failures
@@ -219,7 +220,7 @@ def _on_rows(human: list | None, sr_writer: _SrWriter | None):
     if human is None and sr_writer is None:
         return None
 
-    def handle(rows: list[dict]) -> None:
+    def handle(rows: list) -> None:
         if human is not None:
             human.extend(rows)
         if sr_writer is not None:
@@ -236,36 +237,23 @@ class _SrWriter:
         self.meta = {str(it.path): it.meta or {} for it in items}
         self.written, self.skipped, self.failures = 0, 0, []
 
-    def write(self, rows: list[dict]) -> None:
+    def write(self, rows: list) -> None:
         from dermlens.dicom import is_dicom_file, read_dataset
         from dermlens.predict.folder import Failure
-        from dermlens.predict.sr import SrPrediction, write_sr
+        from dermlens.predict.sr import write_sr
         from dermlens.preprocess import ImageDecodeError
 
-        p = self.predictor
-        for r in rows:
-            if not is_dicom_file(r["path"]):
+        for s in rows:
+            path = str(s.item.path)
+            if not is_dicom_file(path):
                 self.skipped += 1
                 continue
-            pred = SrPrediction(
-                fine={c: float(v) for c, v in zip(p.classes, r["probs"], strict=True)},
-                top=r["top"],
-                confidence=r["confidence"],
-                p_malignant=r["p_malignant"],
-                ood_score=r["ood_score"],
-                ood=r["ood"],
-                refer=r["refer"],
-                refer_reason=r["refer_reason"] or None,
-                model_name=p.card.name,
-                model_version=p.version,
-                precision=p.precision,
-            )
             try:
-                source = read_dataset(r["path"], pixels=False)
-                write_sr(source, pred, self.out_dir, self.meta.get(r["path"], {}).get("site"))
+                source = read_dataset(path, pixels=False)
+                write_sr(source, s.prediction, self.out_dir, self.meta.get(path, {}).get("site"))
                 self.written += 1
             except ImageDecodeError as e:
-                self.failures.append(Failure(r["path"], f"no DICOM SR: {e}"))
+                self.failures.append(Failure(path, f"no DICOM SR: {e}"))
 
     def report(self, console) -> list:
         """Print what was written; return the SR failures."""

@@ -8,15 +8,16 @@ batch of decoded images, `predict_file` / `predict_bytes` score one image for pe
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from dermlens.bundle import TRUST, BundleError, ModelCard, read_card, release_dir
+from dermlens.data.taxonomy import FINE_NAMES
 from dermlens.infer.calibration import softmax
 from dermlens.infer.cam import cam, overlay_png
+from dermlens.infer.prediction import Prediction
 from dermlens.infer.prepare import encode_meta, meta_given, prepare
 from dermlens.infer.refer import refer_message
 from dermlens.infer.session import PRECISIONS, OnnxModel, card_precision, default_precision
@@ -26,50 +27,6 @@ from dermlens.metadata import META_DIM
 from dermlens.preprocess import DEFAULT_MAX_PIXELS, Preprocessing, load_rgb
 
 CAM_MAX_SIDE = 600  # longest side of the CAM overlay PNG
-
-
-@dataclass
-class PredictResult:
-    """One image's prediction, ready for JSON (bytes aside)."""
-
-    fine: dict[str, float]
-    coarse: dict[str, float]
-    top: str
-    confidence: float
-    p_malignant: float
-    ood_score: float
-    ood: bool
-    refer: bool
-    refer_reason: str | None
-    model_version: str
-    precision: str
-    timing_ms: dict[str, float] = field(default_factory=dict)
-    refer_codes: list[str] = field(default_factory=list)  # machine-readable: ood, not_dermoscopy, ...
-    prediction_set: list[str] | None = None  # conformal set, most probable first; None if not fitted
-    set_coverage: float | None = None  # the set's target coverage (1 - alpha)
-    not_dermoscopy: bool = False
-    not_dermoscopy_score: float | None = None
-    calibration_condition: str = "meta"  # "meta" (age/sex/site given) or "no_meta"
-    image_size: tuple[int, int] | None = None  # (width, height) of the decoded input
-    cam_png: bytes | None = None
-
-    def to_dict(self, include_cam: bool = False) -> dict[str, Any]:
-        """Plain dict; the CAM PNG only when asked (it is binary)."""
-        d = asdict(self)
-        if not include_cam:
-            d.pop("cam_png")
-        return d
-
-
-def refer_reasons(
-    ood: np.ndarray, low_confidence: np.ndarray, codes: list[list[str]] | None = None
-) -> list[str | None]:
-    """Plain-words reason per image for the refer flag (from the reason codes when given), None when not
-    referred."""
-    if codes is None:
-        flags = {"ood": np.asarray(ood, bool), "low_confidence": np.asarray(low_confidence, bool)}
-        codes = [[k for k, f in flags.items() if f[i]] for i in range(len(flags["ood"]))]
-    return [refer_message(c) for c in codes]
 
 
 def set_labels(
@@ -226,8 +183,8 @@ class Predictor:
     # ---- one image ---------------------------------------------------------------------------------------
     def predict_image(
         self, rgb: np.ndarray, meta: dict[str, Any] | None = None, cam: bool = False, tta: bool | None = None
-    ) -> PredictResult:
-        """One decoded RGB uint8 image -> PredictResult (with a CAM overlay PNG when cam=True)."""
+    ) -> Prediction:
+        """One decoded RGB uint8 image -> Prediction (with a CAM overlay PNG when cam=True)."""
         t0 = time.perf_counter()
         r = self.predict_arrays([rgb], [meta], cam=cam, tta=tta)
         t1 = time.perf_counter()
@@ -244,33 +201,39 @@ class Predictor:
         size: tuple[int, int] | None,
         timing: dict[str, float],
         cam_png: bytes | None = None,
-    ) -> PredictResult:
-        """Image `i` of a predict_arrays() result as a PredictResult (size: the input's width, height)."""
-        top = int(r["top"][i])
+    ) -> Prediction:
+        """Image `i` of a predict_arrays() result as a Prediction (size: the input's width, height)."""
+        top = self.classes[int(r["top"][i])]
         nd = r["not_dermoscopy_score"]
         alpha = self.trust.conformal_alpha
-        return PredictResult(
+        codes = list(r["refer_codes"][i])
+        return Prediction(
+            top_class=top,
+            top_class_name=FINE_NAMES.get(top, top),
+            confidence=float(r["confidence"][i]),
             fine={c: float(p) for c, p in zip(self.classes, r["probs"][i], strict=True)},
             coarse={c: float(p) for c, p in zip(self.coarse_classes, r["coarse_probs"][i], strict=True)},
-            top=self.classes[top],
-            confidence=float(r["confidence"][i]),
             p_malignant=float(r["malignant"][i]),
-            ood_score=float(r["ood_score"][i]),
-            ood=bool(r["ood"][i]),
-            refer=bool(r["refer"][i]),
-            refer_reason=refer_reasons(
-                r["ood"][i : i + 1], r["low_confidence"][i : i + 1], r["refer_codes"][i : i + 1]
+            prediction_set=set_labels(
+                None if r["prediction_sets"] is None else r["prediction_sets"][i : i + 1],
+                r["probs"][i : i + 1],
+                self.classes,
             )[0],
-            model_version=self.version,
-            precision=self.precision,
-            timing_ms=timing,
-            refer_codes=list(r["refer_codes"][i]),
-            prediction_set=set_labels(r["prediction_sets"], r["probs"], self.classes)[i],
             set_coverage=None if r["prediction_sets"] is None or alpha is None else 1.0 - alpha,
+            calibration_condition="meta" if r["has_meta"][i] else "no_meta",
+            refer=bool(r["refer"][i]),
+            refer_codes=codes,
+            refer_reason=refer_message(codes),
+            ood=bool(r["ood"][i]),
+            ood_score=float(r["ood_score"][i]),
             not_dermoscopy=bool(r["not_dermoscopy"][i]),
             not_dermoscopy_score=None if nd is None else float(nd[i]),
-            calibration_condition="meta" if r["has_meta"][i] else "no_meta",
-            image_size=size,
+            model_name=self.card.name,
+            model_version=self.version,
+            precision=self.precision,
+            image_width=None if size is None else int(size[0]),
+            image_height=None if size is None else int(size[1]),
+            timing_ms=timing,
             cam_png=cam_png,
         )
 
@@ -291,22 +254,38 @@ class Predictor:
         meta: dict[str, Any] | None = None,
         cam: bool = False,
         max_pixels: int = DEFAULT_MAX_PIXELS,
-    ) -> PredictResult:
-        """Encoded image bytes (JPEG/PNG/BMP/TIFF/WebP) -> PredictResult; raises ImageDecodeError."""
+    ) -> Prediction:
+        """Encoded image bytes (JPEG/PNG/BMP/TIFF/WebP) -> Prediction; raises ImageDecodeError."""
         t0 = time.perf_counter()
         rgb = load_rgb(data, max_pixels=max_pixels)
         decode = (time.perf_counter() - t0) * 1000.0
         res = self.predict_image(rgb, meta, cam)
-        res.timing_ms = {"decode": decode, **res.timing_ms, "total": (time.perf_counter() - t0) * 1000.0}
-        return res
+        timing = {"decode": decode, **res.timing_ms, "total": (time.perf_counter() - t0) * 1000.0}
+        return res.model_copy(update={"timing_ms": timing})
 
     def predict_file(
         self, path: str | Path, meta: dict[str, Any] | None = None, cam: bool = False
-    ) -> PredictResult:
-        """An image file -> PredictResult; raises ImageDecodeError naming the file."""
+    ) -> Prediction:
+        """An image file -> Prediction; raises ImageDecodeError naming the file."""
         t0 = time.perf_counter()
         rgb = load_rgb(path)
         decode = (time.perf_counter() - t0) * 1000.0
         res = self.predict_image(rgb, meta, cam)
-        res.timing_ms = {"decode": decode, **res.timing_ms, "total": (time.perf_counter() - t0) * 1000.0}
-        return res
+        timing = {"decode": decode, **res.timing_ms, "total": (time.perf_counter() - t0) * 1000.0}
+        return res.model_copy(update={"timing_ms": timing})
+
+    def predict(
+        self,
+        image: str | Path | bytes | np.ndarray,
+        age: float | None = None,
+        sex: str | None = None,
+        site: str | None = None,
+        cam: bool = False,
+    ) -> Prediction:
+        """One image (a path, encoded bytes or an RGB uint8 array) with optional age, sex and body site."""
+        meta = {"age": age, "sex": sex, "site": site}
+        if isinstance(image, np.ndarray):
+            return self.predict_image(image, meta, cam)
+        if isinstance(image, bytes):
+            return self.predict_bytes(image, meta, cam)
+        return self.predict_file(image, meta, cam)

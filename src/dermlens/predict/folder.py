@@ -16,7 +16,8 @@ import numpy as np
 
 from dermlens.data.taxonomy import HAM_CLASSES, ISIC2018_COLUMNS
 from dermlens.errors import BatchInputError  # noqa: F401 (re-exported)
-from dermlens.infer.predictor import Predictor, refer_reasons, set_labels
+from dermlens.infer.prediction import Prediction
+from dermlens.infer.predictor import Predictor
 from dermlens.infer.session import cpu_count
 from dermlens.preprocess import ImageDecodeError, find_image, image_suffixes, load_rgb
 
@@ -35,6 +36,14 @@ class Item:
     path: Path
     image_id: str
     meta: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Scored:
+    """An input with its prediction."""
+
+    item: Item
+    prediction: Prediction
 
 
 @dataclass
@@ -196,22 +205,27 @@ class RowWriter:
         self.fh.close()
 
 
-def prediction_header(classes: tuple[str, ...]) -> list[str]:
-    """Columns of the dermlens predictions CSV."""
-    return [
-        "image_id",
-        "path",
-        *(f"p_{c}" for c in classes),
-        "p_malignant",
-        "top",
-        "confidence",
-        "ood_score",
-        "ood",
-        "refer",
-        "refer_reason",
-        "prediction_set",
-        "refer_codes",
-    ]
+def prediction_header(predictor: Predictor) -> list[str]:
+    """Columns of the dermlens predictions CSV: the input, then every stored field of a Prediction."""
+    return ["image_id", "path", *Prediction.columns(predictor.classes, predictor.coarse_classes)]
+
+
+def csv_row(scored: Scored) -> list[str]:
+    """One CSV row of a scored image (numbers to 6 significant digits, booleans lower-case)."""
+    cells = [scored.item.image_id, str(scored.item.path)]
+    for value in scored.prediction.row().values():
+        if isinstance(value, bool):
+            cells.append(str(value).lower())
+        elif isinstance(value, float):
+            cells.append(_fmt(value))
+        else:
+            cells.append("" if value is None else str(value))
+    return cells
+
+
+def isic_row(scored: Scored) -> list[str]:
+    """One ISIC 2018 Task 3 row: the image id and the seven probabilities in ISIC column order."""
+    return [scored.item.image_id, *(_fmt(scored.prediction.fine[c]) for c in HAM_CLASSES)]
 
 
 def isic2018_header() -> list[str]:
@@ -267,7 +281,7 @@ def run_batch(
     workers: int | None = None,
     tta: bool | None = None,
     on_progress: Callable[[int], None] | None = None,
-    on_rows: Callable[[list[dict[str, Any]]], None] | None = None,
+    on_rows: Callable[[list[Scored]], None] | None = None,
 ) -> BatchSummary:
     """Score every item; write rows after each batch; collect failures; stop cleanly on KeyboardInterrupt."""
     import time
@@ -278,7 +292,7 @@ def run_batch(
         )
     start = time.perf_counter()
     summary = BatchSummary(total=len(items))
-    out_w = RowWriter(out_csv, prediction_header(predictor.classes)) if out_csv else None
+    out_w = RowWriter(out_csv, prediction_header(predictor)) if out_csv else None
     isic_w = RowWriter(isic_csv, isic2018_header()) if isic_csv else None
     writers = [w for w in (out_w, isic_w) if w is not None]
     if cam_dir is not None:
@@ -292,13 +306,11 @@ def run_batch(
         res = predictor.predict_arrays(
             [p[1] for p in pending], [p[0].meta for p in pending], cam=cam_dir is not None, tta=tta
         )
-        rows = _rows(predictor, [p[0] for p in pending], res)
+        rows = scored_items(predictor, [p[0] for p in pending], res)
         if out_w:
-            out_w.write([_csv_row(r, predictor.classes) for r in rows])
+            out_w.write([csv_row(r) for r in rows])
         if isic_w:
-            isic_w.write(
-                [[r["image_id"], *(_fmt(r["probs"][i]) for i in range(len(HAM_CLASSES)))] for r in rows]
-            )
+            isic_w.write([isic_row(r) for r in rows])
         if cam_dir is not None:
             for (item, _, orig), heat in zip(pending, res["cam"], strict=True):
                 (cam_dir / f"{item.image_id}_cam.png").write_bytes(predictor.cam_overlay(orig, heat))
@@ -316,7 +328,7 @@ def run_batch(
             items, predictor, workers, cam_dir is not None, window=max(2 * batch_size, 4 * workers)
         ):
             if isinstance(got, Exception):
-                summary.failures.append(Failure(str(item.path), _reason(got, item.path)))
+                summary.failures.append(Failure(str(item.path), failure_reason(got, item.path)))
                 if on_progress:
                     on_progress(1)
                 continue
@@ -333,7 +345,7 @@ def run_batch(
     return summary
 
 
-def _reason(err: Exception, path: Path) -> str:
+def failure_reason(err: Exception, path: Path) -> str:
     """The decode error's message without the repeated file name."""
     msg = str(err)
     for prefix in (f"{path}: ", f"{path.name}: "):
@@ -342,40 +354,6 @@ def _reason(err: Exception, path: Path) -> str:
     return msg
 
 
-def _rows(predictor: Predictor, items: list[Item], res: dict[str, Any]) -> list[dict[str, Any]]:
-    reasons = refer_reasons(res["ood"], res["low_confidence"], res.get("refer_codes"))
-    sets = set_labels(res.get("prediction_sets"), res["probs"], predictor.classes)
-    return [
-        {
-            "image_id": it.image_id,
-            "path": str(it.path),
-            "probs": res["probs"][i],
-            "p_malignant": float(res["malignant"][i]),
-            "top": predictor.classes[int(res["top"][i])],
-            "confidence": float(res["confidence"][i]),
-            "ood_score": float(res["ood_score"][i]),
-            "ood": bool(res["ood"][i]),
-            "refer": bool(res["refer"][i]),
-            "refer_reason": reasons[i] or "",
-            "prediction_set": "|".join(sets[i] or []),
-            "refer_codes": "|".join(res["refer_codes"][i]) if "refer_codes" in res else "",
-        }
-        for i, it in enumerate(items)
-    ]
-
-
-def _csv_row(r: dict[str, Any], classes: tuple[str, ...]) -> list[str]:
-    return [
-        r["image_id"],
-        r["path"],
-        *(_fmt(p) for p in r["probs"]),
-        _fmt(r["p_malignant"]),
-        r["top"],
-        _fmt(r["confidence"]),
-        _fmt(r["ood_score"]),
-        str(r["ood"]).lower(),
-        str(r["refer"]).lower(),
-        r["refer_reason"],
-        r["prediction_set"],
-        r["refer_codes"],
-    ]
+def scored_items(predictor: Predictor, items: list[Item], res: dict[str, Any]) -> list[Scored]:
+    """Each item of a predict_arrays() batch with its Prediction."""
+    return [Scored(it, predictor.result_at(res, i, None, {})) for i, it in enumerate(items)]

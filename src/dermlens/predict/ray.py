@@ -24,6 +24,7 @@ from dermlens.bundle import TRUST, read_card
 from dermlens.data.taxonomy import HAM_CLASSES
 from dermlens.errors import RayUnavailable  # noqa: F401 (re-exported)
 from dermlens.extras import install_hint
+from dermlens.infer.prediction import Prediction
 from dermlens.infer.predictor import Predictor
 from dermlens.infer.session import PRECISIONS, cpu_count
 from dermlens.predict.folder import (
@@ -32,19 +33,15 @@ from dermlens.predict.folder import (
     Failure,
     Item,
     RowWriter,
-    _csv_row,
-    _fmt,
-    _reason,
-    _rows,
+    Scored,
+    csv_row,
+    failure_reason,
     isic2018_header,
+    isic_row,
     prediction_header,
 )
 
 INSTALL_HINT = install_hint("ray")
-
-
-# Text columns of a result row that travel through Ray batches (same names as the single-process rows).
-TEXT_FIELDS: tuple[str, ...] = ("top", "refer_reason", "prediction_set", "refer_codes")
 
 
 @cache
@@ -110,7 +107,10 @@ def decode_row(row: dict[str, Any], prep: dict[str, Any]) -> dict[str, Any]:
     try:
         row["image"], row["error"] = prep.geometry.resize(load_rgb(row["path"])), ""  # CC: predict_arrays
     except ImageDecodeError as e:
-        row["image"], row["error"] = np.zeros((height, width, 3), np.uint8), _reason(e, Path(row["path"]))
+        row["image"], row["error"] = (
+            np.zeros((height, width, 3), np.uint8),
+            failure_reason(e, Path(row["path"])),
+        )
     except Exception as e:  # noqa: BLE001 - any decoder crash is one failed file, as in run_batch
         row["image"], row["error"] = np.zeros((height, width, 3), np.uint8), f"{type(e).__name__}: {e}"
     return row
@@ -136,13 +136,8 @@ class Scorer:
             "image_id": batch["image_id"],
             "path": batch["path"],
             "error": batch["error"],
-            "probs": np.zeros((n, len(self.predictor.classes)), np.float64),
+            "prediction": np.array([""] * n, object),  # Prediction JSON
         }
-        for k in ("p_malignant", "confidence", "ood_score"):
-            out[k] = np.zeros(n, np.float64)
-        for k in TEXT_FIELDS:
-            out[k] = np.array([""] * n, object)
-        out["ood"], out["refer"] = np.zeros(n, bool), np.zeros(n, bool)
         if ok.any():
             idx = np.flatnonzero(ok)
             meta = [
@@ -150,11 +145,8 @@ class Scorer:
                 for i in idx
             ]
             res = self.predictor.predict_arrays(list(batch["image"][idx]), meta, tta=self.tta)
-            items = [Item(Path(str(batch["path"][i])), str(batch["image_id"][i])) for i in idx]
-            for j, r in zip(idx, _rows(self.predictor, items, res), strict=True):
-                for k in ("p_malignant", "confidence", "ood_score", "ood", "refer", *TEXT_FIELDS):
-                    out[k][j] = r[k]
-                out["probs"][j] = r["probs"]
+            for k, j in enumerate(idx):
+                out["prediction"][j] = self.predictor.result_at(res, k, None, {}).model_dump_json()
         return out
 
 
@@ -200,7 +192,7 @@ def run_ray(
     start = time.perf_counter()
     ray, started = connect(address)
     summary = BatchSummary(total=len(items))
-    rows: list[dict[str, Any]] = []
+    rows: list[Scored] = []
     try:
         bundle = str(predictor.bundle_dir) if started and address in (None, "", "local") else None
         ds = _dataset(ray, predictor, items, batch_size, tta, bundle)
@@ -242,35 +234,29 @@ def _dataset(
     )
 
 
-def _collect(batch: dict[str, np.ndarray], summary: BatchSummary) -> list[dict[str, Any]]:
-    """Result rows of one output batch; failures go to the summary."""
+def _collect(batch: dict[str, np.ndarray], summary: BatchSummary) -> list[Scored]:
+    """Scored inputs of one output batch; failures go to the summary."""
     rows = []
     for i, err in enumerate(batch["error"]):
         if err:
             summary.failures.append(Failure(str(batch["path"][i]), str(err)))
             continue
-        row = {k: batch[k][i] for k in ("image_id", "path", *TEXT_FIELDS)}
-        row = {k: str(v) for k, v in row.items()}
-        row.update({k: float(batch[k][i]) for k in ("p_malignant", "confidence", "ood_score")})
-        row.update({k: bool(batch[k][i]) for k in ("ood", "refer")})
-        row["probs"] = np.asarray(batch["probs"][i])
-        rows.append(row)
+        item = Item(Path(str(batch["path"][i])), str(batch["image_id"][i]))
+        rows.append(Scored(item, Prediction.model_validate_json(str(batch["prediction"][i]))))
     summary.done += len(rows)
-    summary.referred += sum(r["refer"] for r in rows)
-    summary.ood += sum(r["ood"] for r in rows)
+    summary.referred += sum(r.prediction.refer for r in rows)
+    summary.ood += sum(r.prediction.ood for r in rows)
     return rows
 
 
-def _write(
-    predictor: Predictor, rows: list[dict[str, Any]], out_csv: Path | None, isic_csv: Path | None
-) -> None:
+def _write(predictor: Predictor, rows: list[Scored], out_csv: Path | None, isic_csv: Path | None) -> None:
     """The single-process writers, rows ordered by image id (then path)."""
-    rows = sorted(rows, key=lambda r: (r["image_id"], r["path"]))
+    rows = sorted(rows, key=lambda r: (r.item.image_id, str(r.item.path)))
     if out_csv is not None:
-        w = RowWriter(out_csv, prediction_header(predictor.classes))
-        w.write([_csv_row(r, predictor.classes) for r in rows])
+        w = RowWriter(out_csv, prediction_header(predictor))
+        w.write([csv_row(r) for r in rows])
         w.close()
     if isic_csv is not None:
         w = RowWriter(isic_csv, isic2018_header())
-        w.write([[r["image_id"], *(_fmt(r["probs"][i]) for i in range(len(HAM_CLASSES)))] for r in rows])
+        w.write([isic_row(r) for r in rows])
         w.close()

@@ -10,34 +10,17 @@ Class-specific concepts use the private coding scheme 99DERMLENS, declared in th
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dermlens import DISCLAIMER, __version__
 from dermlens.data.taxonomy import FINE_NAMES, site_snomed
 from dermlens.dicom import INSTALL_HINT, DicomError
+from dermlens.infer.prediction import Prediction
 
 SCHEME = "99DERMLENS"
 SCHEME_NAME = "dermlens prediction concepts"
 UID_ROOT = "1.2.826.0.1.3680043.10.1208."  # dermlens UIDs: a root under pydicom's, + hash digits
-
-
-@dataclass
-class SrPrediction:
-    """What one SR carries about one image's prediction."""
-
-    fine: dict[str, float]
-    top: str
-    confidence: float
-    p_malignant: float
-    ood_score: float
-    ood: bool
-    refer: bool
-    refer_reason: str | None
-    model_name: str
-    model_version: str
-    precision: str
 
 
 def _hd():
@@ -68,7 +51,7 @@ def _yes_no(codes, flag: bool):
     return codes.SCT.Yes if flag else codes.SCT.No
 
 
-def _group(hd, codes, source: Any, pred: SrPrediction, site: str | None):
+def _group(hd, codes, source: Any, pred: Prediction, site: str | None):
     """TID 1501 measurement group: the model's outputs about the lesion in the source image."""
     unit = hd.sr.CodedConcept("1", "UCUM", "no units")
     measurements = [
@@ -86,7 +69,7 @@ def _group(hd, codes, source: Any, pred: SrPrediction, site: str | None):
     ]
     evaluations = [
         hd.sr.QualitativeEvaluation(
-            name=_code(hd, "TOP", "Most probable class"), value=_code(hd, pred.top, _name(pred.top))
+            name=_code(hd, "TOP", "Most probable class"), value=_code(hd, pred.top, _name(pred.top_class))
         ),
         hd.sr.QualitativeEvaluation(
             name=_code(hd, "COARSE", "Benign or malignant"),
@@ -134,7 +117,7 @@ def _evidence(source: Any) -> Any:
     return ds
 
 
-def build_sr(source: Any, pred: SrPrediction, site: str | None = None) -> Any:
+def build_sr(source: Any, pred: Prediction, site: str | None = None) -> Any:
     """A highdicom ComprehensiveSR for `pred`, in the source image's study, referencing the image."""
     hd, codes = _hd()
     source = _evidence(source)
@@ -185,7 +168,7 @@ def _scheme_item():
     return item
 
 
-def write_sr(source: Any, pred: SrPrediction, out_dir: Path, site: str | None = None) -> Path:
+def write_sr(source: Any, pred: Prediction, out_dir: Path, site: str | None = None) -> Path:
     """Write the SR as OUT_DIR/<source SOPInstanceUID>.sr.dcm and return its path."""
     sr = build_sr(source, pred, site)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -194,7 +177,7 @@ def write_sr(source: Any, pred: SrPrediction, out_dir: Path, site: str | None = 
     return path
 
 
-def sr_bytes(source: Any, pred: SrPrediction, site: str | None = None) -> bytes:
+def sr_bytes(source: Any, pred: Prediction, site: str | None = None) -> bytes:
     """The SR as DICOM Part 10 bytes (for the API)."""
     import io
 

@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from dermlens.errors import QueueFull  # noqa: F401 (re-exported)
-from dermlens.infer.predictor import Predictor, PredictResult
+from dermlens.infer.prediction import Prediction
+from dermlens.infer.predictor import Predictor
 
 
 @dataclass
@@ -48,7 +49,7 @@ class DynamicBatcher:
             self._arriving += delta
 
     def submit(self, image: np.ndarray, meta: dict[str, Any], size: tuple[int, int]) -> Future:
-        """Queue one model-size image; the Future resolves to its PredictResult. Raises QueueFull."""
+        """Queue one model-size image; the Future resolves to its Prediction. Raises QueueFull."""
         job = _Job(image, meta, size)
         try:
             self._queue.put_nowait(job)
@@ -56,7 +57,7 @@ class DynamicBatcher:
             raise QueueFull("the prediction queue is full") from None
         return job.future
 
-    async def predict(self, image: np.ndarray, meta: dict[str, Any], size: tuple[int, int]) -> PredictResult:
+    async def predict(self, image: np.ndarray, meta: dict[str, Any], size: tuple[int, int]) -> Prediction:
         return await asyncio.wrap_future(self.submit(image, meta, size))
 
     def close(self) -> None:

@@ -28,6 +28,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 
 from dermlens.errors import RecordsConfigError, RecordsUnavailable  # noqa: F401 (re-exported)
 from dermlens.extras import install_hint
+from dermlens.infer.prediction import Prediction
 
 
 class Base(DeclarativeBase):
@@ -61,15 +62,27 @@ class PredictionRecord(Base):
     refer: Mapped[bool] = mapped_column(Boolean)
     refer_reason: Mapped[str | None] = mapped_column(Text)
     latency_ms: Mapped[float | None] = mapped_column(Float)
+    prediction: Mapped[str | None] = mapped_column(Text)  # JSON: the whole Prediction the client was sent
 
 
-# Column order of `dermlens records export`; per-class probability columns follow.
-CSV_COLUMNS: tuple[str, ...] = tuple(c.name for c in PredictionRecord.__table__.columns)
+# The request's own columns; `records export` follows them with every field of the stored Prediction.
+ENVELOPE_COLUMNS: tuple[str, ...] = (
+    "id",
+    "created_at",
+    "image_sha256",
+    "image_bytes",
+    "image_path",
+    "filename",
+    "age",
+    "sex",
+    "site",
+    "latency_ms",
+)
 
 
 @dataclass
 class NewRecord:
-    """The fields the API hands to the store for one prediction."""
+    """What the API hands to the store for one answered prediction: the request and its Prediction."""
 
     image_sha256: str
     image_bytes: int
@@ -77,19 +90,8 @@ class NewRecord:
     age: float | None
     sex: str | None
     site: str | None
-    model_name: str
-    model_version: str
-    fine_probs: dict[str, float]
-    coarse_probs: dict[str, float]
-    top_class: str
-    confidence: float
-    ood_score: float | None
-    ood: bool
-    refer: bool
-    refer_reason: str | None
+    prediction: Prediction
     latency_ms: float | None = None
-    image_width: int | None = None
-    image_height: int | None = None
 
 
 def user_data_dir() -> Path:
@@ -261,16 +263,31 @@ class RecordStore:
             target = self.image_dir / new.image_sha256[:2] / f"{new.image_sha256}.{image_suffix(image)}"
             _write_durable(target, image)
             image_path = str(target)
+        pred = new.prediction
         return PredictionRecord(
             id=uuid.uuid4().hex,
             created_at=datetime.now(UTC),
             image_path=image_path,
-            **{
-                **new.__dict__,
-                "filename": new.filename if self.store_filename else None,
-                "fine_probs": json.dumps(new.fine_probs),
-                "coarse_probs": json.dumps(new.coarse_probs),
-            },
+            image_sha256=new.image_sha256,
+            image_bytes=new.image_bytes,
+            image_width=pred.image_width,
+            image_height=pred.image_height,
+            filename=new.filename if self.store_filename else None,
+            age=new.age,
+            sex=new.sex,
+            site=new.site,
+            model_name=pred.model_name,
+            model_version=pred.model_version,
+            fine_probs=json.dumps(pred.fine),
+            coarse_probs=json.dumps(pred.coarse),
+            top_class=pred.top_class,
+            confidence=pred.confidence,
+            ood_score=pred.ood_score,
+            ood=pred.ood,
+            refer=pred.refer,
+            refer_reason=pred.refer_reason,
+            latency_ms=new.latency_ms,
+            prediction=json.dumps(pred.stored()),
         )
 
     def _commit(self, mine: list[_Pending]) -> None:
@@ -338,23 +355,39 @@ def _as_utc(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
+def stored_row(row: PredictionRecord) -> dict[str, Any]:
+    """A record's flat export row: its envelope columns, then every field of its stored Prediction."""
+    out: dict[str, Any] = {c: getattr(row, c) for c in ENVELOPE_COLUMNS}
+    out["created_at"] = _as_utc(row.created_at).isoformat()
+    if row.prediction:
+        out.update(Prediction.model_validate({**json.loads(row.prediction), "timing_ms": {}}).row())
+    else:  # a record written before whole predictions were stored: the columns it has
+        out.update({f"fine_{c}": p for c, p in json.loads(row.fine_probs).items()})
+        out.update({f"p_{c}": p for c, p in json.loads(row.coarse_probs).items()})
+        out.update({c: getattr(row, c) for c in ("top_class", "confidence", "ood_score", "ood", "refer")})
+        out.update(refer_reason=row.refer_reason, model_name=row.model_name, model_version=row.model_version)
+    return out
+
+
 def export_csv(store: RecordStore, out: str | Path) -> int:
-    """Write every record to CSV (one `p_<code>` column per class seen); returns the row count."""
-    rows = list(store.iter_records())
-    classes: list[str] = []
+    """Write every record to CSV (the union of columns, in first-seen order); returns the row count."""
+    rows = [stored_row(r) for r in store.iter_records()]
+    columns: dict[str, None] = dict.fromkeys(ENVELOPE_COLUMNS)
     for row in rows:
-        for code in [*json.loads(row.fine_probs), *json.loads(row.coarse_probs)]:
-            if code not in classes:
-                classes.append(code)
+        columns.update(dict.fromkeys(row))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE)  # records stay private
     with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
-        writer.writerow([*CSV_COLUMNS, *(f"p_{c}" for c in classes)])
+        writer.writerow(list(columns))
         for row in rows:
-            values = {c: getattr(row, c) for c in CSV_COLUMNS}
-            values["created_at"] = _as_utc(row.created_at).isoformat()
-            probs = {**json.loads(row.fine_probs), **json.loads(row.coarse_probs)}
-            writer.writerow([csv_safe(v) for v in [*values.values(), *(probs.get(c, "") for c in classes)]])
+            writer.writerow([csv_safe(_cell(row.get(c))) for c in columns])
     return len(rows)
+
+
+def _cell(value: Any) -> Any:
+    """A CSV cell: booleans lower-case, None empty."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return "" if value is None else value

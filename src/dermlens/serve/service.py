@@ -15,6 +15,7 @@ from fastapi import Request, UploadFile
 from dermlens import DISCLAIMER, __version__
 from dermlens.data.taxonomy import FINE_NAMES, SEXES, SITES, coarse_label
 from dermlens.dicom import DicomError, is_dicom_bytes, merge_meta, read_dataset, read_meta
+from dermlens.infer.prediction import Prediction
 from dermlens.predict.fields import InputError, quote
 from dermlens.predict.fields import parse_age as _parse_age
 from dermlens.predict.fields import parse_sex as _parse_sex
@@ -65,25 +66,12 @@ def _dicom_call(fn: Any, *args: Any) -> Any:
         raise ApiError(400, "unsupported_dicom", message) from e
 
 
-def dicom_sr_payload(up: "Upload", r: Any, card: Any, site: str | None) -> str:
+def dicom_sr_payload(up: "Upload", prediction: Prediction, site: str | None) -> str:
     """The prediction as a DICOM Structured Report referencing the uploaded DICOM image (base64)."""
-    from dermlens.predict.sr import SrPrediction, sr_bytes
+    from dermlens.predict.sr import sr_bytes
 
-    pred = SrPrediction(
-        fine=r.fine,
-        top=r.top,
-        confidence=r.confidence,
-        p_malignant=r.p_malignant,
-        ood_score=r.ood_score,
-        ood=r.ood,
-        refer=r.refer,
-        refer_reason=r.refer_reason,
-        model_name=card.name,
-        model_version=r.model_version,
-        precision=r.precision,
-    )
     source = _dicom_call(read_dataset, up.data, False)
-    return base64.b64encode(_dicom_call(sr_bytes, source, pred, site)).decode("ascii")
+    return base64.b64encode(_dicom_call(sr_bytes, source, prediction, site)).decode("ascii")
 
 
 def timings(runtime: dict[str, float], api: dict[str, float]) -> dict[str, float]:
@@ -170,8 +158,7 @@ class Service:
         if self.batcher is not None and not cam:  # shrink now (memory); predict_arrays does the rest
             return self.geometry.resize(rgb), size, False
         r = self.predictor.predict_image(rgb, meta, cam)
-        r.timing_ms = {"decode": decode_ms, **r.timing_ms}
-        return r, size, True
+        return r.model_copy(update={"timing_ms": {"decode": decode_ms, **r.timing_ms}}), size, True
 
     async def score(self, up: Upload, meta: dict[str, Any], cam: bool) -> Scored:
         """Decode in a worker thread, then score: batched with other requests, or directly."""
@@ -191,7 +178,7 @@ class Service:
                 got = await self.batcher.predict(got, meta, size)
             except QueueFull:
                 raise busy("the prediction queue is full; retry shortly", self.settings) from None
-            got.timing_ms = {"decode": (t1 - t0) * 1000.0, **got.timing_ms}
+            got = got.model_copy(update={"timing_ms": {"decode": (t1 - t0) * 1000.0, **got.timing_ms}})
         return Scored(up, hashlib.sha256(up.data).hexdigest(), len(up.data), got, size, t0)
 
     async def store_all(self, scored: list[Scored], meta: dict[str, Any]) -> list[Any]:
@@ -211,58 +198,34 @@ class Service:
             ) from None
 
     def _new_record(self, s: Scored, meta: dict[str, Any]) -> NewRecord:
-        r = s.result
         return NewRecord(
             image_sha256=s.sha256,
             image_bytes=s.nbytes,
             filename=s.up.filename,
             **meta,
-            model_name=self.predictor.card.name,
-            model_version=r.model_version,
-            fine_probs=r.fine,
-            coarse_probs=r.coarse,
-            top_class=r.top,
-            confidence=r.confidence,
-            ood_score=r.ood_score,
-            ood=r.ood,
-            refer=r.refer,
-            refer_reason=r.refer_reason,
+            prediction=s.result,
             latency_ms=round((time.perf_counter() - s.t0) * 1000.0, 3),
-            image_width=s.size[0],
-            image_height=s.size[1],
         )
 
     def prediction(
-        self, s: Scored, row: Any, meta: dict[str, Any], cam: bool, t_end: float
-    ) -> schemas.Prediction:
-        r = s.result
-        return schemas.Prediction(
+        self, s: Scored, row: Any, meta: dict[str, Any], cam: bool, t_end: float, sr: str | None = None
+    ) -> schemas.PredictionResponse:
+        """The API's answer for one stored prediction (sr: the DICOM SR, base64, when asked for)."""
+        r: Prediction = s.result
+        return schemas.PredictionResponse(
+            **r.model_dump(exclude={"timing_ms", "cam_png"}),
+            timing_ms=timings(r.timing_ms, {"total": (t_end - s.t0) * 1000.0}),
             record_id=row.id,
             filename=s.up.filename,
             image_sha256=s.sha256,
             inputs=schemas.Inputs(**meta),
-            fine=r.fine,
-            coarse=r.coarse,
-            top_class=r.top,
-            top_class_name=FINE_NAMES.get(r.top, r.top),
-            confidence=r.confidence,
-            ood=schemas.OODInfo(score=r.ood_score, flagged=r.ood),
-            refer=schemas.ReferInfo(refer=r.refer, reason=r.refer_reason, codes=r.refer_codes),
-            prediction_set=None
-            if r.prediction_set is None
-            else schemas.PredictionSetInfo(
-                classes=r.prediction_set, coverage=r.set_coverage, condition=r.calibration_condition
-            ),
-            not_dermoscopy=schemas.NotDermoscopyInfo(score=r.not_dermoscopy_score, flagged=r.not_dermoscopy),
-            model_name=self.predictor.card.name,
-            model_version=r.model_version,
-            precision=r.precision,
-            timing_ms=timings(r.timing_ms, {"total": (t_end - s.t0) * 1000.0}),
             cam_png_base64=base64.b64encode(r.cam_png).decode("ascii") if cam and r.cam_png else None,
-            disclaimer=DISCLAIMER,
+            dicom_sr_base64=sr,
         )
 
-    async def predict(self, up: Upload, age, sex, site, cam: bool, sr: bool = False) -> schemas.Prediction:
+    async def predict(
+        self, up: Upload, age, sex, site, cam: bool, sr: bool = False
+    ) -> schemas.PredictionResponse:
         """Score, then commit the record, then answer: an acknowledged prediction is on disk."""
         meta = {"age": age, "sex": sex, "site": site}
         dicom = is_dicom_bytes(up.data)
@@ -271,14 +234,11 @@ class Service:
         if dicom:  # age/sex/site from the tags where the form leaves them empty
             meta = await anyio.to_thread.run_sync(lambda: merge_meta(meta, _dicom_call(read_meta, up.data)))
         scored = await self.score(up, meta, cam)
+        sr_b64 = None
+        if sr:  # built before the record is committed: a source that cannot make an SR stores nothing
+            sr_b64 = await anyio.to_thread.run_sync(dicom_sr_payload, up, scored.result, meta["site"])
         (row,) = await self.store_all([scored], meta)
-        out = self.prediction(scored, row, meta, cam, time.perf_counter())
-        if sr:
-            card = self.predictor.card
-            out.dicom_sr_base64 = await anyio.to_thread.run_sync(
-                dicom_sr_payload, up, scored.result, card, meta["site"]
-            )
-        return out
+        return self.prediction(scored, row, meta, cam, time.perf_counter(), sr_b64)
 
     async def predict_many(
         self, uploads: list[UploadFile], age, sex, site, cam: bool
