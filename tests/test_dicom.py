@@ -141,7 +141,7 @@ def test_predict_dicom_equals_jpeg_with_tag_metadata_and_writes_sr(
     np.testing.assert_allclose(dcm[cols][exact], jpeg[cols][exact], rtol=1e-5, atol=1e-6)
     # YBR_FULL pixels are off by one level at most: probabilities move by well under 0.05
     assert np.abs(dcm[cols[:8]][~exact].to_numpy() - jpeg[cols[:8]][~exact].to_numpy()).max() < 0.05
-    assert (dcm["top"] == jpeg["top"]).all()
+    assert (dcm["top_class"] == jpeg["top_class"]).all()
 
     # the tags reach the model: the same JPEGs without metadata score differently
     run_predict(*map(str, ham_rows["path"]), "--out", str(bare_out))
@@ -183,7 +183,7 @@ def check_srs(sr_dir: Path, dicom_dir: Path, preds: pd.DataFrame) -> None:
             assert values[f"P-{c}"] == pytest.approx(row[f"p_{c}"], abs=1e-5)
         assert values["111047"] == pytest.approx(row["p_malignant"], abs=1e-5)
         evals = {q.name.value: q.value.value for q in group.get_qualitative_evaluations()}
-        assert evals["TOP"] == row["top"]
+        assert evals["TOP"] == row["top_class"]
         assert evals["REFER"] == ("373066001" if row["refer"] else "373067005")
         texts = [i.TextValue for i in ds.ContentSequence if i.ValueType == "TEXT"]
         assert DISCLAIMER in texts
