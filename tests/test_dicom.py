@@ -111,6 +111,22 @@ def test_non_photographs_are_refused_in_one_line(ham_rows: pd.DataFrame, tmp_pat
         load_rgb(broken)
 
 
+def test_jpeg_lossless_is_refused_in_one_line(tmp_path: Path) -> None:
+    """JPEG Lossless (Process 14) has no permissively licensed decoder: a one-line refusal naming the syntax
+    (pydicom's own GDCM-written RGB test file), from the loader and from `dermlens predict`."""
+    from pydicom.data import get_testdata_file
+
+    path = Path(get_testdata_file("SC_rgb_jpeg_gdcm.dcm"))
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    assert ds.file_meta.TransferSyntaxUID == pydicom.uid.JPEGLosslessSV1 and ds.SamplesPerPixel == 3
+    with pytest.raises(ImageDecodeError, match=r"JPEG Lossless, .* pixel data is not supported") as err:
+        load_rgb(path)
+    assert "\n" not in str(err.value) and "JPEG 2000" in str(err.value)
+    res = run_predict(str(path), "--out", str(tmp_path / "out.csv"))
+    assert res.exit_code != 0 and "Traceback" not in res.output
+    assert "SC_rgb_jpeg_gdcm.dcm: JPEG Lossless" in res.output
+
+
 def test_predict_dicom_equals_jpeg_with_tag_metadata_and_writes_sr(
     dicom_dir: Path, ham_rows: pd.DataFrame, tmp_path: Path
 ) -> None:

@@ -86,6 +86,7 @@ def test_export_of_a_checkpoint_train_wrote(tiny_dir: Path, tmp_path: Path) -> N
     from dermlens.bundle import SCHEMA_VERSION, verify_bundle
 
     assert card.schema_version == SCHEMA_VERSION and f"schema {SCHEMA_VERSION}" in verify_bundle(bundle)
+    assert card.extra["license"] == "CC-BY-NC-SA-4.0"  # configs/export.yaml's default for the weights
     df = read_manifest(tiny_dir)
     rows = np.flatnonzero(df["split"].to_numpy() == "val")[:12]
     images = np.asarray(open_cache(tiny_dir, card.preprocessing)[rows])
