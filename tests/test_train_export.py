@@ -42,8 +42,8 @@ def test_training_normalisation_equals_the_runtime(ham_root: Path) -> None:
 
 @pytest.mark.slow
 def test_export_of_a_checkpoint_train_wrote(tiny_dir: Path, tmp_path: Path) -> None:
-    """`dermlens train` (1 epoch, 2 batches) -> `dermlens bundle export --run` -> Predictor: fp32 ONNX outputs equal
-    the trained module's (its own normalisation and EMA weights) on val images; trust is fitted on int8."""
+    """`dermlens train` (1 epoch, 2 batches) -> `dermlens bundle export --run` -> Predictor: fp32 ONNX outputs
+    equal the trained module's (its own normalisation and EMA weights) on val images; trust fitted on int8."""
     from dermlens.bundle import read_card
     from dermlens.data.cache import open_cache
     from dermlens.data.manifest import read_manifest

@@ -1,7 +1,7 @@
 """The model's reference outputs for monitoring: what the bundle predicts on its validation split.
 
-Stored in the bundle as `monitor_reference.json` (written by `dermlens bundle export`, or for an existing bundle
-by `dermlens monitor reference`): per validation image the predicted class, calibrated confidence, OOD
+Stored in the bundle as `monitor_reference.json` (written by `dermlens bundle export`, or for an existing
+bundle by `dermlens monitor reference`): per validation image the predicted class, calibrated confidence, OOD
 score and refer decision, from the same runtime (and precision) the server uses.
 """
 

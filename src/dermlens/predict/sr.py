@@ -69,7 +69,8 @@ def _group(hd, codes, source: Any, pred: Prediction, site: str | None):
     ]
     evaluations = [
         hd.sr.QualitativeEvaluation(
-            name=_code(hd, "TOP", "Most probable class"), value=_code(hd, pred.top_class, _name(pred.top_class))
+            name=_code(hd, "TOP", "Most probable class"),
+            value=_code(hd, pred.top_class, _name(pred.top_class)),
         ),
         hd.sr.QualitativeEvaluation(
             name=_code(hd, "COARSE", "Benign or malignant"),
