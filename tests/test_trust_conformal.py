@@ -20,14 +20,10 @@ ALPHA_TOL_Z = 3.0
 pytestmark = pytest.mark.slow  # scores ~560 real test images twice (~1 min on 2 cores)
 
 
-@pytest.fixture(scope="module")
-def predictor():
-    from dermlens.infer.predictor import Predictor
-
-    p = Predictor.load(bundle_dir(), threads=1)
-    if not p.trust.conformal_thresholds:
+@pytest.fixture(scope="module", autouse=True)
+def _conformal(predictor):
+    if not predictor.trust.conformal_thresholds:
         pytest.skip("this bundle has no conformal thresholds yet (run `dermlens trust fit`)")
-    return p
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,10 @@ class ConfigError(DermlensError, ValueError):
     """A configuration file or override that cannot be used (one-line message)."""
 
 
+class UsageError(DermlensError, ValueError):
+    """Command-line options that cannot work together (one-line message)."""
+
+
 class MissingExtra(DermlensError, ModuleNotFoundError):
     """An optional dependency is not installed (one-line message naming the extra to install)."""
 
