@@ -6,9 +6,10 @@ import json
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator
 
 from dermlens.errors import BundleError  # noqa: F401 (re-exported)
 from dermlens.integrity import (
@@ -111,10 +112,17 @@ class _Preprocessing(BaseModel):
 
     height: int = Field(gt=0, le=4096)
     width: int = Field(gt=0, le=4096)
-    resample: Literal["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"]
+    resample: str
     mean: tuple[float, float, float]
     std: tuple[PositiveFloat, PositiveFloat, PositiveFloat]
     color_constancy: str | None = None
+
+    @field_validator("resample")
+    @classmethod
+    def _known_filter(cls, v: str) -> str:
+        if v.upper() not in Image.Resampling.__members__:
+            raise ValueError(f"unknown resampling filter {v!r}")
+        return v
 
 
 class _Card(BaseModel):
@@ -152,7 +160,10 @@ def parse_card(text: bytes | str, where: str | Path = CARD) -> ModelCard:
         err = e.errors()[0]
         loc = ".".join(str(x) for x in err["loc"]) or "card"
         raise BundleError(f"{where} is not a usable model card: {loc}: {err['msg']}") from None
-    card = ModelCard.from_dict(raw)
+    try:
+        card = ModelCard.from_dict(raw)
+    except (ValueError, TypeError, KeyError) as e:
+        raise BundleError(f"{where} is not a usable model card: {e}") from None
     if len(set(card.classes)) != len(card.classes) or "malignant" not in card.coarse_classes:
         raise BundleError(f"{where}: classes repeat or coarse_classes lack 'malignant'")
     return card
@@ -185,9 +196,12 @@ def seal(bundle: Path) -> Path:
     hash list (export.files) is checked, then folded into the manifest. Every writer of a bundle calls it."""
     bundle = Path(bundle)
     card = read_card(bundle)
-    legacy = card.extra.get("export", {}).get("files") if isinstance(card.extra.get("export"), dict) else None
+    export = card.extra.get("export")
+    legacy = export.get("files") if isinstance(export, dict) else None
     if legacy is not None:
-        for name, digest in dict(legacy).items():
+        if not isinstance(legacy, dict):
+            raise BundleError(f"{bundle / CARD}: export.files is not a file -> sha256 table: not sealing it")
+        for name, digest in legacy.items():
             path = inside(bundle, str(name))
             if path.exists() and sha256_file(path) != digest:
                 raise BundleError(f"{path} does not match the sha256 recorded in the card: not sealing it")
