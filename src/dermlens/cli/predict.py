@@ -92,7 +92,12 @@ def predict(
         typer.Option("--ray-address", help="Ray cluster for --ray: auto, ray://HOST:10001 or HOST:6379"),
     ] = None,
 ) -> None:
-    """Predict lesion classes; writes CSVs incrementally, lists unreadable files at the end (exit 1)."""
+    """Predict lesion classes; writes CSVs incrementally, lists unreadable files at the end (exit 1).
+
+    A CSV stays NAME.partial until the run completes; Ctrl-C/SIGTERM leave it so (exit 130/143).
+
+    Same-named files in different folders get ids NAME_<8 hex digits of the SHA-1 of the path>.
+    """
     import os
 
     # numpy's BLAS only does the small OOD matrix products here; its spinning threads would fight
