@@ -50,7 +50,10 @@ class ImageDecodeError(DermlensError, ValueError):
 
 
 class DicomError(ImageDecodeError):
-    """A DICOM file dermlens cannot use as a photograph (names the file)."""
+    """A DICOM file dermlens cannot use as a photograph (names the file); `code` as ImageDecodeError's."""
+
+    code: str = "unsupported_format"
+    reason: str = "not a usable DICOM photograph"
 
 
 # ---- model bundles -----------------------------------------------------------------------------------
