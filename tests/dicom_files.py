@@ -3,7 +3,8 @@
 `jpeg` wraps the JPEG bytes unchanged (JPEG Baseline, YBR_FULL_422, the usual camera path); `rgb` and
 `ybr` store decoded pixels uncompressed; `rle`, `j2k` and `jls` (JPEG-LS) compress them losslessly with
 pydicom encoders. `write_deflated` writes the whole data set deflated (transfer syntax
-1.2.840.10008.1.2.1.99), optionally with a huge element of zeros that inflates far beyond the file size (a deflate bomb).
+1.2.840.10008.1.2.1.99), optionally with a huge element of zeros that inflates far beyond the file size
+(a deflate bomb).
 """
 
 from __future__ import annotations
