@@ -285,6 +285,17 @@ class Service:
             up.data = b""  # the bytes stay only in the spooled upload (re-read if images are stored)
             slots.release()
 
+    def fhir_bundle(self, answer: schemas.PredictionResponse, up: Upload) -> dict[str, Any]:
+        """The stored prediction as a FHIR R4 Bundle (ImagingStudy referenced for a DICOM upload)."""
+        from dermlens.predict.fhir import ModelDevice, build_bundle
+
+        study = None
+        if is_dicom_bytes(up.data):
+            study = str(getattr(_dicom_call(read_dataset, up.data, False), "StudyInstanceUID", "") or "")
+        card = self.predictor.card
+        device = ModelDevice.from_bundle(self.predictor.bundle_dir, card.name, card.version)
+        return build_bundle(answer, device, record_id=answer.record_id, study_uid=study or None)
+
     def model_info(self) -> schemas.ModelInfo:
         card = self.predictor.card
         classes = list(self.predictor.classes)
