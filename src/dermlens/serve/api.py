@@ -190,6 +190,18 @@ def create_app(
         items = await svc.predict_many(files, a, s, g, cam)
         return schemas.BatchResponse(results=items, disclaimer=DISCLAIMER)
 
+    @app.post(
+        "/records/{record_id}/outcome",
+        status_code=201,
+        response_model=schemas.OutcomeResponse,
+        dependencies=auth,
+        responses={**ERROR_RESPONSES, 404: {"model": schemas.ErrorResponse}},
+        tags=["records"],
+    )
+    async def outcome(record_id: str, body: schemas.OutcomeIn, svc: Svc) -> schemas.OutcomeResponse:
+        """Attach a confirmed diagnosis (histopathology, follow-up, ...) to a stored prediction."""
+        return schemas.OutcomeResponse(**await svc.attach_outcome(record_id, body))
+
     @app.get("/monitor", dependencies=auth, responses=ERROR_RESPONSES, tags=["service"])
     async def monitor(
         svc: Svc, last: int | None = None, since: str | None = None, format: str = "html"
@@ -205,7 +217,13 @@ def create_app(
             raise ApiError(503, "unavailable", "monitoring needs `pip install 'dermlens[monitor]'`") from e
         try:
             view = await run_in_threadpool(
-                monitor_view, svc.store, svc.predictor.bundle_dir, last, since, format == "json"
+                monitor_view,
+                svc.store,
+                svc.predictor.bundle_dir,
+                last,
+                since,
+                format == "json",
+                svc.field_performance,
             )
         except (MissingReference, ValueError) as e:
             raise ApiError(400 if isinstance(e, ValueError) else 503, "monitor_error", str(e)) from e
