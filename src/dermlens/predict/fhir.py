@@ -47,14 +47,9 @@ class ModelDevice:
         return cls(name, version, digest)
 
 
-def _models() -> dict[str, Any]:
-    """The R4B resource classes (fhir.resources >= 7 keeps R4-compatible models under R4B)."""
-    names = {"Bundle": "bundle", "Device": "device", "DiagnosticReport": "diagnosticreport"}
-    names["Observation"] = "observation"
-    return {
-        cls: getattr(require(f"fhir.resources.R4B.{mod}", "fhir", "FHIR output"), cls)
-        for cls, mod in names.items()
-    }
+def _bundle_model() -> Any:
+    """The R4B Bundle model (fhir.resources >= 7 keeps its R4-compatible models under R4B)."""
+    return require("fhir.resources.R4B.bundle", "fhir", "FHIR output").Bundle
 
 
 def _concept(code: str, display: str) -> dict[str, Any]:
@@ -150,7 +145,6 @@ def build_bundle(
     issued: datetime | None = None,
 ) -> dict[str, Any]:
     """The prediction as a validated FHIR Bundle (JSON-ready dict). Referred: status preliminary."""
-    models = _models()
     status = "preliminary" if pred.refer else "final"
     urls = {"device": f"urn:uuid:{uuid.uuid4()}"}
     observations = _observations(pred, status, urls["device"])
@@ -176,13 +170,12 @@ def build_bundle(
         ]
     entries = [(f"urn:uuid:{uuid.uuid4()}", report), (urls["device"], _device(device))]
     entries += list(zip(obs_urls, observations, strict=True))
-    resources = [(url, models[r["resourceType"]].model_validate(r)) for url, r in entries]
-    bundle = models["Bundle"].model_validate(
+    bundle = _bundle_model().model_validate(  # validates every entry with its resource's model
         {
             "resourceType": "Bundle",
             "type": "collection",
             "timestamp": report["issued"],
-            "entry": [{"fullUrl": url, "resource": res.model_dump(mode="json")} for url, res in resources],
+            "entry": [{"fullUrl": url, "resource": res} for url, res in entries],
         }
     )
     return json.loads(bundle.model_dump_json(exclude_none=True))
