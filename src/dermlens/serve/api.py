@@ -24,6 +24,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from dermlens import DISCLAIMER, __version__
 from dermlens.extras import MissingExtra, require
+from dermlens.predict.fhir import MEDIA_TYPE as FHIR_MEDIA_TYPE
 from dermlens.serve import schemas
 from dermlens.serve.errors import PILLOW_MAX_PIXELS, ApiError, _install_error_handlers
 from dermlens.serve.records import RecordStore
@@ -239,7 +240,6 @@ def create_app(
     return app
 
 
-FHIR_MEDIA_TYPE = "application/fhir+json"
 FHIR_RESPONSE: dict[int | str, dict[str, Any]] = {
     200: {"content": {FHIR_MEDIA_TYPE: {"schema": {"type": "object", "description": "FHIR R4 Bundle"}}}}
 }
