@@ -33,6 +33,17 @@ FINE_NAMES: dict[str, str] = {
 ISIC2018_COLUMNS: dict[str, str] = {c: c.upper() for c in HAM_CLASSES}
 ISIC2019_COLUMNS: dict[str, str] = {**ISIC2018_COLUMNS, "akiec": "AK", "scc": "SCC"}
 
+# SNOMED CT concept for a fine code (FHIR conclusionCode, DICOM SR findings): {code: (sctid, display)}.
+# Only codes checked against a published source are listed: pydicom's SCT dictionary (codes.SCT) for mel,
+# akiec and scc; basal cell carcinoma of skin as published in SNOMED CT (254701007). No single concept
+# matches nv, bkl, df or vasc (each pools several diagnoses), so they have none; readers must allow that.
+FINE_SNOMED: dict[str, tuple[str, str]] = {
+    "mel": ("1162635006", "Malignant melanoma"),  # codes.SCT.MalignantMelanoma
+    "bcc": ("254701007", "Basal cell carcinoma of skin"),
+    "akiec": ("201101007", "Actinic keratosis"),  # codes.SCT.ActinicKeratosis
+    "scc": ("1162767002", "Squamous cell carcinoma"),  # codes.SCT.SquamousCellCarcinoma
+}
+
 # Every label spelling a reader may meet, lower-cased, mapped to a fine code.
 _LABEL_ALIASES: dict[str, str] = {
     # HAM10000 dx codes and ISIC 2019 columns
