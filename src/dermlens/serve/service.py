@@ -2,6 +2,7 @@
 (or the dynamic batcher), DICOM SR, and the record written for every returned prediction."""
 
 import base64
+import copy
 import hashlib
 import logging
 import threading
@@ -15,6 +16,7 @@ from fastapi import Request, UploadFile
 from dermlens import DISCLAIMER, __version__
 from dermlens.data.taxonomy import FINE_NAMES, SEXES, SITES, coarse_label
 from dermlens.dicom import DicomError, is_dicom_bytes, merge_meta, read_dataset, read_meta
+from dermlens.infer.operating_point import describe, with_refer_rate
 from dermlens.predict.fields import InputError, quote
 from dermlens.predict.fields import parse_age as _parse_age
 from dermlens.predict.fields import parse_sex as _parse_sex
@@ -133,6 +135,7 @@ class Service:
     """The loaded model, the record store and the bounds on work in flight shared by all requests."""
 
     def __init__(self, settings: ServeSettings, predictor: Any, store: RecordStore):
+        predictor = at_refer_rate(predictor, settings.refer_rate)
         self.settings, self.predictor, self.store = settings, predictor, store
         self.limiter = anyio.CapacityLimiter(settings.inference.max_concurrent)
         self.memory = MemoryBudget(settings.limits.memory_budget_bytes)
@@ -344,6 +347,9 @@ class Service:
             auth_required=bool(self.settings.api_token),
             limits=schemas.LimitsInfo(**lim.model_dump()),
             card=card.to_dict(),
+            refer=schemas.OperatingPointInfo(
+                **describe(self.predictor.trust), requested_refer_rate=self.settings.refer_rate
+            ),
             disclaimer=DISCLAIMER,
             dermlens_version=__version__,
         )
@@ -367,9 +373,20 @@ def load_predictor(settings: ServeSettings) -> Any:
     """The runtime Predictor for the configured bundle and precision (imported lazily)."""
     from dermlens.infer.predictor import Predictor
 
-    return Predictor.load(
+    predictor = Predictor.load(
         bundle_dir=settings.model, precision=settings.precision, threads=settings.inference.threads
     )
+    return at_refer_rate(predictor, settings.refer_rate)
+
+
+def at_refer_rate(predictor: Any, refer_rate: float | None) -> Any:
+    """The predictor with its refer threshold moved to `refer_rate` (a shallow copy: the given one is
+    shared); as given when None."""
+    if refer_rate is None:
+        return predictor
+    moved = copy.copy(predictor)
+    moved.trust = with_refer_rate(predictor.trust, refer_rate)
+    return moved
 
 
 async def _check_fields(request: Request, allowed: frozenset[str], repeatable: str | None = None) -> None:
