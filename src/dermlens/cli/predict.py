@@ -94,7 +94,7 @@ def predict(
 
     from dermlens import DISCLAIMER
     from dermlens.bundle import BundleError
-    from dermlens.infer.operating_point import describe, with_refer_rate
+    from dermlens.infer.operating_point import at_refer_rate, describe
     from dermlens.infer.predictor import Predictor
     from dermlens.predict.folder import (
         BatchInputError,
@@ -119,7 +119,7 @@ def predict(
     age, sex, site = _checked_meta(age, sex, site)
     try:
         predictor = Predictor.load(model, precision, threads or None)
-        predictor.trust = with_refer_rate(predictor.trust, refer_rate)
+        predictor = at_refer_rate(predictor, refer_rate)
         items, failures = collect_inputs(inputs)
         if metadata is not None:
             table = read_metadata_csv(metadata)

@@ -3,7 +3,9 @@ val confidence quantiles stored in trust.npz, and the val refer rate of a thresh
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+from typing import Any
 
 import numpy as np
 
@@ -54,6 +56,16 @@ def with_refer_rate(state: TrustState, refer_rate: float | None) -> TrustState:
     return dataclasses.replace(state, min_confidence=min_confidence_for(state, refer_rate))
 
 
+def at_refer_rate(predictor: Any, refer_rate: float | None) -> Any:
+    """A Predictor whose refer threshold refers about `refer_rate` of val images: a shallow copy (the given
+    one may be shared), or the given one when None."""
+    if refer_rate is None:
+        return predictor
+    moved = copy.copy(predictor)
+    moved.trust = with_refer_rate(predictor.trust, refer_rate)
+    return moved
+
+
 def refer_words(rate: float | None) -> str | None:
     """'refers about 1 in 5 images like these' for a refer rate (None when unknown)."""
     if rate is None or not np.isfinite(rate):
@@ -78,4 +90,11 @@ def describe(state: TrustState) -> dict:
     }
 
 
-__all__ = ["describe", "min_confidence_for", "refer_words", "val_refer_rate", "with_refer_rate"]
+__all__ = [
+    "at_refer_rate",
+    "describe",
+    "min_confidence_for",
+    "refer_words",
+    "val_refer_rate",
+    "with_refer_rate",
+]

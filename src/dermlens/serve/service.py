@@ -2,7 +2,6 @@
 (or the dynamic batcher), DICOM SR, and the record written for every returned prediction."""
 
 import base64
-import copy
 import hashlib
 import logging
 import threading
@@ -16,7 +15,7 @@ from fastapi import Request, UploadFile
 from dermlens import DISCLAIMER, __version__
 from dermlens.data.taxonomy import FINE_NAMES, SEXES, SITES, coarse_label
 from dermlens.dicom import DicomError, is_dicom_bytes, merge_meta, read_dataset, read_meta
-from dermlens.infer.operating_point import describe, with_refer_rate
+from dermlens.infer.operating_point import at_refer_rate, describe
 from dermlens.predict.fields import InputError, quote
 from dermlens.predict.fields import parse_age as _parse_age
 from dermlens.predict.fields import parse_sex as _parse_sex
@@ -377,16 +376,6 @@ def load_predictor(settings: ServeSettings) -> Any:
         bundle_dir=settings.model, precision=settings.precision, threads=settings.inference.threads
     )
     return at_refer_rate(predictor, settings.refer_rate)
-
-
-def at_refer_rate(predictor: Any, refer_rate: float | None) -> Any:
-    """The predictor with its refer threshold moved to `refer_rate` (a shallow copy: the given one is
-    shared); as given when None."""
-    if refer_rate is None:
-        return predictor
-    moved = copy.copy(predictor)
-    moved.trust = with_refer_rate(predictor.trust, refer_rate)
-    return moved
 
 
 async def _check_fields(request: Request, allowed: frozenset[str], repeatable: str | None = None) -> None:
