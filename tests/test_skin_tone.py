@@ -46,7 +46,7 @@ def test_skin_tone_audit_counts_every_band(ham_prepared: Path, tmp_path: Path) -
     out = tmp_path / "skin.json"
     res = CliRunner().invoke(
         app,
-        ["skin-tone", "--manifest", str(ham_prepared), "--out", str(out), "--limit", "40"]
+        ["evaluate", "skin-tone", "--manifest", str(ham_prepared), "--out", str(out), "--limit", "40"]
         + ["--n-bootstrap", "20"],
     )
     assert res.exit_code == 0, res.output
