@@ -160,7 +160,11 @@ class GuardedH11(H11Protocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if not self.transport.is_closing():
+        if self.transport.is_closing():
+            return
+        if self.conn.their_state is h11.SEND_BODY:  # a pipelined request already started
+            self._watch_body()
+        else:
             self._arm()  # the next request's headers get the same deadline (keep-alive also applies)
 
     def connection_lost(self, exc: Exception | None) -> None:
