@@ -87,7 +87,7 @@ def predict(c: httpx.Client, url: str, image: bytes, **kw) -> httpx.Response:
 # ---- stalled uploads ----------------------------------------------------------------------------------
 
 
-def test_stalled_uploads_do_not_lock_out_other_clients(predictor, image, tmp_path):
+def test_stalled_uploads_do_not_lock_out_other_clients(predictor, image, tmp_path, caplog):
     http = {"body_grace_s": 1.5, "min_body_rate_bytes_s": 10000, "body_timeout_s": 3}
     with serve(predictor, f"sqlite:///{tmp_path / 'r.db'}", http=http) as srv:
         stalled = [stalled_upload(address(srv)) for _ in range(64)]
@@ -106,6 +106,7 @@ def test_stalled_uploads_do_not_lock_out_other_clients(predictor, image, tmp_pat
     assert any(a.startswith(b"HTTP/1.1 408") for a in timed_out)
     for s in stalled:
         s.close()
+    assert not [r for r in caplog.records if r.exc_info]  # one warning line per closed upload
 
 
 def test_slow_upload_is_closed_after_the_body_deadline(predictor, tmp_path):
@@ -295,22 +296,21 @@ def test_locked_sqlite_is_503_fast_and_health_degraded(predictor, image, tmp_pat
 # ---- two servers opening one fresh database -------------------------------------------------------------
 
 _OPEN = (
-    "import sys, time; from dermlens.serve.records import RecordStore\n"
-    "start = float(sys.argv[2]); time.sleep(max(0.0, start - time.time()))\n"
+    "import sys; from dermlens.serve.records import RecordStore\n"
+    "print('ready', flush=True); sys.stdin.readline()\n"
     "RecordStore(sys.argv[1]).close()\n"
 )
 
 
 def _open_together(urls: list[str]) -> list[subprocess.CompletedProcess]:
-    """Two processes per URL open a RecordStore at the same moment (after their imports)."""
-    start = time.time() + 5
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", _OPEN, url, str(start)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
-        )
-        for url in urls
-        for _ in range(2)
-    ]
+    """Two processes per URL open a RecordStore at the same moment (once all have imported)."""
+    pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+    procs = [subprocess.Popen([sys.executable, "-c", _OPEN, url], **pipes) for url in urls for _ in range(2)]
+    for p in procs:
+        assert p.stdout.readline() == b"ready\n", p.stderr.read().decode()[-2000:]
+    for p in procs:
+        p.stdin.write(b"go\n")
+        p.stdin.flush()
     return [subprocess.CompletedProcess(p.args, p.wait(60), *p.communicate()) for p in procs]
 
 

@@ -64,7 +64,7 @@ class GuardMiddleware:
 
     def _refusal(self, path: str, method: str, headers: dict[str, str], client: str) -> Response | None:
         """The response refusing this request from its headers alone, or None to let it through."""
-        if path in AUTH_PATHS and self.settings.api_token:
+        if path in AUTH_PATHS and self.settings.api_token and method != "OPTIONS":
             wait = self.auth_failures.retry_after(client)
             if wait is not None:
                 return _too_many("too_many_auth_failures", "too many failed API tokens; retry later", wait)
