@@ -4,8 +4,9 @@ A record holds the image's SHA-256 (the bytes only when `store_images` is on), t
 the model version and the UTC time. `RecordStore.add` commits before it returns, so a prediction the API
 has acknowledged survives a crash; SQLite runs in WAL mode with synchronous=FULL. The schema is managed by
 Alembic (serve/migrations), upgraded when a store opens. Files are private (0600 in 0700 folders); the
-client's file name is kept only when `store_filename` is on. A locked or unreachable database raises
-RecordsUnavailable (the API answers 503 and acknowledges nothing).
+client's file name is kept only when `store_filename` is on. Rows are committed by one writer thread
+(serve/commits.py) with a deadline: a locked, unreachable or hung database raises RecordsUnavailable (the
+API answers 503) and a row whose caller gave up is never left stored.
 """
 
 from __future__ import annotations
