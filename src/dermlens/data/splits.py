@@ -233,8 +233,3 @@ def write_splits_json(out_dir: str | Path, record: dict) -> Path:
     path = Path(out_dir) / SPLITS_NAME
     path.write_text(json.dumps(record, indent=2, sort_keys=False) + "\n")
     return path
-
-
-def read_splits_json(out_dir: str | Path) -> dict:
-    """The split record written by `dermlens data prepare`."""
-    return json.loads((Path(out_dir) / SPLITS_NAME).read_text())

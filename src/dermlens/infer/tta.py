@@ -30,13 +30,6 @@ def average_probs(probs: list[np.ndarray]) -> np.ndarray:
     return np.mean(np.stack([np.asarray(p, dtype=np.float64) for p in probs]), axis=0)
 
 
-def predict_tta(
-    predict: Callable[[np.ndarray], np.ndarray], batch: np.ndarray, views: tuple[str, ...] = VIEWS
-) -> np.ndarray:
-    """Average `predict(view) -> probs [N, C]` over the TTA views (costs len(views) forward passes)."""
-    return average_probs([predict(v) for v in tta_views(batch, views)])
-
-
 def view_logits(
     run: Callable[[np.ndarray], dict[str, np.ndarray]],
     batch: np.ndarray,

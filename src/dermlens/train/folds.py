@@ -32,11 +32,3 @@ def fold_split(df: pd.DataFrame, val_fold: int | None, pool: str = "train+val") 
     if pool == "train":
         out.loc[df["split"].to_numpy() == "val", "split"] = "heldout"
     return out
-
-
-def n_folds(df: pd.DataFrame, pool: str = "train+val") -> int:
-    """Number of folds the manifest defines over `pool` (0 when it has none)."""
-    if "fold" not in df.columns:
-        return 0
-    f = df.loc[df["split"].isin(POOLS[pool]), "fold"]
-    return int(f[f >= 0].nunique())

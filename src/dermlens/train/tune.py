@@ -31,11 +31,6 @@ MONITOR = "val/bal_acc"
 DISTRIBUTIONS = ("float", "int", "categorical")
 
 
-def default_study() -> dict[str, Any]:
-    """configs/tune.yaml."""
-    return configuration.load("tune")
-
-
 def load_study_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> dict:
     """configs/tune.yaml <- a study file <- overrides; the space is checked against the training config."""
     layers = [("command-line options", overrides or {})]
