@@ -101,6 +101,17 @@ def read_card(bundle: Path) -> ModelCard:
     return ModelCard.from_dict(json.loads(path.read_text()))
 
 
+def card_sha256(bundle: Path) -> str:
+    """SHA-256 of the bundle's card.json (which records the hashes of the bundle's files): the model's id."""
+    import hashlib
+
+    path = Path(bundle) / CARD
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as e:
+        raise BundleError(f"{path}: cannot read the model card ({e.strerror})") from e
+
+
 def write_card(bundle: Path, card: ModelCard) -> Path:
     """Write card.json into a bundle folder."""
     Path(bundle).mkdir(parents=True, exist_ok=True)

@@ -61,10 +61,19 @@ def read_dataset(source: str | Path | bytes, pixels: bool = True, name: str | No
         raise DicomError(f"{name}: not a readable DICOM file ({e})") from e
 
 
+def check_image_class(ds: Any, name: str) -> None:
+    """Refuse a dataset whose SOP class is a known non-image object (a structured report, an RT plan, ...)."""
+    uid = getattr(ds, "SOPClassUID", None)
+    label = getattr(uid, "name", "") if uid else ""
+    if label and label != str(uid) and "Image" not in label:
+        raise DicomError(f"{name}: a {label} object ({uid}), not an image; dermlens reads photographs")
+
+
 def check_photograph(ds: Any, name: str, max_pixels: int | None = None, pixels: bool = True) -> None:
     """Refuse anything but a single-frame 8-bit colour photograph within the pixel limit.
 
     pixels=False checks a header read without its pixel data."""
+    check_image_class(ds, name)
     frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     modality = getattr(ds, "Modality", "?")
     if frames > 1:

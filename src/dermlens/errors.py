@@ -123,3 +123,8 @@ class RecordsConfigError(DermlensError, RuntimeError):
 
 class RecordsUnavailable(DermlensError, RuntimeError):
     """A write could not be committed now (database locked, hung or unreachable); try again later."""
+
+
+# ---- PACS (DICOMweb) -----------------------------------------------------------------------------------
+class PacsError(DermlensError, RuntimeError):
+    """A DICOMweb request the PACS refused or did not answer (one line naming the request)."""

@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from dermlens.errors import BatchInputError
+
 
 def _echo_err(msg: str) -> None:
     typer.echo(msg, err=True)
@@ -14,8 +16,9 @@ def _echo_err(msg: str) -> None:
 
 def predict(
     inputs: Annotated[
-        list[Path], typer.Argument(help="image files, folders (searched recursively) or manifest CSVs")
-    ],
+        list[Path] | None,
+        typer.Argument(help="image files, folders (searched recursively) or manifest CSVs"),
+    ] = None,
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="predictions CSV (one row per image)")
     ] = None,
@@ -51,6 +54,21 @@ def predict(
             "--dicom-sr",
             help="folder for one DICOM Structured Report per DICOM input (needs the dicom extra)",
         ),
+    ] = None,
+    dicomweb: Annotated[
+        str | None,
+        typer.Option(
+            "--dicomweb",
+            help="DICOMweb base URL of a PACS (e.g. http://127.0.0.1:8042/dicom-web): predict its dermoscopy "
+            "images (--study or --since) and store one DICOM SR per image back (STOW-RS)",
+        ),
+    ] = None,
+    study: Annotated[
+        str | None, typer.Option("--study", help="with --dicomweb: the StudyInstanceUID to predict")
+    ] = None,
+    since: Annotated[
+        str | None,
+        typer.Option("--since", help="with --dicomweb: every study dated on or after DATE (YYYY-MM-DD)"),
     ] = None,
     ray: Annotated[
         bool,
@@ -102,7 +120,16 @@ def predict(
     if ray_at is not None and (cam is not None or dicom_sr is not None):
         _echo_err("error: --ray writes the predictions CSVs only; drop --cam/--dicom-sr or --ray")
         raise typer.Exit(2)
+    _check_sources(
+        inputs, dicomweb, study, since, ray_at is not None or cam is not None or dicom_sr is not None
+    )
     age, sex, site = _checked_meta(age, sex, site)
+    if dicomweb is not None:
+        predictor = Predictor.load(model, precision, threads or None)
+        given = {"age": age, "sex": sex, "site": site}
+        _predict_dicomweb(err, predictor, dicomweb, study, since, given, out, batch_size, workers, tta)
+        return
+    inputs = inputs or []
     try:
         predictor = Predictor.load(model, precision, threads or None)
         items, failures = collect_inputs(inputs)
@@ -182,6 +209,63 @@ def predict(
     _finish(err, (out, isic_csv), failures, summary.interrupted)
 
 
+def _check_sources(inputs, dicomweb, study, since, folder_only: bool) -> None:
+    """Inputs or --dicomweb (with exactly one of --study/--since), never both."""
+    if dicomweb is None:
+        if study is not None or since is not None:
+            raise BatchInputError("--study and --since select images in a PACS: give --dicomweb URL too")
+        if not inputs:
+            raise BatchInputError("give image files, folders or CSVs to predict, or --dicomweb URL")
+        return
+    if inputs:
+        raise BatchInputError("give either input files or --dicomweb, not both")
+    if folder_only:
+        raise BatchInputError("--dicomweb stores SRs in the PACS: drop --ray/--cam/--dicom-sr")
+    if (study is None) == (since is None):
+        raise BatchInputError("--dicomweb needs --study UID or --since DATE (one of them)")
+
+
+def _predict_dicomweb(err, predictor, url, study, since, given, out, batch_size, workers, tta) -> None:
+    """`dermlens predict --dicomweb`: QIDO-RS, WADO-RS into a temporary folder, predict, STOW-RS the SRs."""
+    import tempfile
+
+    from dermlens.bundle import card_sha256
+    from dermlens.dicom import merge_meta, read_meta
+    from dermlens.predict.dicomweb import Pacs, SrStore, fetch_items, parse_since
+    from dermlens.predict.folder import run_batch
+
+    pacs = Pacs(url)
+    found = pacs.find(study, parse_since(since) if since else None)
+    skipped = ", ".join(f"{n} {name}" for name, n in sorted(found.skipped.items()))
+    err.print(
+        f"model {predictor.card.name} {predictor.version} ({predictor.precision}); "
+        f"{len(found.instances)} photograph(s) found in {url}" + (f"; skipped {skipped}" if skipped else "")
+    )
+    with tempfile.TemporaryDirectory(prefix="dermlens-dicomweb-") as tmp:
+        items, failures = fetch_items(pacs, found, Path(tmp))
+        for it in items:
+            it.meta = merge_meta(given, read_meta(it.path))
+        store = SrStore(
+            pacs, card_sha256(predictor.bundle_dir), {it.image_id: it.meta["site"] for it in items}
+        )
+        summary = run_batch(
+            predictor,
+            items,
+            out_csv=out,
+            batch_size=batch_size,
+            workers=workers or None,
+            tta=tta,
+            on_rows=store,
+        )
+    for f in summary.failures:  # name the instance, not the temporary file
+        f.path = next((it.image_id for it in items if str(it.path) == f.path), f.path)
+    err.print(
+        f"{summary.done} of {len(found.instances)} image(s) predicted; "
+        f"stored {store.stored} DICOM SR(s) in {url}"
+    )
+    _finish(err, (out,), failures + summary.failures + store.failures, summary.interrupted)
+
+
 def _finish(err, written: tuple[Path | None, ...], failures: list, interrupted: bool) -> None:
     """Name the files written, list the failures, and exit 130 (interrupted) or 1 (failures)."""
     for path in written:
@@ -233,31 +317,47 @@ class _SrWriter:
     """Writes one DICOM SR per predicted DICOM input into a folder; records what it could not write."""
 
     def __init__(self, predictor, items, out_dir: Path) -> None:
+        from dermlens.bundle import card_sha256
+
         self.predictor, self.out_dir = predictor, out_dir
+        self.card_sha256 = card_sha256(predictor.bundle_dir)
         self.meta = {str(it.path): it.meta or {} for it in items}
-        self.written, self.skipped, self.failures = 0, 0, []
+        self.written: dict[str, str] = {}  # SR file name -> the input it was written for
+        self.skipped, self.failures = 0, []
 
     def write(self, rows: list) -> None:
-        from dermlens.dicom import is_dicom_file, read_dataset
-        from dermlens.predict.folder import Failure
-        from dermlens.predict.sr import write_sr
-        from dermlens.preprocess import ImageDecodeError
+        from dermlens.dicom import is_dicom_file
 
         for s in rows:
             path = str(s.item.path)
             if not is_dicom_file(path):
                 self.skipped += 1
                 continue
-            try:
-                source = read_dataset(path, pixels=False)
-                write_sr(source, s.prediction, self.out_dir, self.meta.get(path, {}).get("site"))
-                self.written += 1
-            except ImageDecodeError as e:
-                self.failures.append(Failure(path, f"no DICOM SR: {e}"))
+            self._write_one(path, s.prediction)
+
+    def _write_one(self, path: str, prediction) -> None:
+        from dermlens.dicom import read_dataset
+        from dermlens.predict.folder import Failure
+        from dermlens.predict.sr import uids_for, write_sr
+        from dermlens.preprocess import ImageDecodeError
+
+        try:
+            source = read_dataset(path, pixels=False)
+            name = uids_for(source, prediction, self.card_sha256).filename
+            if name in self.written:
+                uid = source.SOPInstanceUID
+                self.failures.append(
+                    Failure(path, f"no DICOM SR: SOPInstanceUID {uid} is also {self.written[name]}'s")
+                )
+                return
+            write_sr(source, prediction, self.out_dir, self.meta.get(path, {}).get("site"), self.card_sha256)
+            self.written[name] = path
+        except ImageDecodeError as e:
+            self.failures.append(Failure(path, f"no DICOM SR: {e}"))
 
     def report(self, console) -> list:
         """Print what was written; return the SR failures."""
-        console.print(f"wrote {self.written} DICOM SR(s) to {self.out_dir}")
+        console.print(f"wrote {len(self.written)} DICOM SR(s) to {self.out_dir}")
         if self.skipped:
             console.print(f"note: {self.skipped} non-DICOM input(s) have no source DICOM to reference: no SR")
         return self.failures

@@ -144,6 +144,21 @@ SNOMED_SITES: dict[str, str] = {
 }
 SNOMED_SCHEMES: frozenset[str] = frozenset({"SCT", "SRT"})
 
+# Fine diagnosis -> SNOMED CT disorder (code, meaning), as the DICOM SR codes each diagnosis. HAM10000's
+# groups map to their main member: akiec (actinic keratosis + Bowen's disease) to actinic keratosis, bkl
+# (seborrheic keratosis, solar lentigo, lichen-planus-like keratosis) to seborrheic keratosis, vasc (angiomas,
+# angiokeratomas, pyogenic granulomas, haemorrhage) to hemangioma. "unk" has no code.
+FINE_SNOMED: dict[str, tuple[str, str]] = {
+    "mel": ("372244006", "Malignant melanoma of skin"),
+    "nv": ("400096001", "Melanocytic nevus"),
+    "bcc": ("254701007", "Basal cell carcinoma of skin"),
+    "akiec": ("201101007", "Actinic keratosis"),
+    "bkl": ("12563001", "Seborrheic keratosis"),
+    "df": ("72464004", "Dermatofibroma"),
+    "vasc": ("400210000", "Hemangioma"),
+    "scc": ("254651007", "Squamous cell carcinoma of skin"),
+}
+
 # HAM10000 dx_type -> isic-metadata DiagnosisConfirmTypeEnum.
 CONFIRM_TYPES: dict[str, str] = {
     "histo": "histopathology",
