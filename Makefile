@@ -4,19 +4,20 @@ VENV ?= .venv
 CORE_VENV ?= .venv-core
 HOST ?= 127.0.0.1
 PORT ?= 8000
+# Every pip install below takes the tested versions pinned in constraints.txt.
 
 .PHONY: serve test test-postgres install lint release release-eval release-ensemble release-choice release-student levers
 
-$(CORE_VENV)/.installed: pyproject.toml
+$(CORE_VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(CORE_VENV)
 	$(CORE_VENV)/bin/pip install -q --upgrade pip
-	$(CORE_VENV)/bin/pip install -q ".[serve]"
+	$(CORE_VENV)/bin/pip install -q -c constraints.txt ".[serve]"
 	touch $@
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e ".[dev]"
+	$(VENV)/bin/pip install -q -c constraints.txt -e ".[dev]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -1,8 +1,9 @@
 """Size and speed of an ensemble bundle against a single model (the baseline, timed in the same process).
 
-The ensemble is either an existing bundle (--ensemble DIR, e.g. from `dermlens ensemble`) or, by default,
+The ensemble is either an existing bundle (--ensemble DIR, e.g. from `dermlens train ensemble`) or, by
+default,
 K members built from the single bundle's own weights (model.pt, each copy perturbed by ~1e-6 so the
-exporter cannot share their tensors) into ONE EnsembleNet graph and exported like `dermlens ensemble`
+exporter cannot share their tensors) into ONE EnsembleNet graph and exported like `dermlens train ensemble`
 does (fp32 + int8): its size and speed are those of any K-member ensemble of that architecture; its
 accuracy is meaningless (the members are near-identical). Usage:
 

@@ -56,7 +56,7 @@ def main() -> None:
             per_syntax[syntax] = {
                 "max_abs_prob_diff": float(diff.max()),
                 "mean_abs_prob_diff": float(diff.mean()),
-                "top1_agreement": float(np.mean(got["top"] == jpeg["top"])),
+                "top1_agreement": float(np.mean(got["top_class"] == jpeg["top_class"])),
                 "refer_agreement": float(np.mean(got["refer"] == jpeg["refer"])),
                 "max_pixel_diff": pix_diff,
             }
@@ -76,7 +76,7 @@ def main() -> None:
         "metadata_effect": {
             "note": "JPEG with metadata vs without: what the tags must carry to match",
             "mean_abs_prob_diff": float(meta_effect.mean()),
-            "top1_changed": float(np.mean(bare["top"] != jpeg["top"])),
+            "top1_changed": float(np.mean(bare["top_class"] != jpeg["top_class"])),
         },
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

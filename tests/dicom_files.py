@@ -1,7 +1,8 @@
 """Real DICOM files built from real HAM10000 JPEGs (VL Photographic Image Storage), as a clinic stores them.
 
 `jpeg` wraps the JPEG bytes unchanged (JPEG Baseline, YBR_FULL_422, the usual camera path); `rgb` and
-`ybr` store decoded pixels uncompressed; `rle` and `j2k` compress them losslessly with pydicom's encoders.
+`ybr` store decoded pixels uncompressed; `rle`, `j2k` and `jls` (JPEG-LS) compress them losslessly with
+pydicom's encoders.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
+    JPEGLSLossless,
     RLELossless,
     VLPhotographicImageStorage,
     generate_uid,
@@ -24,7 +26,8 @@ from pydicom.uid import (
 from dermlens.data.taxonomy import site_snomed
 from dermlens.preprocess import load_rgb
 
-SYNTAXES = ("jpeg", "rgb", "ybr", "rle", "j2k")
+SYNTAXES = ("jpeg", "rgb", "ybr", "rle", "j2k", "jls")
+COMPRESSED = {"rle": RLELossless, "j2k": JPEG2000Lossless, "jls": JPEGLSLossless}
 
 
 def _dataset(rows: int, cols: int, syntax_uid: str, meta: dict) -> Dataset:
@@ -73,8 +76,8 @@ def write_photo(jpeg_path: Path, out: Path, syntax: str = "jpeg", meta: dict | N
         ds = _dataset(rows, cols, ExplicitVRLittleEndian, meta)
         ds.PhotometricInterpretation = "RGB"
         ds.PixelData = rgb.tobytes()
-        if syntax in ("rle", "j2k"):
-            ds.compress(RLELossless if syntax == "rle" else JPEG2000Lossless)
+        if syntax in COMPRESSED:
+            ds.compress(COMPRESSED[syntax])
     out.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(out, enforce_file_format=True)
     return out

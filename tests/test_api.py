@@ -127,8 +127,8 @@ def test_predict_matches_the_predictor_and_is_recorded(client, predictor, images
     np.testing.assert_allclose(
         [r["fine"][c] for c in predictor.classes], list(direct.fine.values()), atol=1e-6
     )
-    assert (r["ood"]["flagged"], r["refer"]["refer"]) == (direct.ood, direct.refer)
-    assert r["ood"]["score"] == pytest.approx(direct.ood_score, abs=1e-6)
+    assert (r["ood"], r["refer"], r["refer_codes"]) == (direct.ood, direct.refer, direct.refer_codes)
+    assert r["ood_score"] == pytest.approx(direct.ood_score, abs=1e-6)
 
     store = RecordStore(db_url)
     row = store.get(r["record_id"])

@@ -81,11 +81,11 @@ def test_unknown_keys_and_wrong_types_are_one_line_on_every_command(tmp_path: Pa
             "config key 'conformal.alpha' must be float",
         ),
         (
-            ["tune", "--study", _yaml(tmp_path, "u.yaml", {"sampler": {"typ": "tpe"}})],
+            ["train", "tune", "--study", _yaml(tmp_path, "u.yaml", {"sampler": {"typ": "tpe"}})],
             "unknown config key 'sampler.typ'",
         ),
         (
-            ["ensemble", "--recipe", _yaml(tmp_path, "n.yaml", {"folds": "five"})],
+            ["train", "ensemble", "--recipe", _yaml(tmp_path, "n.yaml", {"folds": "five"})],
             "config key 'folds' must be int",
         ),
         (

@@ -111,6 +111,22 @@ def test_non_photographs_are_refused_in_one_line(ham_rows: pd.DataFrame, tmp_pat
         load_rgb(broken)
 
 
+def test_jpeg_lossless_is_refused_in_one_line(tmp_path: Path) -> None:
+    """JPEG Lossless (Process 14) has no permissively licensed decoder: a one-line refusal naming the syntax
+    (pydicom's own GDCM-written RGB test file), from the loader and from `dermlens predict`."""
+    from pydicom.data import get_testdata_file
+
+    path = Path(get_testdata_file("SC_rgb_jpeg_gdcm.dcm"))
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    assert ds.file_meta.TransferSyntaxUID == pydicom.uid.JPEGLosslessSV1 and ds.SamplesPerPixel == 3
+    with pytest.raises(ImageDecodeError, match=r"JPEG Lossless, .* pixel data is not supported") as err:
+        load_rgb(path)
+    assert "\n" not in str(err.value) and "JPEG 2000" in str(err.value)
+    res = run_predict(str(path), "--out", str(tmp_path / "out.csv"))
+    assert res.exit_code != 0 and "Traceback" not in res.output
+    assert "SC_rgb_jpeg_gdcm.dcm: JPEG Lossless" in res.output
+
+
 def test_predict_dicom_equals_jpeg_with_tag_metadata_and_writes_sr(
     dicom_dir: Path, ham_rows: pd.DataFrame, tmp_path: Path
 ) -> None:
@@ -141,7 +157,7 @@ def test_predict_dicom_equals_jpeg_with_tag_metadata_and_writes_sr(
     np.testing.assert_allclose(dcm[cols][exact], jpeg[cols][exact], rtol=1e-5, atol=1e-6)
     # YBR_FULL pixels are off by one level at most: probabilities move by well under 0.05
     assert np.abs(dcm[cols[:8]][~exact].to_numpy() - jpeg[cols[:8]][~exact].to_numpy()).max() < 0.05
-    assert (dcm["top"] == jpeg["top"]).all()
+    assert (dcm["top_class"] == jpeg["top_class"]).all()
 
     # the tags reach the model: the same JPEGs without metadata score differently
     run_predict(*map(str, ham_rows["path"]), "--out", str(bare_out))
@@ -183,7 +199,7 @@ def check_srs(sr_dir: Path, dicom_dir: Path, preds: pd.DataFrame) -> None:
             assert values[f"P-{c}"] == pytest.approx(row[f"p_{c}"], abs=1e-5)
         assert values["111047"] == pytest.approx(row["p_malignant"], abs=1e-5)
         evals = {q.name.value: q.value.value for q in group.get_qualitative_evaluations()}
-        assert evals["TOP"] == row["top"]
+        assert evals["TOP"] == row["top_class"]
         assert evals["REFER"] == ("373066001" if row["refer"] else "373067005")
         texts = [i.TextValue for i in ds.ContentSequence if i.ValueType == "TEXT"]
         assert DISCLAIMER in texts

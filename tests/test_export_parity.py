@@ -171,7 +171,7 @@ def _fake_training_checkpoint(path: Path, metadata: bool) -> Path:
 
 @pytest.mark.slow
 def test_export_command_end_to_end(ham_small_prepared: Path, tmp_path: Path) -> None:
-    """`dermlens export --checkpoint` -> a complete bundle the torch-free Predictor loads and uses."""
+    """`dermlens bundle export --checkpoint` -> a complete bundle the torch-free Predictor loads and uses."""
     from typer.testing import CliRunner
 
     from dermlens.cli.main import app
@@ -224,6 +224,6 @@ def test_export_command_end_to_end(ham_small_prepared: Path, tmp_path: Path) -> 
     img = next((ham_small_prepared.parent / "root" / "images").glob("*.jpg"))
     for precision in ("fp32", "int8"):
         res1 = Predictor.load(out, precision=precision, threads=1).predict_file(img, cam=True)
-        assert res1.top in HAM_CLASSES and res1.cam_png
-    bad = CliRunner().invoke(app, ["export", "--run", str(tmp_path), "--out", str(tmp_path / "x")])
+        assert res1.top_class in HAM_CLASSES and res1.cam_png
+    bad = CliRunner().invoke(app, ["bundle", "export", "--run", str(tmp_path), "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "best.ckpt" in bad.output

@@ -55,7 +55,7 @@ def test_core_install_says_which_extra(tmp_path: Path, ham_root: Path) -> None:
             "data preparation needs sklearn: pip install 'dermlens[evaluate]'",
         ),
         (["train", "trainer.max_epochs=1"], "pip install 'dermlens[train]'"),
-        (["tune"], "pip install 'dermlens[train]'"),
+        (["train", "tune"], "pip install 'dermlens[train]'"),
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     for args, message in cases:

@@ -1,7 +1,8 @@
 """Prediction works where only the core + `serve` extra are installed: no torch, timm, lightning or onnx.
 
 Uses $DERMLENS_CORE_PYTHON when it names an interpreter (CI builds .venv-core with `pip install .[serve]`);
-otherwise builds such a venv once under .venv-core-test-<hash of pyproject.toml + src/> (about a minute).
+otherwise builds such a venv once under .venv-core-test-<hash of pyproject.toml, constraints.txt + src/>
+(about a minute), with the pinned versions of constraints.txt.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ pytestmark = pytest.mark.slow
 
 
 def _source_key() -> str:
-    """Hash of what `pip install .` would package: pyproject.toml and every file under src/dermlens."""
-    h = hashlib.sha256((REPO / "pyproject.toml").read_bytes())
+    """Hash of what the core venv installs: pyproject.toml, constraints.txt, every file in src/dermlens."""
+    h = hashlib.sha256((REPO / "pyproject.toml").read_bytes() + (REPO / "constraints.txt").read_bytes())
     for f in sorted((REPO / "src" / "dermlens").rglob("*")):
         if f.is_file() and "__pycache__" not in f.parts:
             h.update(str(f.relative_to(REPO)).encode())
@@ -43,7 +44,8 @@ def _build_core_venv() -> Path:
         shutil.rmtree(old, ignore_errors=True)
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     subprocess.run(
-        [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", f"{REPO}[serve]"],
+        [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+        + ["-c", str(REPO / "constraints.txt"), f"{REPO}[serve]"],
         check=True,
         timeout=900,
     )

@@ -17,6 +17,7 @@ from bundles import bundle_dir  # tests/bundles.py
 from dermlens import DISCLAIMER
 from dermlens.data.taxonomy import HAM_CLASSES
 from dermlens.evaluate.isic_csv import read_predictions
+from dermlens.infer.prediction import Prediction
 
 ISIC_HEADER = "image,MEL,NV,BCC,AKIEC,BKL,DF,VASC"
 
@@ -48,24 +49,12 @@ def test_folder_to_csv_and_isic(image_folder: Path, tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     assert DISCLAIMER.split(".")[0] in res.output
     df = pd.read_csv(out)
-    assert list(df.columns) == [
-        "image_id",
-        "path",
-        *(f"p_{c}" for c in HAM_CLASSES),
-        "p_malignant",
-        "top",
-        "confidence",
-        "ood_score",
-        "ood",
-        "refer",
-        "refer_reason",
-        "prediction_set",
-        "refer_codes",
-    ]
+    assert list(df.columns) == ["image_id", "path", *Prediction.columns(HAM_CLASSES, ("benign", "malignant"))]
+    assert {"refer", "refer_codes", "prediction_set", "not_dermoscopy_score", "precision"} <= set(df.columns)
     assert len(df) == 5 and df["image_id"].str.startswith("ISIC_").all()
     probs = df[[f"p_{c}" for c in HAM_CLASSES]].to_numpy()
     np.testing.assert_allclose(probs.sum(1), 1, atol=1e-4)
-    assert (df["top"] == [HAM_CLASSES[i] for i in probs.argmax(1)]).all()
+    assert (df["top_class"] == [HAM_CLASSES[i] for i in probs.argmax(1)]).all()
     assert df["p_malignant"].between(0, 1).all() and set(df["refer"]) <= {True, False}
     assert isic.read_text().splitlines()[0] == ISIC_HEADER
     table = read_predictions(isic)  # the evaluate layer's validating reader

@@ -119,12 +119,12 @@ def test_label_efficiency_study_end_to_end(pretrained: dict, tiny_dir: Path, tmp
 
 def test_cli_errors_are_one_line(tmp_path: Path) -> None:
     runner = CliRunner()
-    bad = runner.invoke(app, ["pretrain", "ssl.nope=1"])
+    bad = runner.invoke(app, ["train", "pretrain", "ssl.nope=1"])
     assert bad.exit_code == 2 and "unknown config key 'ssl.nope'" in bad.output
     assert len(bad.output.strip().splitlines()) == 1
-    method = runner.invoke(app, ["pretrain", "ssl.method=byol", f"trainer.run_dir={tmp_path / 'r'}"])
+    method = runner.invoke(app, ["train", "pretrain", "ssl.method=byol", f"trainer.run_dir={tmp_path / 'r'}"])
     assert method.exit_code == 2 and "ssl.method" in method.output
     study = tmp_path / "study.yaml"
     study.write_text(yaml.safe_dump({"fractions": [0.5], "colour": 1}))
-    le = runner.invoke(app, ["label-efficiency", "--config", str(study)])
+    le = runner.invoke(app, ["train", "label-efficiency", "--config", str(study)])
     assert le.exit_code == 2 and "colour" in le.output and len(le.output.strip().splitlines()) == 1

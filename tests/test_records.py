@@ -35,6 +35,7 @@ from typer.testing import CliRunner
 
 from bundles import bundle_dir  # tests/bundles.py
 from dermlens.cli.records import app as records_app
+from dermlens.infer.prediction import Prediction
 from dermlens.serve.migrations import current_revision, head_revision
 from dermlens.serve.records import NewRecord, RecordStore, RecordsUnavailable, export_csv
 from dermlens.serve.settings import load_settings
@@ -78,25 +79,30 @@ def records_url(request, tmp_path):
 
 
 def new_record(**kw) -> NewRecord:
-    base = dict(
-        image_sha256="ab" * 32,
-        image_bytes=123,
-        filename="x.jpg",
-        age=40.0,
-        sex="female",
-        site="head/neck",
+    """A record of a prediction; keyword arguments override the request's or the prediction's fields."""
+    envelope = dict(image_sha256="ab" * 32, image_bytes=123, filename="x.jpg", age=40.0, sex="female")
+    envelope["site"] = "head/neck"
+    pred = dict(
         model_name="m",
         model_version="1.0",
-        fine_probs={"mel": 0.7, "nv": 0.3},
-        coarse_probs={"benign": 0.3, "malignant": 0.7},
+        fine={"mel": 0.7, "nv": 0.3},
+        coarse={"benign": 0.3, "malignant": 0.7},
+        p_malignant=0.7,
         top_class="mel",
+        top_class_name="melanoma",
         confidence=0.7,
+        calibration_condition="meta",
         ood_score=0.1,
         ood=False,
+        not_dermoscopy=False,
         refer=True,
+        refer_codes=["low_confidence"],
         refer_reason="low confidence",
+        precision="fp32",
     )
-    return NewRecord(**{**base, **kw})
+    for key, value in kw.items():
+        (envelope if key in envelope else pred)[key] = value
+    return NewRecord(**envelope, prediction=Prediction(**pred))
 
 
 def test_store_is_durable_and_round_trips(records_url):
@@ -260,7 +266,7 @@ def test_export_csv_via_cli(records_url, tmp_path, monkeypatch):
     url = records_url
     store = RecordStore(url, store_filename=True)
     store.add(new_record(filename="a.jpg"))
-    store.add(new_record(filename="b, c.jpg", fine_probs={"mel": 0.1, "nv": 0.8, "bcc": 0.1}, age=None))
+    store.add(new_record(filename="b, c.jpg", fine={"mel": 0.1, "nv": 0.8, "bcc": 0.1}, age=None))
     store.close()
     monkeypatch.setenv("DERMLENS_RECORDS_URL", url)
     out = tmp_path / "out" / "records.csv"
@@ -269,9 +275,10 @@ def test_export_csv_via_cli(records_url, tmp_path, monkeypatch):
     assert "2 records" in result.output
     rows = list(csv.DictReader(out.open()))
     assert [r["filename"] for r in rows] == ["a.jpg", "b, c.jpg"]
-    assert {"p_mel", "p_nv", "p_bcc", "p_benign", "p_malignant", "image_sha256", "model_version"} <= set(
+    assert {"p_mel", "p_nv", "p_bcc", "coarse_benign", "p_malignant", "image_sha256", "model_version"} <= set(
         rows[0]
     )
+    assert rows[0]["refer_codes"] == "low_confidence" and rows[0]["precision"] == "fp32"
     assert rows[0]["p_bcc"] == "" and float(rows[1]["p_bcc"]) == 0.1 and rows[1]["age"] == ""
     assert datetime.fromisoformat(rows[0]["created_at"]).tzinfo is not None
     again = RecordStore(url)

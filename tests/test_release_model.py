@@ -72,6 +72,17 @@ def test_card_records_lineage_and_refuses_foreign_metrics(tmp_path: Path) -> Non
     assert json.loads((copy / "card.json").read_text())["metrics"]["x"]["summary"] == ok
 
 
+def test_card_states_the_weights_licence() -> None:
+    """The weights carry the training data's non-commercial licence (export default); bundle info shows it."""
+    from dermlens.config import packaged
+
+    card = read_card(bundle_dir())
+    assert card.extra.get("license") == packaged("export")["license"] == "CC-BY-NC-SA-4.0"
+    assert set(card.extra["lineage"]["licences"]) <= {"ham10000", "isic2017", "isic2019", "pad_ufes20"}
+    r = CliRunner().invoke(app, ["bundle", "info", str(bundle_dir())])
+    assert r.exit_code == 0 and "weights CC-BY-NC-SA-4.0" in r.output
+
+
 @pytest.mark.parametrize("metadata", [True, False], ids=["with_metadata", "no_metadata"])
 def test_runtime_reaches_recorded_val_accuracy(ham_manifest, metadata: bool) -> None:
     from dermlens.evaluate.sources import predict_rows

@@ -431,9 +431,9 @@ def test_research_cli_errors_are_one_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"space": {"optim.nope": {"type": "float", "low": 0, "high": 1}}}))
     for args, msg in (
-        (["tune", "--study", str(bad)], "unknown config key 'optim.nope'"),
-        (["ensemble", "--recipe", str(tmp_path / "missing.yaml")], "ensemble recipe not found"),
-        (["distill"], "no teacher bundle"),
+        (["train", "tune", "--study", str(bad)], "unknown config key 'optim.nope'"),
+        (["train", "ensemble", "--recipe", str(tmp_path / "missing.yaml")], "ensemble recipe not found"),
+        (["train", "distill"], "no teacher bundle"),
         (["release", "build", "--recipe", str(bad)], "unknown config key 'space'"),
     ):
         code, output = run_cli(*args)

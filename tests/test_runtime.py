@@ -131,7 +131,7 @@ def test_formats_and_modes(predictor, reference: np.ndarray, tmp_path: Path, fmt
     if fmt in ("PNG", "BMP", "TIFF") and mode in ("RGB", "CMYK"):
         np.testing.assert_array_equal(rgb, reference)
     res = predictor.predict_file(path)
-    assert res.top in HAM_CLASSES and abs(sum(res.fine.values()) - 1) < 1e-5
+    assert res.top_class in HAM_CLASSES and abs(sum(res.fine.values()) - 1) < 1e-5
 
 
 def test_sixteen_bit_rgb_png(predictor, reference: np.ndarray, tmp_path: Path) -> None:
@@ -150,7 +150,7 @@ def test_sixteen_bit_rgb_png(predictor, reference: np.ndarray, tmp_path: Path) -
     png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
     png += chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
     np.testing.assert_array_equal(load_rgb(png), reference)
-    assert predictor.predict_bytes(png).top in HAM_CLASSES
+    assert predictor.predict_bytes(png).top_class in HAM_CLASSES
 
 
 def test_exif_orientation_applied(predictor, reference: np.ndarray, tmp_path: Path) -> None:
@@ -172,16 +172,16 @@ def test_predict_bytes_result_and_cam(predictor, ham_images: list[Path]) -> None
     data = ham_images[1].read_bytes()
     res = predictor.predict_bytes(data, {"age": 55, "sex": "male", "site": "back"}, cam=True)
     assert set(res.fine) == set(HAM_CLASSES) and set(res.coarse) == {"benign", "malignant"}
-    assert res.top == max(res.fine, key=res.fine.get)
-    assert res.confidence == pytest.approx(res.fine[res.top])
+    assert res.top_class == max(res.fine, key=res.fine.get)
+    assert res.confidence == pytest.approx(res.fine[res.top_class])
     assert res.p_malignant == pytest.approx(res.coarse["malignant"])
     assert res.model_version == predictor.card.version and res.precision == predictor.precision
     assert res.refer == (res.refer_reason is not None)
     assert {"decode", "model", "cam", "total"} <= set(res.timing_ms)
     png = Image.open(io.BytesIO(res.cam_png))
-    assert png.format == "PNG" and png.size == (res.image_size[0], res.image_size[1])
-    d = res.to_dict()
-    assert "cam_png" not in d and d["top"] == res.top
+    assert png.format == "PNG" and png.size == (res.image_width, res.image_height)
+    d = res.model_dump()
+    assert "cam_png" not in d and d["top_class"] == res.top_class
     r = predictor.predict_arrays([load_rgb(data)], cam=True)
     heat = r["cam"][0]
     assert heat.ndim == 2 and heat.min() >= 0 and heat.max() <= 1

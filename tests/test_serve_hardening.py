@@ -355,7 +355,7 @@ def test_dynamic_batching_matches_single_predictions(predictor, tmp_path, images
         np.testing.assert_allclose(
             [r["fine"][c] for c in predictor.classes], list(direct.fine.values()), atol=1e-5
         )
-        assert r["refer"]["refer"] == direct.refer
+        assert r["refer"] == direct.refer
     assert RecordStore(settings.records.url).count() == 8
 
 
@@ -369,7 +369,7 @@ def test_batch_queue_is_bounded(predictor, images):
         except QueueFull:
             refused += 1
     assert refused > 0
-    assert all(f.result(timeout=60).top in predictor.classes for f in futures)
+    assert all(f.result(timeout=60).top_class in predictor.classes for f in futures)
     batcher.close()
 
 

@@ -42,8 +42,8 @@ def test_training_normalisation_equals_the_runtime(ham_root: Path) -> None:
 
 @pytest.mark.slow
 def test_export_of_a_checkpoint_train_wrote(tiny_dir: Path, tmp_path: Path) -> None:
-    """`dermlens train` (1 epoch, 2 batches) -> `dermlens export --run` -> Predictor: fp32 ONNX outputs equal
-    the trained module's (its own normalisation and EMA weights) on val images; trust is fitted on int8."""
+    """`dermlens train` (1 epoch, 2 batches) -> `dermlens bundle export --run` -> Predictor: fp32 ONNX outputs
+    equal the trained module's (its own normalisation and EMA weights) on val images; trust fitted on int8."""
     from dermlens.bundle import read_card
     from dermlens.data.cache import open_cache
     from dermlens.data.manifest import read_manifest
@@ -86,6 +86,7 @@ def test_export_of_a_checkpoint_train_wrote(tiny_dir: Path, tmp_path: Path) -> N
     from dermlens.bundle import SCHEMA_VERSION, verify_bundle
 
     assert card.schema_version == SCHEMA_VERSION and f"schema {SCHEMA_VERSION}" in verify_bundle(bundle)
+    assert card.extra["license"] == "CC-BY-NC-SA-4.0"  # configs/export.yaml's default for the weights
     df = read_manifest(tiny_dir)
     rows = np.flatnonzero(df["split"].to_numpy() == "val")[:12]
     images = np.asarray(open_cache(tiny_dir, card.preprocessing)[rows])

@@ -196,12 +196,13 @@ def test_api_returns_set_and_reason_codes(predictor, test_rows: pd.DataFrame, tm
     assert ok.status_code == 200 and clin.status_code == 200, (ok.text, clin.text)
     body = ok.json()
     ps = body["prediction_set"]
-    assert ps["coverage"] == pytest.approx(1 - predictor.trust.conformal_alpha) and ps["condition"] == "meta"
-    assert body["top_class"] == ps["classes"][0] and set(ps["classes"]) <= set(predictor.classes)
-    assert body["refer"]["refer"] == bool(body["refer"]["codes"])
+    assert body["set_coverage"] == pytest.approx(1 - predictor.trust.conformal_alpha)
+    assert body["calibration_condition"] == "meta"
+    assert body["top_class"] == ps[0] and set(ps) <= set(predictor.classes)
+    assert body["refer"] == bool(body["refer_codes"])
     cj = clin.json()
-    assert "not_dermoscopy" in cj["refer"]["codes"] and cj["not_dermoscopy"]["flagged"]
-    assert cj["prediction_set"]["condition"] == "no_meta"
+    assert "not_dermoscopy" in cj["refer_codes"] and cj["not_dermoscopy"]
+    assert cj["calibration_condition"] == "no_meta"
 
 
 def test_trust_fit_cli_refits_a_bundle_copy(ham_small_prepared, tmp_path) -> None:
@@ -234,7 +235,9 @@ def test_trust_fit_cli_refits_a_bundle_copy(ham_small_prepared, tmp_path) -> Non
     assert report["calibration"]["chosen"].endswith("|ham")  # no external manifest given
     assert "cpu" in report and report["bundle_version"] == card["version"]
     p = Predictor.load(bundle)
-    assert p.trust.clinical_weight is not None and "refer" not in report  # one refer figure: metrics.trust.refer
+    assert (
+        p.trust.clinical_weight is not None and "refer" not in report
+    )  # one refer figure: metrics.trust.refer
     assert p.trust.max_set_size == card["metrics"]["trust"]["refer"]["max_set_size"]
 
     bad = CliRunner().invoke(app, ["trust", "fit", "--bundle", str(tmp_path / "nope"), "--manifest", "x"])

@@ -177,7 +177,7 @@ def check_schema(card: ModelCard) -> str:
             f"card schema {v} is newer than this dermlens reads ({SCHEMA_VERSION}): upgrade dermlens"
         )
     if v == 1:
-        return "schema 1 (older format without schema_version; `dermlens export` writes schema 2)"
+        return "schema 1 (older format without schema_version; `dermlens bundle export` writes schema 2)"
     missing = [k for k in V2_KEYS if k not in card.extra]
     if missing:
         raise BundleError(f"card schema {v} lacks {', '.join(missing)}")

@@ -2,7 +2,9 @@
 patient's age, sex and lesion site from the tags. Needs the `dicom` extra (pydicom + pixel-data handlers).
 
 A DICOM file is recognised by its "DICM" preamble at byte 128, never by its name. Anything that is not a
-colour photograph (a CT slice, a grey-scale image, a multi-frame cine) is refused with a one-line reason.
+colour photograph (a CT slice, a grey-scale image, a multi-frame cine), and a transfer syntax no installed
+decoder reads (JPEG Lossless: its one decoder, pylibjpeg-libjpeg, is GPL and not a dependency), are refused
+with a one-line reason.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ MAGIC = b"DICM"
 COLOUR_PHOTOMETRIC = frozenset({"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420"})
 PILLOW_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51"})  # JPEG Baseline/Extended
 INSTALL_HINT = install_hint("dicom")
+DECODED = "uncompressed, RLE, JPEG Baseline/Extended, JPEG-LS and JPEG 2000"  # with the dicom extra
 _AGE = re.compile(r"^\s*(\d{1,3})\s*([DWMY])\s*$", re.IGNORECASE)
 _AGE_UNIT_YEARS = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
 _SEX = {"F": "female", "M": "male"}
@@ -103,6 +106,7 @@ def decode(source: str | Path | bytes, max_pixels: int | None = None, name: str 
     name = name or ("<upload>" if isinstance(source, bytes) else str(source))
     ds = read_dataset(source, pixels=True, name=name)
     check_photograph(ds, name, max_pixels)
+    check_decodable(ds, name)
     try:
         arr = _pixels(ds)
     except (NotImplementedError, RuntimeError, ImportError) as e:
@@ -117,6 +121,24 @@ def decode(source: str | Path | bytes, max_pixels: int | None = None, name: str 
     if arr.ndim != 3 or arr.shape[2] != 3:
         raise DicomError(f"{name}: decoded pixel data has shape {arr.shape}, not rows x columns x 3")
     return np.ascontiguousarray(arr.astype(np.uint8, copy=False))
+
+
+def check_decodable(ds: Any, name: str) -> None:
+    """Refuse, in one line, pixel data whose transfer syntax no installed decoder reads."""
+    from pydicom.pixels import get_decoder
+
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is None or not syntax.is_compressed:
+        return
+    try:
+        available = get_decoder(syntax).is_available
+    except NotImplementedError:
+        available = False
+    if not available:
+        raise DicomError(
+            f"{name}: {syntax.name} pixel data is not supported; dermlens decodes {DECODED} DICOM "
+            "(convert the file, e.g. with dcmtk's dcmdjpeg)"
+        )
 
 
 def _pixels(ds: Any) -> np.ndarray:

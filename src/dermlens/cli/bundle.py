@@ -55,6 +55,7 @@ def info(bundle: BundleArg = None) -> None:
     for name, m in card.get("metrics", {}).items():
         if isinstance(m, dict) and "summary" in m:
             typer.echo(f"metrics[{name}]: " + ", ".join(f"{k} {v:.3f}" for k, v in m["summary"].items()))
+    typer.echo(f"licence: code Apache-2.0, weights {card.get('license') or 'not stated'} (docs/licences.md)")
     typer.echo(card.get("disclaimer", ""))
 
 

@@ -1,4 +1,4 @@
-"""`dermlens distill`: train one student on a teacher bundle's soft targets (e.g. an ensemble's)."""
+"""`dermlens train distill`: train one student on a teacher bundle's soft targets (e.g. an ensemble's)."""
 
 from __future__ import annotations
 

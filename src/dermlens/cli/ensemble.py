@@ -1,4 +1,4 @@
-"""`dermlens ensemble`: k fold members (and/or architectures) -> averaging or stacking -> one bundle."""
+"""`dermlens train ensemble`: k fold members (and/or architectures) -> averaging or stacking -> one bundle."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`dermlens evaluate` and `dermlens external`: options, one library call each, the printed summary.
+"""`dermlens evaluate` and `dermlens evaluate external`: options, one library call each, the printed summary.
 
 The work is in dermlens.evaluate (inputs, runner, conditions, external); heavy imports happen in the command.
 """

@@ -1,4 +1,4 @@
-"""`dermlens export`: a trained run -> a model bundle (ONNX fp32 + int8, trust statistics, card)."""
+"""`dermlens bundle export`: a trained run -> a model bundle (ONNX fp32 + int8, trust statistics, card)."""
 
 from __future__ import annotations
 

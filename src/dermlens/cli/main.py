@@ -23,6 +23,7 @@ from dermlens.cli import serve as serve_cli
 from dermlens.cli import train as train_cli
 from dermlens.cli import trust as trust_cli
 from dermlens.cli import tune as tune_cli
+from dermlens.cli.groups import deprecated, group
 from dermlens.errors import DermlensError
 
 app = typer.Typer(
@@ -32,24 +33,48 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-app.add_typer(bundle_cli.app, name="bundle")
+
+# The path, one noun each: data -> train -> bundle -> trust -> evaluate -> predict/serve -> records/monitor.
+train_app = group(
+    "Train models: a run, a hyper-parameter search, ensembles, distillation, pretraining.", "run"
+)
+train_app.command("run")(train_cli.train)
+train_app.command("tune")(tune_cli.tune)
+train_app.command("ensemble")(ensemble_cli.ensemble)
+train_app.command("distill")(distill_cli.distill)
+train_app.command("pretrain")(pretrain_cli.pretrain)
+train_app.command("label-efficiency")(pretrain_cli.label_efficiency)
+bundle_cli.app.command("export")(export_cli.export)
+evaluate_app = group("Evaluate predictions or a model: metrics with lesion-level CIs, external sets.", "run")
+evaluate_app.command("run")(evaluate_cli.evaluate)
+evaluate_app.command("external")(evaluate_cli.external)
+monitor_app = group("Watch served predictions for drift against the model's reference.", "check")
+monitor_app.command("check")(monitor_cli.monitor)
+monitor_app.command("reference")(monitor_cli.monitor_reference)
+
 app.add_typer(data.app, name="data")
-app.command("evaluate")(evaluate_cli.evaluate)
-app.command("external")(evaluate_cli.external)
-app.command("export")(export_cli.export)
-app.command("monitor")(monitor_cli.monitor)
-app.command("monitor-reference")(monitor_cli.monitor_reference)
+app.add_typer(train_app, name="train")
+app.add_typer(bundle_cli.app, name="bundle")
+app.add_typer(trust_cli.app, name="trust")
+app.add_typer(evaluate_app, name="evaluate")
 app.command("predict")(predict_cli.predict)
 app.command("serve")(serve_cli.serve)
 app.add_typer(records_cli.app, name="records")
-app.command("train")(train_cli.train)
-app.command("pretrain")(pretrain_cli.pretrain)
-app.command("label-efficiency")(pretrain_cli.label_efficiency)
-app.command("tune")(tune_cli.tune)
-app.command("ensemble")(ensemble_cli.ensemble)
-app.command("distill")(distill_cli.distill)
+app.add_typer(monitor_app, name="monitor")
 app.add_typer(release_cli.app, name="release")
-app.add_typer(trust_cli.app, name="trust")
+
+# Old spellings, hidden, for one version.
+for old, new, fn in [
+    ("export", "bundle export", export_cli.export),
+    ("external", "evaluate external", evaluate_cli.external),
+    ("monitor-reference", "monitor reference", monitor_cli.monitor_reference),
+    ("tune", "train tune", tune_cli.tune),
+    ("ensemble", "train ensemble", ensemble_cli.ensemble),
+    ("distill", "train distill", distill_cli.distill),
+    ("pretrain", "train pretrain", pretrain_cli.pretrain),
+    ("label-efficiency", "train label-efficiency", pretrain_cli.label_efficiency),
+]:
+    app.command(old, hidden=True)(deprecated(fn, old, new))
 
 
 @app.command()

@@ -1,4 +1,5 @@
-"""`dermlens pretrain`: self-supervised (SimCLR) pretraining of a backbone on unlabelled dermoscopy images."""
+"""`dermlens train pretrain`: self-supervised (SimCLR) pretraining of a backbone on unlabelled dermoscopy
+images."""
 
 from __future__ import annotations
 

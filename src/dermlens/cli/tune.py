@@ -1,4 +1,4 @@
-"""`dermlens tune`: an Optuna study over training config keys (resumable, SQLite), pruned on val BA."""
+"""`dermlens train tune`: an Optuna study over training config keys (resumable, SQLite), pruned on val BA."""
 
 from __future__ import annotations
 

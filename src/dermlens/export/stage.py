@@ -181,6 +181,7 @@ def export_bundle(
         "intended_use": str(cfg.get("intended_use", "")).strip(),
         "limitations": list(cfg.get("limitations") or []),
         "disclaimer": DISCLAIMER,
+        "license": cfg.get("license"),
     }
     write_card(out, card)
     log(f"wrote {out / CARD}")

@@ -62,13 +62,13 @@ class Prediction(BaseModel):
         return self.model_dump(exclude={"timing_ms", "cam_png", "disclaimer"})
 
     def row(self) -> dict[str, Scalar]:
-        """One flat row (CSV, records export): lists joined by '|', probabilities as fine_<code>/<coarse>."""
+        """One flat row (CSV, records export): lists joined by '|'; p_<code> and coarse_<name> columns."""
         out: dict[str, Scalar] = {}
         for key, value in self.stored().items():
             if key == "fine":
-                out.update({f"fine_{c}": p for c, p in value.items()})
-            elif key == "coarse":
                 out.update({f"p_{c}": p for c, p in value.items()})
+            elif key == "coarse":
+                out.update({f"coarse_{c}": p for c, p in value.items()})
             elif isinstance(value, list):
                 out[key] = "|".join(value)
             else:
@@ -83,9 +83,9 @@ class Prediction(BaseModel):
             if key in ("timing_ms", "cam_png", "disclaimer"):
                 continue
             if key == "fine":
-                names += [f"fine_{c}" for c in classes]
+                names += [f"p_{c}" for c in classes]
             elif key == "coarse":
-                names += [f"p_{c}" for c in coarse_classes]
+                names += [f"coarse_{c}" for c in coarse_classes]
             else:
                 names.append(key)
         return names

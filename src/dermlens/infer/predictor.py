@@ -71,7 +71,7 @@ class Predictor:
             hint = (
                 "the packaged release model is missing: reinstall dermlens or pass --model BUNDLE_DIR"
                 if bundle_dir is None
-                else "pass a folder written by `dermlens export`"
+                else "pass a folder written by `dermlens bundle export`"
             )
             raise BundleError(f"no model bundle at {bundle} ({hint})")
         card = read_card(bundle)

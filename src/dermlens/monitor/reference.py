@@ -1,7 +1,7 @@
 """The model's reference outputs for monitoring: what the bundle predicts on its validation split.
 
-Stored in the bundle as `monitor_reference.json` (written by `dermlens export`, or for an existing bundle
-by `dermlens monitor-reference`): per validation image the predicted class, calibrated confidence, OOD
+Stored in the bundle as `monitor_reference.json` (written by `dermlens bundle export`, or for an existing
+bundle by `dermlens monitor reference`): per validation image the predicted class, calibrated confidence, OOD
 score and refer decision, from the same runtime (and precision) the server uses.
 """
 
@@ -61,7 +61,7 @@ class Reference:
         path = Path(bundle) / REFERENCE_FILE
         if not path.is_file():
             raise MissingReference(
-                f"no {REFERENCE_FILE} in {bundle}: run `dermlens monitor-reference --manifest DIR` "
+                f"no {REFERENCE_FILE} in {bundle}: run `dermlens monitor reference --manifest DIR` "
                 "(or re-export the bundle)"
             )
         ref = cls(**json.loads(path.read_text()))
@@ -70,7 +70,7 @@ class Reference:
         if version != ref.model_version:
             raise MissingReference(
                 f"{path} is for model {ref.model_version}, the bundle is {version}: run "
-                "`dermlens monitor-reference --manifest DIR` for this model"
+                "`dermlens monitor reference --manifest DIR` for this model"
             )
         return ref
 

@@ -128,7 +128,7 @@ def create_app(
 
     @app.post(
         "/predict",
-        response_model=schemas.Prediction,
+        response_model=schemas.PredictionResponse,
         dependencies=auth,
         responses=ERROR_RESPONSES,
         tags=["predict"],
@@ -146,7 +146,7 @@ def create_app(
         dicom_sr: Annotated[
             bool, Form(description="DICOM uploads: also return a DICOM Structured Report (base64)")
         ] = False,
-    ) -> schemas.Prediction:
+    ) -> schemas.PredictionResponse:
         await _check_fields(request, PREDICT_FIELDS)
         a, s, g = parse_age(age), parse_sex(sex), parse_site(site)
         up = Upload(file.filename or None, await file.read(settings.limits.max_upload_bytes + 1), file)

@@ -362,8 +362,8 @@ def stored_row(row: PredictionRecord) -> dict[str, Any]:
     if row.prediction:
         out.update(Prediction.model_validate({**json.loads(row.prediction), "timing_ms": {}}).row())
     else:  # a record written before whole predictions were stored: the columns it has
-        out.update({f"fine_{c}": p for c, p in json.loads(row.fine_probs).items()})
-        out.update({f"p_{c}": p for c, p in json.loads(row.coarse_probs).items()})
+        out.update({f"p_{c}": p for c, p in json.loads(row.fine_probs).items()})
+        out.update({f"coarse_{c}": p for c, p in json.loads(row.coarse_probs).items()})
         out.update({c: getattr(row, c) for c in ("top_class", "confidence", "ood_score", "ood", "refer")})
         out.update(refer_reason=row.refer_reason, model_name=row.model_name, model_version=row.model_version)
     return out

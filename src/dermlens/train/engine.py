@@ -327,7 +327,7 @@ def train(
     """Train from a resolved config; resumes from checkpoints/last.ckpt when present (or when resume=True).
 
     callbacks are added to the trainer's; module_cls / datamodule_cls replace DermModule / DermDataModule
-    (research tools: pruning in `dermlens tune`, soft targets in `dermlens distill`).
+    (research tools: pruning in `dermlens train tune`, soft targets in `dermlens train distill`).
     """
     from dermlens.train.config import check_arch
     from dermlens.train.datamodule import DermDataModule

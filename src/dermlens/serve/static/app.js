@@ -119,13 +119,13 @@ const REFER_TEXT = {
   not_dermoscopy: "The image looks like an ordinary clinical or phone photo, not a dermoscopy image.",
   low_confidence: "The model is not confident enough in its most likely diagnosis.",
   set_too_large: (r) =>
-    `Too many diagnoses remain possible: to be ${pct(r.prediction_set ? r.prediction_set.coverage : 0.9)} ` +
-    `sure of including the right one, the model needs ${r.prediction_set ? r.prediction_set.classes.length : "several"} diagnoses.`,
+    `Too many diagnoses remain possible: to be ${pct(r.set_coverage || 0.9)} ` +
+    `sure of including the right one, the model needs ${r.prediction_set ? r.prediction_set.length : "several"} diagnoses.`,
 };
 
 function renderRefer(r, refused) {
-  const codes = r.refer.codes || [];
-  show($("refer-warning"), r.refer.refer && !refused);
+  const codes = r.refer_codes || [];
+  show($("refer-warning"), r.refer && !refused);
   const list = $("refer-list");
   list.replaceChildren();
   for (const code of codes) {
@@ -136,7 +136,7 @@ function renderRefer(r, refused) {
     li.dataset.code = code;
     list.appendChild(li);
   }
-  const reason = r.refer.reason || "";
+  const reason = r.refer_reason || "";
   $("refer-reason").textContent = codes.length
     ? "This result should not be relied on:"
     : reason
@@ -148,19 +148,19 @@ function renderSet(r) {
   const ps = r.prediction_set;
   show($("pset"), !!ps);
   if (!ps) return;
-  $("pset-title").textContent = `${pct(ps.coverage)} prediction set`;
-  $("pset-classes").textContent = ps.classes.map((c) => className(c)).join(", ");
+  $("pset-title").textContent = `${pct(r.set_coverage)} prediction set`;
+  $("pset-classes").textContent = ps.map((c) => className(c)).join(", ");
   $("pset-note").textContent =
-    `The right diagnosis is among these ${ps.classes.length} with about ${pct(ps.coverage)} probability, ` +
+    `The right diagnosis is among these ${ps.length} with about ${pct(r.set_coverage)} probability, ` +
     "for each diagnosis on its own (conformal prediction, checked on held-out images)." +
-    (ps.condition === "no_meta" ? " Calibrated for images without age, sex or body site." : "");
+    (r.calibration_condition === "no_meta" ? " Calibrated for images without age, sex or body site." : "");
 }
 
 function render(r) {
-  const notDerm = !!(r.not_dermoscopy && r.not_dermoscopy.flagged);
-  const refused = r.ood.flagged || notDerm;
-  show($("ood-warning"), r.ood.flagged);
-  show($("not-dermoscopy-warning"), notDerm && !r.ood.flagged);
+  const notDerm = !!r.not_dermoscopy;
+  const refused = r.ood || notDerm;
+  show($("ood-warning"), r.ood);
+  show($("not-dermoscopy-warning"), notDerm && !r.ood);
   renderRefer(r, refused);
   renderSet(r);
   show($("scores"), !refused);
@@ -188,7 +188,7 @@ function render(r) {
   const t = r.timing_ms.total;
   $("meta-line").textContent =
     `Model ${r.model_name} v${r.model_version}` +
-    oodText(r.ood.score) +
+    oodText(r.ood_score) +
     (t !== undefined ? ` · ${Math.round(t)} ms` : "") +
     ` · record ${r.record_id.slice(0, 8)}`;
   show($("result"), true);
