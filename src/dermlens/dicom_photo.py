@@ -16,7 +16,9 @@ from dermlens.preprocess import load_rgb
 MODALITY = "DMS"  # Dermoscopy (DICOM CID 29)
 _JPEG_SOI = b"\xff\xd8"
 _SEX = {"female": "F", "male": "M"}
-_PAIRED_SITES = frozenset({"upper extremity", "lower extremity", "palms/soles"})  # laterality unknown
+# Sites whose written SNOMED code (Head, Back) is an unpaired body part: Laterality absent. Every other site
+# is paired (a limb) or not known to be unpaired: Laterality present and empty (= unknown), as dciodvfy checks.
+_UNPAIRED_SITES = frozenset({"head/neck", "posterior torso"})
 
 
 def _version() -> str:
@@ -49,11 +51,11 @@ def _patient(ds: Any, meta: dict[str, Any], patient_id: str) -> None:
 
 def _site(ds: Any, site: str | None) -> None:
     """AnatomicRegionSequence: the lesion site as SNOMED CT (left out when unknown); Laterality empty
-    (unknown) for a paired or unknown site, absent for an unpaired one."""
+    (unknown) unless the site is unpaired."""
     from pydicom.dataset import Dataset
 
     code = site_snomed(site) if site else None
-    if not code or site in _PAIRED_SITES:
+    if site not in _UNPAIRED_SITES:
         ds.Laterality = ""
     if code:
         region = Dataset()

@@ -83,6 +83,9 @@ class Pacs:
         self.url, self.page_size = url.rstrip("/"), int(cfg["page_size"])
         self.sop_classes = frozenset(cfg["sop_classes"])
         self.client = DICOMwebClient(self.url, timeout=timeout_s or float(cfg["timeout_s"]))
+        self.client.set_http_retry_params(
+            max_attempts=int(cfg["attempts"]), wait_exponential_multiplier=int(cfg["retry_wait_ms"])
+        )
 
     def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         import requests

@@ -146,11 +146,14 @@ def create_app(
         dicom_sr: Annotated[
             bool, Form(description="DICOM uploads: also return a DICOM Structured Report (base64)")
         ] = False,
+        store_sr: Annotated[
+            bool, Form(description="DICOM uploads: store the DICOM SR in the server's PACS (STOW-RS)")
+        ] = False,
     ) -> schemas.PredictionResponse:
         await _check_fields(request, PREDICT_FIELDS)
         a, s, g = parse_age(age), parse_sex(sex), parse_site(site)
         up = Upload(file.filename or None, await file.read(settings.limits.max_upload_bytes + 1), file)
-        return await svc.predict(up, a, s, g, cam, dicom_sr)
+        return await svc.predict(up, a, s, g, cam, dicom_sr, store_sr)
 
     @app.post(
         "/predict/batch",
