@@ -16,8 +16,8 @@ from dermlens.preprocess import load_rgb
 MODALITY = "DMS"  # Dermoscopy (DICOM CID 29)
 _JPEG_SOI = b"\xff\xd8"
 _SEX = {"female": "F", "male": "M"}
-# Sites whose written SNOMED code (Head, Back) is an unpaired body part: Laterality absent. Every other site
-# is paired (a limb) or not known to be unpaired: Laterality present and empty (= unknown), as dciodvfy checks.
+# Sites whose SNOMED code (Head, Back) is an unpaired body part: Laterality absent. Every other site is
+# paired (a limb) or not known to be unpaired: Laterality present and empty (= unknown), as dciodvfy checks.
 _UNPAIRED_SITES = frozenset({"head/neck", "posterior torso"})
 
 

@@ -4,7 +4,7 @@ Comprehensive SR) that references the source image, so a PACS can store it besid
 Content, in standard codes where one exists: one measurement group per diagnosis (finding type: the SNOMED CT
 disorder, measurement: DCM "Probability"), and one for the lesion (finding type SNOMED "Skin lesion", the
 finding site in SNOMED CT anatomy, DCM "Impression" = the most probable diagnosis, DCM "Probability of
-cancer", DCM "Certainty of Finding" = the top class's calibrated probability, benign/malignant as SNOMED values).
+cancer", DCM "Certainty of Finding" = the top class's calibrated probability, benign/malignant in SNOMED).
 The model's name, version, precision and card SHA-256 are the algorithm identification and observer device.
 Private codes (scheme 99DERMLENS, declared in the SR) only for what has no standard code: refer to a
 dermatologist, the out-of-distribution flag and score, and the "unknown" class.
