@@ -25,7 +25,7 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from bundles import bundle_dir  # tests/bundles.py
-from dermlens.data.taxonomy import FINE_SNOMED, site_general, site_snomed
+from dermlens.data.taxonomy import FINE_SNOMED, HAM_CLASSES, site_general, site_snomed
 from dicom_files import write_photo as write_vl_photo  # tests/dicom_files.py
 
 REPO = Path(__file__).resolve().parents[1]
@@ -160,10 +160,9 @@ def check_coded_sr(sr, row: pd.Series, site: str) -> None:
     values = {m.name.value: m.value for m in lesion.get_measurements()}
     assert values["111047"] == pytest.approx(row["p_malignant"], abs=1e-5)  # DCM Probability of cancer
     by_finding = {g.finding_type.value: g for g in groups if g is not lesion}
-    for code, (sct, _) in FINE_SNOMED.items():
-        if f"fine_{code}" in row:
-            (m,) = by_finding[sct].get_measurements()
-            assert m.name.value == "122157" and m.value == pytest.approx(row[f"fine_{code}"], abs=1e-5)
+    for code in HAM_CLASSES:  # one group per diagnosis: its SNOMED CT code and DCM Probability
+        (m,) = by_finding[FINE_SNOMED[code][0]].get_measurements()
+        assert m.name.value == "122157" and m.value == pytest.approx(row[f"p_{code}"], abs=1e-5)
     texts = dict(walk_text(sr))  # the algorithm identification: name, version and the card's SHA-256
     assert (texts["111001"], texts["111003"]) == (row["model_name"], row["model_version"])
     params = [t for code, t in walk_text(sr) if code == "111002"]  # DCM Algorithm Parameters
