@@ -14,6 +14,7 @@ stores) the same SR again rather than a duplicate.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +83,20 @@ def _device_uid(model_name: str, model_version: str) -> str:
     return (UID_ROOT + digits)[:64]
 
 
+@functools.cache
+def _sct_meanings() -> dict[str, str]:
+    """SNOMED CT code -> meaning, from pydicom's code dictionary (read once)."""
+    from pydicom.sr.codedict import codes
+
+    entries = (getattr(codes.SCT, name, None) for name in dir(codes.SCT))
+    return {c.value: c.meaning for c in entries if hasattr(c, "value")}
+
+
+def _sct_meaning(value: str, default: str) -> str:
+    """The meaning pydicom's SNOMED CT dictionary gives a code (e.g. 77568009 -> Back), else `default`."""
+    return _sct_meanings().get(value, default)
+
+
 def _yes_no(codes, flag: bool):
     return codes.SCT.Yes if flag else codes.SCT.No
 
@@ -119,7 +134,7 @@ def _lesion_group(hd, codes, source: Any, pred: Prediction, site: str | None, ui
         ),
     ]
     code = site_snomed(site) if site else None
-    sites = [hd.sr.FindingSite(hd.sr.CodedConcept(code, "SCT", site))] if code else None
+    sites = [hd.sr.FindingSite(hd.sr.CodedConcept(code, "SCT", _sct_meaning(code, site)))] if code else None
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=_tracking(hd, uids, "lesion"),
         finding_type=codes.SCT.SkinLesion,
