@@ -285,3 +285,22 @@ def test_api_refuses_sources_without_an_sr_and_stores_nothing(ham_root: Path, tm
     store = RecordStore(url)
     assert store.count() == 1  # only the answered prediction
     store.close()
+
+
+def test_a_failed_stow_is_one_line_per_image(ham_rows: pd.DataFrame, tmp_path: Path) -> None:
+    """A PACS that does not answer STOW-RS: each image gets one failure line; nothing raises."""
+    from dermlens.bundle import card_sha256
+    from dermlens.infer.predictor import Predictor
+    from dermlens.predict.dicomweb import Pacs, SrStore
+    from dermlens.predict.folder import Item, run_batch
+
+    predictor = Predictor.load(bundle_dir(), threads=1)
+    items = [
+        Item(write_vl_photo(r["path"], tmp_path / f"{i}.dcm"), f"img{i}") for i, r in ham_rows.iterrows()
+    ]
+    store = SrStore(Pacs("http://127.0.0.1:1/dicom-web"), card_sha256(predictor.bundle_dir), {})
+    summary = run_batch(predictor, items, out_csv=tmp_path / "p.csv", on_rows=store)
+    assert summary.done == len(items) and len(pd.read_csv(tmp_path / "p.csv")) == len(items)
+    assert store.stored == 0 and [f.path for f in store.failures] == ["img0", "img1"]
+    for f in store.failures:
+        assert "\n" not in f.reason and "STOW-RS store of" in f.reason and "cannot connect" in f.reason
