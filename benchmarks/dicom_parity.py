@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 
 
 def main() -> None:
-    from dermlens import dicom
+    from dermlens.data.dicom_meta import read_meta
     from dermlens.infer.predictor import Predictor
     from dermlens.preprocess import load_rgb
     from dicom_files import SYNTAXES, write_photo  # tests/dicom_files.py: real VL Photographic images
@@ -51,7 +51,7 @@ def main() -> None:
                 int(np.abs(a.astype(int) - load_rgb(src)).max())
                 for a, (src, _) in zip(pixels, images, strict=True)
             )
-            got = predictor.predict_arrays(pixels, [dicom.read_meta(p) for p in paths])
+            got = predictor.predict_arrays(pixels, [read_meta(p) for p in paths])
             diff = np.abs(got["probs"] - jpeg["probs"])
             per_syntax[syntax] = {
                 "max_abs_prob_diff": float(diff.max()),

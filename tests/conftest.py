@@ -25,6 +25,16 @@ def data_root() -> Path:
 
 
 @pytest.fixture(scope="session")
+def predictor():
+    """The packaged release bundle, loaded once for the whole run at the precision this CPU is served
+    (int8, or fp32 on an x86 CPU without VNNI). Thread-safe: tests share it."""
+    from bundles import bundle_dir
+    from dermlens.infer.predictor import Predictor
+
+    return Predictor.load(bundle_dir(), threads=1)
+
+
+@pytest.fixture(scope="session")
 def ham_root(data_root: Path) -> Path:
     """The shared HAM10000 copy (metadata CSV, images/, masks/, duplicates and DermaMNIST CSVs)."""
     return data_root / "ham10000"

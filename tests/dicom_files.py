@@ -2,18 +2,24 @@
 
 `jpeg` wraps the JPEG bytes unchanged (JPEG Baseline, YBR_FULL_422, the usual camera path); `rgb` and
 `ybr` store decoded pixels uncompressed; `rle`, `j2k` and `jls` (JPEG-LS) compress them losslessly with
-pydicom's encoders.
+pydicom encoders. `write_deflated` writes the whole data set deflated (transfer syntax
+1.2.840.10008.1.2.1.99), optionally with a huge element of zeros that inflates far beyond the file size (a deflate bomb).
 """
 
 from __future__ import annotations
 
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.pixels import convert_color_space
 from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
@@ -102,4 +108,45 @@ def write_multiframe(jpeg_path: Path, out: Path, frames: int = 3) -> Path:
     ds.PhotometricInterpretation, ds.NumberOfFrames = "RGB", frames
     ds.PixelData = np.stack([rgb] * frames).tobytes()
     ds.save_as(out, enforce_file_format=True)
+    return out
+
+
+BOMB_TAGS = {"header": (0x0009, 0x1000), "trailer": (0xFFFC, 0xFFFC)}  # private element / trailing padding
+_MARK = b"DERMLENS-BOMB-MARK"  # placeholder value, replaced by the bomb's zeros in the deflated stream
+
+
+def write_deflated(
+    jpeg_path: Path, out: Path, meta: dict | None = None, bomb_bytes: int = 0, bomb_at: str = "header"
+) -> Path:
+    """`jpeg_path` as an RGB DICOM photograph whose data set is deflated; with `bomb_bytes`, an OB element of
+    that many zeros sits before the pixels ("header") or after them ("trailer"), streamed into the deflate
+    stream so that neither this writer nor the file holds them (a few hundred kB on disk)."""
+    rgb = load_rgb(jpeg_path)
+    ds = _dataset(rgb.shape[0], rgb.shape[1], DeflatedExplicitVRLittleEndian, meta or {})
+    ds.PhotometricInterpretation, ds.PixelData = "RGB", rgb.tobytes()
+    if bomb_bytes:
+        if bomb_at == "header":
+            ds.add_new((0x0009, 0x0010), "LO", "DERMLENS TEST")
+        ds.add_new(BOMB_TAGS[bomb_at], "OB", _MARK)
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, False
+    write_dataset(body, ds)
+    data = body.getvalue()
+    zip_ = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    if bomb_bytes:
+        group, elem = BOMB_TAGS[bomb_at]
+        element = struct.pack("<HH2sHI", group, elem, b"OB", 0, len(_MARK)) + _MARK
+        before, after = data.split(element)
+        chunks = [zip_.compress(before + struct.pack("<HH2sHI", group, elem, b"OB", 0, bomb_bytes))]
+        zeros = bytes(1 << 20)
+        for start in range(0, bomb_bytes, len(zeros)):
+            chunks.append(zip_.compress(zeros[: min(len(zeros), bomb_bytes - start)]))
+        chunks.append(zip_.compress(after))
+    else:
+        chunks = [zip_.compress(data)]
+    head = DicomBytesIO()
+    head.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(head, ds.file_meta, enforce_standard=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(head.getvalue() + b"".join(chunks) + zip_.flush())
     return out

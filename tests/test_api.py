@@ -16,19 +16,11 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from _server import BackgroundServer
-from bundles import bundle_dir  # tests/bundles.py
 from dermlens import DISCLAIMER
 from dermlens.data.taxonomy import FINE_NAMES, SITES
 from dermlens.serve.api import create_app
 from dermlens.serve.records import RecordStore
 from dermlens.serve.settings import load_settings
-
-
-@pytest.fixture(scope="module")
-def predictor():
-    from dermlens.infer.predictor import Predictor
-
-    return Predictor.load(bundle_dir(), threads=1)
 
 
 @pytest.fixture(scope="module")

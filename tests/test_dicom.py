@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from bundles import bundle_dir  # tests/bundles.py
 from dermlens import DISCLAIMER, dicom
+from dermlens.data.dicom_meta import read_meta
 from dermlens.data.taxonomy import FINE_SNOMED, HAM_CLASSES, SNOMED_SITES, site_general
 from dermlens.preprocess import ImageDecodeError, load_rgb
 from dicom_files import SYNTAXES, write_ct_slice, write_multiframe, write_photo  # tests/dicom_files.py
@@ -73,7 +74,7 @@ def test_every_syntax_decodes_to_the_jpeg_pixels(ham_rows: pd.DataFrame, tmp_pat
 
 def test_tags_map_to_metadata(dicom_dir: Path, ham_rows: pd.DataFrame) -> None:
     for _, r in ham_rows.iterrows():
-        meta = dicom.read_meta(dicom_dir / f"{r['image_id']}.dcm")
+        meta = read_meta(dicom_dir / f"{r['image_id']}.dcm")
         assert meta == {"age": float(int(r["age"])), "sex": r["sex"], "site": r["site"]}
     assert dicom.parse_age("045Y") == 45 and dicom.parse_age("006M") == 0.5 and dicom.parse_age("") is None
     assert dicom.merge_meta({"age": 30, "sex": None}, {"age": 45, "sex": "male", "site": "torso"}) == {

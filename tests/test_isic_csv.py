@@ -5,10 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-import typer
 from typer.testing import CliRunner
 
-from dermlens.cli.evaluate import evaluate
 from dermlens.data.taxonomy import HAM_CLASSES, ISIC2019_CLASSES
 from dermlens.evaluate.isic_csv import (
     PredictionFileError,
@@ -191,9 +189,9 @@ def test_image_table_from_manifest_and_isic_metadata(tmp_path):
 
 
 def _run(args: list[str]):
-    app = typer.Typer()
-    app.command()(evaluate)
-    return CliRunner().invoke(app, args)
+    from dermlens.cli.main import app
+
+    return CliRunner().invoke(app, ["evaluate", *args])
 
 
 def test_cli_reports_bad_csv_without_traceback(tmp_path, ham_rows):

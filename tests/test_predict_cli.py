@@ -148,7 +148,7 @@ def test_no_images_is_a_usage_error(tmp_path: Path) -> None:
 
 
 def test_interrupt_keeps_finished_rows(image_folder: Path, tmp_path: Path) -> None:
-    """Ctrl-C after the first batch: that batch's rows are on disk and the run says it was interrupted."""
+    """Ctrl-C after the first batch: that batch's rows are on disk, in files marked incomplete (.partial)."""
     from dermlens.infer.predictor import Predictor
     from dermlens.predict.folder import collect_inputs, run_batch
 
@@ -163,7 +163,8 @@ def test_interrupt_keeps_finished_rows(image_folder: Path, tmp_path: Path) -> No
     pred = Predictor.load(bundle_dir(), threads=1)
     summary = run_batch(pred, items, out_csv=out, isic_csv=isic, batch_size=2, workers=1, on_progress=stop)
     assert summary.interrupted and summary.done == 2
-    assert len(pd.read_csv(out)) == 2 and len(pd.read_csv(isic)) == 2
+    assert not out.exists() and not isic.exists()
+    assert len(pd.read_csv(f"{out}.partial")) == 2 and len(pd.read_csv(f"{isic}.partial")) == 2
 
 
 @pytest.mark.slow

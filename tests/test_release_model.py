@@ -13,7 +13,7 @@ from sklearn.metrics import balanced_accuracy_score
 from typer.testing import CliRunner
 
 from bundles import bundle_dir  # tests/bundles.py
-from dermlens.bundle import BundleError, read_card, record_metrics, verify_bundle
+from dermlens.bundle import BundleError, read_card, record_metrics, seal, verify_bundle
 from dermlens.cli.main import app
 
 
@@ -41,10 +41,12 @@ def test_card_schema_is_checked(tmp_path: Path) -> None:
     card = json.loads((copy / CARD).read_text())
     assert any(line.startswith(f"schema {card.get('schema_version', 1)}") for line in verify_bundle(copy))
     (copy / CARD).write_text(json.dumps({**card, "schema_version": SCHEMA_VERSION + 1}))
+    seal(copy)  # as its maker would: the card's hash matches, its schema is still refused
     with pytest.raises(BundleError, match="newer than this dermlens"):
         verify_bundle(copy)
     del card["lineage"]
     (copy / CARD).write_text(json.dumps({**card, "schema_version": 2}))
+    seal(copy)
     with pytest.raises(BundleError, match="lacks lineage"):
         verify_bundle(copy)
     r = CliRunner().invoke(app, ["bundle", "info", str(bundle_dir())])
@@ -123,8 +125,7 @@ def test_int8_is_the_default_only_where_it_is_exact(monkeypatch: pytest.MonkeyPa
 def test_record_lineage_names_a_missing_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`bundle record-lineage` where the extra training data is not prepared: one line, card unchanged."""
     copy = tmp_path / "bundle"
-    copy.mkdir()
-    shutil.copy(bundle_dir() / "card.json", copy / "card.json")
+    shutil.copytree(bundle_dir(), copy)
     before = (copy / "card.json").read_bytes()
     monkeypatch.chdir(tmp_path)  # the card's sources are relative (work/isic2017): absent here
     r = CliRunner().invoke(app, ["bundle", "record-lineage", "--bundle", str(copy)])

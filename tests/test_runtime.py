@@ -17,13 +17,6 @@ from dermlens.preprocess import ImageDecodeError, load_rgb
 
 
 @pytest.fixture(scope="module")
-def predictor():
-    from dermlens.infer.predictor import Predictor
-
-    return Predictor.load(bundle_dir(), threads=1)  # the precision this CPU is served: int8, fp32 w/o VNNI
-
-
-@pytest.fixture(scope="module")
 def ham_images(ham_root: Path) -> list[Path]:
     return sorted((ham_root / "images").glob("*.jpg"))[:12]
 

@@ -21,7 +21,6 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from _server import BackgroundServer
-from bundles import bundle_dir  # tests/bundles.py
 from dermlens.cli.serve import app as serve_app
 from dermlens.preprocess import ImageDecodeError, load_rgb, probe
 from dermlens.serve.api import create_app
@@ -46,13 +45,6 @@ FORBIDDEN = [
     "JPEG2000",
     "ICNS",
 ]
-
-
-@pytest.fixture(scope="module")
-def predictor():
-    from dermlens.infer.predictor import Predictor
-
-    return Predictor.load(bundle_dir(), threads=1)
 
 
 @pytest.fixture(scope="module")

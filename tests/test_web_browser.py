@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bundles import bundle_dir  # tests/bundles.py
 from dermlens import DISCLAIMER
 from dermlens.data.taxonomy import FINE_NAMES, SITES
 
@@ -49,13 +48,6 @@ def png_bytes(rgb: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="PNG")
     return buf.getvalue()
-
-
-@pytest.fixture(scope="module")
-def predictor():
-    from dermlens.infer.predictor import Predictor
-
-    return Predictor.load(bundle_dir(), threads=1)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,10 @@ class ConfigError(DermlensError, ValueError):
     """A configuration file or override that cannot be used (one-line message)."""
 
 
+class UsageError(DermlensError, ValueError):
+    """Command-line options that cannot work together (one-line message)."""
+
+
 class MissingExtra(DermlensError, ModuleNotFoundError):
     """An optional dependency is not installed (one-line message naming the extra to install)."""
 
@@ -46,7 +50,10 @@ class ImageDecodeError(DermlensError, ValueError):
 
 
 class DicomError(ImageDecodeError):
-    """A DICOM file dermlens cannot use as a photograph (names the file)."""
+    """A DICOM file dermlens cannot use as a photograph (names the file); `code` as ImageDecodeError's."""
+
+    code: str = "unsupported_format"
+    reason: str = "not a usable DICOM photograph"
 
 
 # ---- model bundles -----------------------------------------------------------------------------------

@@ -105,14 +105,29 @@ def shades_of_gray(rgb: np.ndarray, power: float = 6.0) -> np.ndarray:
     return np.clip(x / np.maximum(gain, 1e-6) + 0.5, 0, 255).astype(np.uint8)
 
 
+def data_white(arr: np.ndarray) -> float:
+    """The value that maps to 255 for a single-channel image deeper than 8 bits, from the data's range.
+
+    Float data: 1.0 if its maximum is <= 1 (a [0, 1] image), else 255 if <= 255, else its maximum.
+    Integer data: 2**b - 1 for the smallest b of 8, 10, 12, 14, 16 that holds its maximum (12-bit data in
+    a 16-bit file has a maximum below 4096 and is scaled as 12-bit), else its maximum. So an image is scaled
+    by the depth its data use, not by its container's type; the darkest values stay 0."""
+    finite = arr[np.isfinite(arr)] if arr.dtype.kind == "f" else arr
+    top = float(finite.max()) if finite.size else 0.0
+    if arr.dtype.kind == "f":
+        return 1.0 if top <= 1.0 else 255.0 if top <= 255.0 else top
+    return next((float(2**b - 1) for b in (8, 10, 12, 14, 16) if top < 2**b), top)
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any PIL mode (L, P, RGBA, CMYK, I;16, I, F...) to 8-bit RGB."""
+    """Convert any PIL mode (L, P, RGBA, CMYK, I;16, I, F...) to 8-bit RGB; deep modes by `data_white`."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img)  # native depth: no float64 copy of the whole image
-        hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        white = data_white(arr)
         out = np.empty(arr.shape, np.uint8)
         for s in range(0, arr.shape[0], 256):  # float temporaries for 256 rows at a time
-            out[s : s + 256] = np.clip(arr[s : s + 256] / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+            rows = np.nan_to_num(arr[s : s + 256].astype(np.float32), nan=0.0)
+            out[s : s + 256] = np.clip(rows / white * 255.0 + 0.5, 0, 255).astype(np.uint8)
         img = Image.fromarray(out, "L")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
@@ -142,8 +157,11 @@ def find_image(folder: Path, stem: str) -> Path | None:
 
 
 def sniff_format(head: bytes) -> str | None:
-    """The allow-listed format whose magic bytes `head` carries, or None. File names are never trusted."""
-    for key, spec in decode_config()["formats"].items():
+    """The allow-listed format whose magic bytes `head` carries, or None. File names are never trusted.
+
+    Formats decoded by their own module (DICOM) are tried first: a DICOM preamble may hold a TIFF header."""
+    formats = sorted(decode_config()["formats"].items(), key=lambda kv: "pillow" in kv[1])
+    for key, spec in formats:
         checks = [(int(off), bytes.fromhex(hx)) for off, hx in (m.split(":") for m in spec["magic"])]
         if all(head[off : off + len(magic)] == magic for off, magic in checks):
             return key
@@ -166,13 +184,8 @@ def _fail(name: str, code: str, reason: str, detail: str | None = None) -> Image
 
 def _open_checked(fh: BinaryIO, name: str, max_pixels: int, max_bytes: int | None) -> Image.Image:
     """Open `fh` with the one Pillow plugin its magic bytes name; check pixels and decoded bytes."""
-    head = fh.read(132)
-    fh.seek(0)
-    fmt = sniff_format(head)
-    spec = decode_config()["formats"].get(fmt or "", {})
-    if spec.get("module") == "dermlens.dicom":  # DICOM: decoded by dermlens.dicom (the `dicom` extra)
-        return _dicom_image(fh, name, max_pixels, max_bytes)
-    if "pillow" not in spec:  # (a format decoded by its own module adds its branch here)
+    spec = decode_config()["formats"].get(_sniff(fh) or "", {})
+    if "pillow" not in spec:  # (a format decoded by its own module adds its branch to _decode)
         allowed = ", ".join(sorted({s.get("pillow", k) for k, s in decode_config()["formats"].items()}))
         raise _fail(name, "unsupported_format", f"not a supported image format ({allowed})")
     img = Image.open(fh, formats=[spec["pillow"]])
@@ -188,27 +201,47 @@ def _open_checked(fh: BinaryIO, name: str, max_pixels: int, max_bytes: int | Non
     return img
 
 
-def _dicom_image(fh: BinaryIO, name: str, max_pixels: int, max_bytes: int | None) -> Image.Image:
-    """A DICOM colour photograph as a PIL RGB image; DICOM's own refusals keep their one-line reason."""
+def _sniff(fh: BinaryIO) -> str | None:
+    head = fh.read(132)
+    fh.seek(0)
+    return sniff_format(head)
+
+
+def dicom_info(header: object, max_pixels: int, max_bytes: int | None, name: str = "<upload>") -> ImageInfo:
+    """ImageInfo of a DICOM photograph from its header (bytes, or a pydicom header already read)."""
+    from dermlens.dicom import DicomError, header_size
+
+    try:
+        width, height = header_size(header, max_pixels, name, max_bytes)
+    except DicomError as e:
+        raise _dicom_fail(name, e) from e
+    return ImageInfo(width, height, "RGB")
+
+
+def _dicom_rgb(data: bytes, name: str, max_pixels: int, max_bytes: int | None) -> np.ndarray:
+    """A DICOM colour photograph decoded by dermlens.dicom (the `dicom` extra), within the limits."""
     from dermlens.dicom import DicomError, decode
 
     try:
-        rgb = decode(fh.read(), max_pixels, name)
+        return decode(data, max_pixels, name, max_bytes)
     except DicomError as e:
-        reason = str(e).removeprefix(f"{name}: ")
-        code = "corrupt_image" if "corrupt" in reason or "not a readable" in reason else "unsupported_format"
-        raise _fail(name, code, reason) from e
-    need = rgb.shape[0] * rgb.shape[1] * 6
-    if max_bytes is not None and need > max_bytes:
-        raise _fail(
-            name, "image_too_large", f"decoding needs {need:,} bytes, over the {max_bytes:,}-byte limit"
-        )
-    return Image.fromarray(rgb, "RGB")
+        raise _dicom_fail(name, e) from e
+
+
+def _dicom_fail(name: str, e: Exception) -> ImageDecodeError:
+    """DICOM's own refusal as the loader's error, keeping its code and one-line reason."""
+    return _fail(name, getattr(e, "code", "unsupported_format"), str(e).removeprefix(f"{name}: "))
 
 
 def probe(source: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int | None = None) -> ImageInfo:
     """Format, size, mode and decode memory of encoded image bytes, from the header only."""
-    return _decode(source, max_pixels, max_bytes, lambda img: ImageInfo(img.width, img.height, img.mode))
+    return _decode(
+        source,
+        max_pixels,
+        max_bytes,
+        lambda img: ImageInfo(img.width, img.height, img.mode),
+        lambda data, name: dicom_info(data, max_pixels, max_bytes, name),
+    )
 
 
 def load_rgb(
@@ -216,9 +249,17 @@ def load_rgb(
 ) -> np.ndarray:
     """Decode a file path or bytes into an HxWx3 uint8 RGB array, EXIF orientation applied.
 
-    Only the formats of configs/decode.yaml reach a decoder; every failure is an ImageDecodeError.
+    Only the formats of configs/decode.yaml reach a decoder; every failure is an ImageDecodeError. Images
+    deeper than 8 bits are scaled by the depth their data use (see `data_white`): a float image in [0, 1]
+    is multiplied by 255, 12-bit data in a 16-bit file are scaled as 12-bit.
     """
-    return _decode(source, max_pixels, max_bytes, lambda img: np.asarray(_to_rgb(_loaded(img))))
+    return _decode(
+        source,
+        max_pixels,
+        max_bytes,
+        lambda img: np.asarray(_to_rgb(_loaded(img))),
+        lambda data, name: _dicom_rgb(data, name, max_pixels, max_bytes),
+    )
 
 
 def _loaded(img: Image.Image) -> Image.Image:
@@ -226,16 +267,24 @@ def _loaded(img: Image.Image) -> Image.Image:
     return ImageOps.exif_transpose(img)
 
 
-def _decode(source: str | Path | bytes, max_pixels: int, max_bytes: int | None, then: Callable):
+def _decode(
+    source: str | Path | bytes, max_pixels: int, max_bytes: int | None, then: Callable, dicom: Callable
+):
+    """Open `source`, dispatch by magic bytes (DICOM to `dicom(bytes, name)`, the rest to Pillow and
+    `then(image)`), and turn every failure into one ImageDecodeError."""
     name = "<upload>" if isinstance(source, bytes) else str(source)
     if isinstance(source, bytes) and not source:
         raise _fail(name, "empty_file", "empty file")
+    if not isinstance(source, bytes) and Path(source).exists() and not Path(source).is_file():
+        raise _fail(name, "unreadable", "not a regular file (a folder, FIFO or device)")
     try:
         fh = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")  # noqa: SIM115
     except OSError as e:
         raise _fail(name, "unreadable", f"cannot open ({e.strerror or e})") from e
     with fh:
         try:
+            if decode_config()["formats"].get(_sniff(fh) or "", {}).get("module") == "dermlens.dicom":
+                return dicom(fh.read(), name)
             return then(_open_checked(fh, name, max_pixels, max_bytes))
         except ImageDecodeError:
             raise

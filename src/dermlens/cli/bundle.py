@@ -60,17 +60,36 @@ def info(bundle: BundleArg = None) -> None:
 
 
 @app.command()
-def verify(bundle: BundleArg = None) -> None:
-    """Check a bundle: readable card, file hashes as recorded, each ONNX graph runs with the card's shapes."""
+def verify(
+    bundle: BundleArg = None,
+    expect: Annotated[
+        str | None, typer.Option(help="The bundle digest (sha256:...) you were given: it must match.")
+    ] = None,
+) -> None:
+    """Check a bundle as serve and predict do: every file as sealed in MANIFEST.sha256 (card included), a
+    usable card, each ONNX graph runs with the card's shapes. Prints the bundle digest."""
     from dermlens.bundle import BundleError, verify_bundle
 
-    try:
-        lines = verify_bundle(_bundle(bundle))
-    except BundleError as e:
-        raise _fail(str(e)) from None
+    lines = verify_bundle(_bundle(bundle))
+    digest = next(line.split(": ", 1)[1] for line in lines if line.startswith("bundle digest: "))
+    if expect is not None and expect.removeprefix("sha256:").lower() != digest.removeprefix("sha256:"):
+        raise BundleError(f"bundle digest is {digest}, not the expected {expect}")
     for line in lines:
         typer.echo(line)
     typer.echo("bundle verified")
+
+
+@app.command()
+def seal(
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder you built or changed yourself.")],
+) -> None:
+    """Record the sha256 of every file of a bundle you built or changed yourself in its MANIFEST.sha256
+    (sealing vouches for the files as they are now)."""
+    from dermlens.bundle import seal as seal_bundle
+    from dermlens.integrity import manifest_digest
+
+    path = seal_bundle(bundle)
+    typer.echo(f"sealed {path}: bundle digest sha256:{manifest_digest(bundle)}")
 
 
 @app.command("add-metrics")

@@ -173,39 +173,8 @@ def evaluate(
         metadata=metadata,
         exclude_train_of=exclude_train_of,
     )
-    try:
-        result, paths = run_evaluation(request)
-    except _expected_errors() as e:
-        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(code=2) from None
+    result, paths = run_evaluation(request)
     _print_summary(result, paths)
-
-
-def _expected_errors() -> tuple[type[Exception], ...]:
-    """Errors of bad input that `evaluate` reports in one line (exit 2)."""
-    import yaml
-
-    from dermlens.bundle import BundleError
-    from dermlens.evaluate.isic_csv import PredictionFileError
-    from dermlens.evaluate.sources import EvaluationInputError
-    from dermlens.preprocess import ImageDecodeError
-
-    expected: tuple[type[Exception], ...] = (
-        PredictionFileError,
-        EvaluationInputError,
-        BundleError,
-        ImageDecodeError,
-        OSError,
-        ValueError,
-        yaml.YAMLError,
-    )
-    try:
-        from dermlens.data.manifest import DataError
-
-        expected = (*expected, DataError)
-    except ImportError:  # data package not installed alongside
-        pass
-    return expected
 
 
 def external(
@@ -220,13 +189,8 @@ def external(
 ) -> None:
     """External validity on ISIC 2017: melanoma-vs-rest AUC and 3 classes (mel, SK->bkl, nevus->nv)."""
     from dermlens.evaluate.external import score_isic2017
-    from dermlens.evaluate.sources import EvaluationInputError
 
-    try:
-        scores, path = score_isic2017(manifest, out, split, model, n_bootstrap, metadata)
-    except EvaluationInputError as e:
-        typer.secho(f"error: {e}", fg="red", err=True)
-        raise typer.Exit(2) from None
+    scores, path = score_isic2017(manifest, out, split, model, n_bootstrap, metadata)
     tc = scores["three_class"]
     typer.echo(
         f"ISIC 2017 [{split}] melanoma AUC {_fmt(scores['melanoma_auc'])}; "

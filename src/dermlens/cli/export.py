@@ -38,32 +38,19 @@ def export(
     precision that will be served."""
     import torch
 
-    from dermlens.bundle import BundleError
-    from dermlens.data.manifest import DataError
-    from dermlens.export import ExportError
+    from dermlens.errors import UsageError
     from dermlens.export.checkpoint import find_checkpoint
     from dermlens.export.stage import export_config
     from dermlens.pipeline.bundle import build_bundle
-    from dermlens.trust.shift import RefitError
 
     if (run is None) == (checkpoint is None):
-        typer.echo("error: give exactly one of --run RUN_DIR or --checkpoint CKPT", err=True)
-        raise typer.Exit(2)
+        raise UsageError("give exactly one of --run RUN_DIR or --checkpoint CKPT")
     if threads > 0:
         torch.set_num_threads(threads)
-    try:
-        ckpt = checkpoint if checkpoint is not None else find_checkpoint(run)
-        card = build_bundle(
-            ckpt,
-            manifest,
-            out,
-            export_config(config),
-            log=lambda m: typer.echo(m, err=True),
-            external=external,
-        )
-    except (ExportError, DataError, BundleError, RefitError, FileNotFoundError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+    ckpt = checkpoint if checkpoint is not None else find_checkpoint(run)
+    card = build_bundle(
+        ckpt, manifest, out, export_config(config), log=lambda m: typer.echo(m, err=True), external=external
+    )
     _write_monitor_reference(out, manifest)
     val = card["metrics"]["val"]
     typer.echo(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -11,7 +14,31 @@ from dermlens.errors import BatchInputError
 
 
 def _echo_err(msg: str) -> None:
-    typer.echo(msg, err=True)
+    typer.echo(_shown(msg), err=True)
+
+
+def _shown(text: str) -> str:
+    """`text` printable on any terminal: bytes of a file name that are not UTF-8 shown as U+FFFD."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts(received: list[int]) -> Iterator[None]:
+    """Inside, SIGTERM stops the run like Ctrl-C (KeyboardInterrupt); the signals seen go to `received`."""
+
+    def stop(signum: int, _frame) -> None:
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    try:
+        old = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def predict(
@@ -83,7 +110,12 @@ def predict(
         typer.Option("--ray-address", help="Ray cluster for --ray: auto, ray://HOST:10001 or HOST:6379"),
     ] = None,
 ) -> None:
-    """Predict lesion classes; writes CSVs incrementally, lists unreadable files at the end (exit 1)."""
+    """Predict lesion classes; writes CSVs incrementally, lists unreadable files at the end (exit 1).
+
+    A CSV stays NAME.partial until the run completes; Ctrl-C/SIGTERM leave it so (exit 130/143).
+
+    Same-named files in different folders get ids NAME_<8 hex digits of the SHA-1 of the path>.
+    """
     import os
 
     # numpy's BLAS only does the small OOD matrix products here; its spinning threads would fight
@@ -103,13 +135,8 @@ def predict(
     from dermlens import DISCLAIMER
     from dermlens.bundle import BundleError
     from dermlens.infer.predictor import Predictor
-    from dermlens.predict.folder import (
-        BatchInputError,
-        apply_dicom_meta,
-        collect_inputs,
-        read_metadata_csv,
-        run_batch,
-    )
+    from dermlens.predict.folder import BatchInputError, run_batch
+    from dermlens.predict.inputs import apply_dicom_meta, collect_inputs, read_metadata_csv
 
     err = Console(stderr=True, soft_wrap=True)
     err.print(f"[bold yellow]{DISCLAIMER}[/]")
@@ -135,8 +162,8 @@ def predict(
         items, failures = collect_inputs(inputs)
         if metadata is not None:
             table = read_metadata_csv(metadata)
-            for it in items:
-                it.meta = table.get(it.image_id, it.meta)
+            for it in items:  # keyed by file name without extension (an id may carry a path hash)
+                it.meta = table.get(it.path.stem, it.meta)
         elif any(v is not None for v in (age, sex, site)):
             for it in items:
                 it.meta = {"age": age, "sex": sex, "site": site}
@@ -170,7 +197,8 @@ def predict(
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     ]
-    with Progress(*columns, console=err, transient=False) as bar:
+    signals: list[int] = []
+    with Progress(*columns, console=err, transient=False) as bar, _sigterm_interrupts(signals):
         task = bar.add_task("predict", total=len(items))
         try:
             summary = run_batch(
@@ -192,7 +220,7 @@ def predict(
         r = s.prediction
         flag = f"  REFER: {r.refer_reason}" if r.refer else ""
         typer.echo(
-            f"{s.item.path}: {r.top_class} {r.confidence:.3f}  p_malignant {r.p_malignant:.3f}  "
+            f"{_shown(str(s.item.path))}: {r.top_class} {r.confidence:.3f}  p_malignant {r.p_malignant:.3f}  "
             f"ood_score {r.ood_score:.4g}"
             + (f"  set {{{', '.join(r.prediction_set)}}}" if r.prediction_set else "")
             + flag
@@ -206,7 +234,7 @@ def predict(
     )
     if sr_writer is not None:
         failures += sr_writer.report(err)
-    _finish(err, (out, isic_csv), failures, summary.interrupted)
+    _finish(err, (out, isic_csv), failures, summary.interrupted, signals)
 
 
 def _check_sources(inputs, dicomweb, study, since, folder_only: bool) -> None:
@@ -230,7 +258,8 @@ def _predict_dicomweb(err, predictor, url, study, since, given, out, batch_size,
     import tempfile
 
     from dermlens.bundle import card_sha256
-    from dermlens.dicom import merge_meta, read_meta
+    from dermlens.data.dicom_meta import read_meta
+    from dermlens.dicom import merge_meta
     from dermlens.predict.dicomweb import Pacs, SrStore, fetch_items, parse_since
     from dermlens.predict.folder import run_batch
 
@@ -266,15 +295,25 @@ def _predict_dicomweb(err, predictor, url, study, since, given, out, batch_size,
     _finish(err, (out,), failures + summary.failures + store.failures, summary.interrupted)
 
 
-def _finish(err, written: tuple[Path | None, ...], failures: list, interrupted: bool) -> None:
-    """Name the files written, list the failures, and exit 130 (interrupted) or 1 (failures)."""
+def _finish(
+    err, written: tuple[Path | None, ...], failures: list, interrupted: bool, signals: list[int] | None = None
+) -> None:
+    """Name the files written, list the failures, and exit 130/143 (interrupted by SIGINT/SIGTERM: the CSVs
+    stay NAME.partial) or 1 (failures)."""
+    from dermlens.predict.folder import partial_path
+
+    if interrupted:
+        _show_failures(err, failures)
+        kept = ", ".join(str(partial_path(p)) for p in written if p is not None)
+        _echo_err(
+            "interrupted: the run is incomplete"
+            + (f"; rows for finished images are in {kept}" if kept else "")
+        )
+        raise typer.Exit(143 if signal.SIGTERM in (signals or []) else 130)
     for path in written:
         if path is not None:
-            err.print(f"wrote {path}")
+            err.print(f"wrote {_shown(str(path))}", markup=False, highlight=False)
     _show_failures(err, failures)
-    if interrupted:
-        _echo_err("interrupted: rows for finished images were written")
-        raise typer.Exit(130)
     if failures:
         raise typer.Exit(1)
 
@@ -296,7 +335,7 @@ def _show_failures(console, failures) -> None:
         return
     console.print(f"[bold red]{len(failures)} input(s) could not be predicted:[/]")
     for f in failures:
-        console.print(f"  {f.path}: {f.reason}", markup=False, highlight=False)
+        console.print(f"  {_shown(f.path)}: {_shown(f.reason)}", markup=False, highlight=False)
 
 
 def _on_rows(human: list | None, sr_writer: _SrWriter | None):
@@ -337,7 +376,7 @@ class _SrWriter:
 
     def _write_one(self, path: str, prediction) -> None:
         from dermlens.dicom import read_dataset
-        from dermlens.predict.folder import Failure
+        from dermlens.predict.inputs import Failure
         from dermlens.predict.sr import uids_for, write_sr
         from dermlens.preprocess import ImageDecodeError
 

@@ -1,4 +1,5 @@
-"""Shared error handling of the research commands (tune, ensemble, distill, release build)."""
+"""Shared helpers of the research commands (tune, ensemble, distill, release): a missing training stack is
+one line naming the extra; every other expected failure is a DermlensError, printed by cli/main.py."""
 
 from __future__ import annotations
 
@@ -8,49 +9,14 @@ from typing import Any
 import typer
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean bad input or missing data: reported in one line, never as a traceback."""
-    from dermlens.bundle import BundleError
-    from dermlens.data.manifest import DataError
-    from dermlens.export import ExportError
-    from dermlens.model.weights import WeightsError
-    from dermlens.train.config import ConfigError
-    from dermlens.train.datamodule import DataSetupError
-    from dermlens.train.distill import DistillError
-    from dermlens.train.folds import FoldError
-    from dermlens.train.members import EnsembleError
-
-    return (
-        ConfigError,
-        DataSetupError,
-        DataError,
-        BundleError,
-        ExportError,
-        WeightsError,
-        EnsembleError,
-        DistillError,
-        FoldError,
-        FileNotFoundError,
-    )
-
-
 def run_or_exit(fn: Callable[[], Any]) -> Any:
-    """Call fn; known failures print `error: ...` and exit 2, a missing extra says what to install."""
+    """Call fn; an ImportError of the training stack becomes a MissingExtra naming what to install."""
     from dermlens.extras import as_missing_extra, missing
 
     try:
-        errors = user_errors()
-    except ImportError as e:
-        typer.echo(f"error: {as_missing_extra(e) or missing(e.name or 'torch', 'train')}", err=True)
-        raise typer.Exit(2) from None
-    try:
         return fn()
     except ImportError as e:
-        typer.echo(f"error: {as_missing_extra(e) or missing(e.name or 'torch', 'train')}", err=True)
-        raise typer.Exit(2) from None
-    except errors as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+        raise as_missing_extra(e) or missing(e.name or "torch", "train") from None
 
 
 def echo(message: str) -> None:

@@ -323,7 +323,8 @@ def read_csv_dataset(
 
 def fill_from_dicom(df: pd.DataFrame) -> pd.DataFrame:
     """Age, sex and site from the tags of DICOM images where the CSV leaves them empty (headers only)."""
-    from dermlens.dicom import is_dicom_file, read_meta
+    from dermlens.data.dicom_meta import read_meta
+    from dermlens.dicom import is_dicom_file
     from dermlens.preprocess import ImageDecodeError
 
     for i, path in enumerate(df["image_path"]):

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from dermlens.bundle import read_card, write_card
+from dermlens.bundle import open_bundle, write_card
 
 
 def extra_sources(info: dict[str, Any]) -> list[str]:
@@ -45,7 +45,7 @@ def lineage(data_dirs: list[str | Path]) -> list[dict[str, Any]]:
 def record_extra_sources(bundle: Path) -> list[dict[str, Any]]:
     """Record in a bundle's card the extra training sources its training record names (for bundles exported
     before export recorded those of ensemble members); a source not readable here is an error."""
-    card = read_card(bundle)
+    card, _ = open_bundle(bundle)  # an intact bundle: a hand edit is not re-sealed by this
     found = lineage(extra_sources(card.extra.get("training") or {}))
     unreadable = [e for e in found if "error" in e]
     if unreadable:

@@ -176,14 +176,13 @@ def export_bundle(
             "outputs": list(OUTPUTS),
             "int8": {**q, **q_info, "calibration_images": int(len(pick)), "calibration_split": "train"},
             "parity_fp32_vs_torch": parity,
-            "files": {f: _sha256(out / f) for f in (ONNX_FP32, ONNX_INT8, TORCH_WEIGHTS)},
         },
         "intended_use": str(cfg.get("intended_use", "")).strip(),
         "limitations": list(cfg.get("limitations") or []),
         "disclaimer": DISCLAIMER,
         "license": cfg.get("license"),
     }
-    write_card(out, card)
+    write_card(out, card)  # seals the bundle: MANIFEST.sha256 lists every file's sha256
     log(f"wrote {out / CARD}")
     return Exported(
         out,

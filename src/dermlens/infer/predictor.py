@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from dermlens.bundle import TRUST, BundleError, ModelCard, read_card, release_dir
+from dermlens.bundle import TRUST, BundleError, ModelCard, check_graph, open_bundle, release_dir
 from dermlens.data.taxonomy import FINE_NAMES
 from dermlens.infer.calibration import softmax
 from dermlens.infer.cam import cam, overlay_png
@@ -74,7 +74,7 @@ class Predictor:
                 else "pass a folder written by `dermlens bundle export`"
             )
             raise BundleError(f"no model bundle at {bundle} ({hint})")
-        card = read_card(bundle)
+        card, _ = open_bundle(bundle)  # the integrity check `dermlens bundle verify` runs
         card_default = card_precision(card.extra.get("default_precision"))
         served = default_precision(card_default, bundle)  # fp32 where int8 loses accuracy
         switched = precision is None and served != card_default
@@ -84,6 +84,7 @@ class Predictor:
         if not (bundle / TRUST).is_file():
             raise BundleError(f"model bundle {bundle} has no {TRUST}")
         model = OnnxModel(bundle / PRECISIONS[precision], threads)
+        check_graph(model.session, card, PRECISIONS[precision])
         predictor = cls(bundle, card, model, TrustState.load(bundle / TRUST), precision)
         if switched:
             predictor.precision_note = f"not {card_default}: int8 loses accuracy on an x86 CPU without VNNI"

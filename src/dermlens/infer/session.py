@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dermlens.bundle import ONNX_FP32, ONNX_INT8, BundleError
+from dermlens.bundle import ONNX_FP32, ONNX_INT8, BundleError, load_session
 from dermlens.metadata import META_DIM
 from dermlens.preprocess import Preprocessing
 
@@ -67,14 +67,10 @@ class OnnxModel:
     """One ONNX graph with inputs `image` (+ `meta`) and the four dermlens outputs."""
 
     def __init__(self, path: str | Path, threads: int | None = None, spin: bool = False) -> None:
-        import onnxruntime as ort
-
         self.path = Path(path)
         if not self.path.is_file():
             raise BundleError(f"no ONNX model at {self.path}")
-        self.session = ort.InferenceSession(
-            str(self.path), session_options(threads, spin), providers=["CPUExecutionProvider"]
-        )
+        self.session = load_session(self.path, session_options(threads, spin))
         self.inputs = {i.name for i in self.session.get_inputs()}
         self.outputs = [o.name for o in self.session.get_outputs()]
         missing = [o for o in OUTPUTS if o not in self.outputs]

@@ -5,6 +5,7 @@ from and written to trust.npz, and applied to model outputs. numpy only; fitting
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from dermlens.errors import BundleError
 from dermlens.infer.calibration import calibrate, mean_softmax, softmax
 from dermlens.infer.conformal import prediction_sets
 from dermlens.infer.ood import (
@@ -234,15 +236,18 @@ class TrustState:
 
     @classmethod
     def load(cls, path: str | Path) -> TrustState:
-        """Read trust.npz written by save()."""
-        with np.load(Path(path), allow_pickle=False) as z:
-            header = json.loads(str(z["header"]))
-            arrays = {k: np.array(z[k]) for k in cls._ARRAYS if k in z.files}
-            if "precision_triu" in z.files:
-                arrays["precision"] = _unpack_symmetric(np.array(z["precision_triu"]))
-        header.pop("version", None)
-        known = {k: v for k, v in header.items() if k in cls.__dataclass_fields__}
-        return cls(**known, **arrays)
+        """Read trust.npz written by save(); an unreadable file is a one-line BundleError."""
+        try:
+            with np.load(Path(path), allow_pickle=False) as z:
+                header = json.loads(str(z["header"]))
+                arrays = {k: np.array(z[k]) for k in cls._ARRAYS if k in z.files}
+                if "precision_triu" in z.files:
+                    arrays["precision"] = _unpack_symmetric(np.array(z["precision_triu"]))
+            header.pop("version", None)
+            known = {k: v for k, v in header.items() if k in cls.__dataclass_fields__}
+            return cls(**known, **arrays)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, zipfile.BadZipFile) as e:
+            raise BundleError(f"{path} is not a readable trust file: {str(e)[:200]}") from None
 
 
 def _unpack_symmetric(triu: np.ndarray) -> np.ndarray:

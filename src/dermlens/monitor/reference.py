@@ -52,8 +52,12 @@ class Reference:
         return counts / max(1.0, counts.sum())
 
     def save(self, bundle: Path) -> Path:
+        """Write monitor_reference.json into the bundle and re-seal it."""
+        from dermlens.bundle import seal
+
         path = Path(bundle) / REFERENCE_FILE
         path.write_text(json.dumps(asdict(self), separators=(",", ":")) + "\n")
+        seal(bundle)
         return path
 
     @classmethod

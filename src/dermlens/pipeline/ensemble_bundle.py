@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from dermlens.bundle import seal
 from dermlens.export.checkpoint import LoadedModel, find_checkpoint, load_checkpoint
 from dermlens.export.stage import export_config
 from dermlens.model.ensemble_net import EnsembleNet
@@ -72,11 +73,13 @@ def ensemble_export_config(recipe: dict[str, Any]) -> dict[str, Any]:
 
 
 def record_in_card(bundle: Path, info: dict[str, Any]) -> None:
-    """Add an `ensemble` section (members, folds, stacker, whether val was seen) to the bundle's card.json."""
+    """Add an `ensemble` section (members, folds, stacker, whether val was seen) to the bundle's card.json
+    and re-seal the bundle."""
     path = Path(bundle) / "card.json"
     card = json.loads(path.read_text())
     card["ensemble"] = info
     path.write_text(json.dumps(card, indent=2, default=float) + "\n")
+    seal(bundle)
 
 
 def data_dir_of(members: list[Member]) -> Path:

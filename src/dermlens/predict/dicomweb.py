@@ -17,7 +17,8 @@ from dermlens import config as configuration
 from dermlens.dicom import INSTALL_HINT
 from dermlens.errors import DermlensError, PacsError
 from dermlens.infer.prediction import Prediction
-from dermlens.predict.folder import Failure, Item, Scored
+from dermlens.predict.folder import Scored
+from dermlens.predict.inputs import Failure, Item
 
 _TAGS = {"study": "0020000D", "series": "0020000E", "sop": "00080018", "sop_class": "00080016"}
 

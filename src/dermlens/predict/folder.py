@@ -1,12 +1,17 @@
 """Batch prediction over files, folders and manifest CSVs: decode in threads, score with onnxruntime, and
-write result rows as each batch finishes (so an unreadable file or Ctrl-C never loses finished work)."""
+write result rows as each batch finishes (so an unreadable file or Ctrl-C never loses finished work).
+
+A CSV is written as `NAME.partial` and renamed to NAME only when the run completes; an interrupted run
+leaves `NAME.partial`. Text cells that a spreadsheet would run as a formula are prefixed with `'`.
+The inputs (files, folders, manifest CSVs) are collected by `dermlens.predict.inputs`.
+"""
 
 from __future__ import annotations
 
 import csv
-import math
+import os
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,23 +24,15 @@ from dermlens.errors import BatchInputError  # noqa: F401 (re-exported)
 from dermlens.infer.prediction import Prediction
 from dermlens.infer.predictor import Predictor
 from dermlens.infer.session import cpu_count
-from dermlens.preprocess import ImageDecodeError, find_image, image_suffixes, load_rgb
-
-IMAGE_EXTENSIONS: frozenset[str] = frozenset(image_suffixes())
-# Column names tried (case-insensitive) when reading a manifest or metadata CSV; the first present wins.
-IMAGE_COLUMNS = ("image_path", "path", "file", "filename", "image", "image_id", "isic_id", "id")
-AGE_COLUMNS = ("age", "age_approx", "age_approximate")
-SEX_COLUMNS = ("sex", "gender")
-SITE_COLUMNS = ("site", "anatom_site_general", "localization", "location")
-
-
-@dataclass
-class Item:
-    """One image to score."""
-
-    path: Path
-    image_id: str
-    meta: dict[str, Any] | None = None
+from dermlens.predict.inputs import (  # noqa: F401 (re-exported)
+    Failure,
+    Item,
+    apply_dicom_meta,
+    collect_inputs,
+    read_manifest_csv,
+    read_metadata_csv,
+)
+from dermlens.preprocess import ImageDecodeError, load_rgb
 
 
 @dataclass(frozen=True)
@@ -44,14 +41,6 @@ class Scored:
 
     item: Item
     prediction: Prediction
-
-
-@dataclass
-class Failure:
-    """An input that could not be scored, with the reason."""
-
-    path: str
-    reason: str
 
 
 @dataclass
@@ -67,120 +56,6 @@ class BatchSummary:
     ood: int = 0
 
 
-# ---- inputs ---------------------------------------------------------------------------------------------
-
-
-def _pick(columns: Iterable[str], names: tuple[str, ...]) -> str | None:
-    lower = {c.lower().strip(): c for c in columns}
-    return next((lower[n] for n in names if n in lower), None)
-
-
-def _clean(value: Any) -> Any:
-    """NaN / empty -> None."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    return None if isinstance(value, str) and not value.strip() else value
-
-
-def _row_meta(row: dict[str, Any], cols: dict[str, str | None]) -> dict[str, Any] | None:
-    meta = {k: _clean(row.get(c)) if c else None for k, c in cols.items()}
-    return meta if any(v is not None for v in meta.values()) else None
-
-
-def _meta_columns(columns: Iterable[str]) -> dict[str, str | None]:
-    columns = list(columns)
-    return {
-        "age": _pick(columns, AGE_COLUMNS),
-        "sex": _pick(columns, SEX_COLUMNS),
-        "site": _pick(columns, SITE_COLUMNS),
-    }
-
-
-def _resolve_image(value: str, base: Path) -> Path:
-    """A manifest cell (absolute or relative path, or an id without extension) -> an image path."""
-    p = Path(value).expanduser()
-    candidates = [p] if p.is_absolute() else [base / p, p]
-    if not p.suffix:
-        candidates += [f for f in (find_image(folder, p.name) for folder in (base, base / "images")) if f]
-    return next((c for c in candidates if c.is_file()), candidates[0])
-
-
-def read_manifest_csv(path: Path) -> list[Item]:
-    """Images listed in a CSV (first image-like column), with age/sex/site columns as metadata."""
-    import pandas as pd
-
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise BatchInputError(f"{path}: not a readable CSV ({e})") from e
-    col = _pick(df.columns, IMAGE_COLUMNS)
-    if col is None:
-        raise BatchInputError(f"{path}: no image column (tried {', '.join(IMAGE_COLUMNS)})")
-    mcols = _meta_columns(df.columns)
-    items = []
-    for row in df.to_dict("records"):
-        value = str(row[col]).strip()
-        if value:
-            img = _resolve_image(value, path.parent)
-            items.append(Item(img, img.stem, _row_meta(row, mcols)))
-    return items
-
-
-def read_metadata_csv(path: Path) -> dict[str, dict[str, Any]]:
-    """Per-image metadata keyed by image id (file name without extension) from a CSV."""
-    items = read_manifest_csv(path)
-    return {it.image_id: it.meta for it in items if it.meta}
-
-
-def apply_dicom_meta(items: list[Item]) -> int:
-    """Fill each DICOM item's missing age/sex/site from its tags (given values win); returns the count.
-
-    Reads headers only; a file whose header is unreadable is left alone (decoding reports it).
-    """
-    from dermlens.dicom import is_dicom_file, merge_meta, read_meta
-
-    n = 0
-    for it in items:
-        if is_dicom_file(it.path):
-            try:
-                it.meta = merge_meta(it.meta, read_meta(it.path))
-                n += 1
-            except ImageDecodeError:
-                continue
-    return n
-
-
-def collect_inputs(inputs: list[Path]) -> tuple[list[Item], list[Failure]]:
-    """Expand files, folders (recursive, image extensions) and manifest CSVs into items, in order."""
-    items: list[Item] = []
-    failures: list[Failure] = []
-    for raw in inputs:
-        p = Path(raw).expanduser()
-        if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
-            if not files:
-                failures.append(
-                    Failure(
-                        str(p), "folder holds no image files (" + ", ".join(sorted(IMAGE_EXTENSIONS)) + ")"
-                    )
-                )
-            items += [Item(f, f.stem) for f in files]
-        elif p.suffix.lower() == ".csv" and p.is_file():
-            items += read_manifest_csv(p)
-        elif p.exists():
-            items.append(Item(p, p.stem))
-        else:
-            failures.append(Failure(str(p), "no such file or folder"))
-    seen: set[Path] = set()
-    unique = []
-    for it in items:
-        key = it.path.absolute()
-        if key not in seen:
-            seen.add(key)
-            unique.append(it)
-    return unique, failures
-
-
 # ---- outputs --------------------------------------------------------------------------------------------
 
 
@@ -188,21 +63,51 @@ def _fmt(x: float) -> str:
     return f"{float(x):.6g}"
 
 
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # what makes a spreadsheet treat a cell as a formula
+
+
+def safe_cell(value: str) -> str:
+    """A text cell a spreadsheet would run as a formula (`=HYPERLINK(...)`), prefixed with `'`; numbers
+    (`-0.5`) and other text unchanged."""
+    if not value.startswith(FORMULA_START):
+        return value
+    try:
+        float(value)
+        return value
+    except ValueError:
+        return "'" + value
+
+
 class RowWriter:
-    """A CSV file written one row at a time and flushed after each batch."""
+    """A CSV written one row at a time to `PATH.partial`, flushed after each batch, and renamed to PATH by
+    `close(complete=True)`; an incomplete run leaves `PATH.partial` (and no stale PATH).
+
+    File names that are not valid UTF-8 are written back as their original bytes (surrogateescape)."""
 
     def __init__(self, path: Path, header: list[str]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.fh: TextIO = open(path, "w", newline="", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self.path, self.partial = path, partial_path(path)
+        path.unlink(missing_ok=True)
+        self.fh: TextIO = open(  # noqa: SIM115 - closed in close()
+            self.partial, "w", newline="", encoding="utf-8", errors="surrogateescape"
+        )
         self.writer = csv.writer(self.fh)
         self.writer.writerow(header)
 
     def write(self, rows: list[list[str]]) -> None:
-        self.writer.writerows(rows)
+        self.writer.writerows([[safe_cell(c) if isinstance(c, str) else c for c in r] for r in rows])
         self.fh.flush()
 
-    def close(self) -> None:
+    def close(self, complete: bool = True) -> None:
+        """Close the file; rename it to its final name if the run is complete."""
         self.fh.close()
+        if complete:
+            os.replace(self.partial, self.path)
+
+
+def partial_path(path: Path) -> Path:
+    """Where a CSV is written until its run completes: PATH.partial."""
+    return path.with_name(path.name + ".partial")
 
 
 def prediction_header(predictor: Predictor) -> list[str]:
@@ -323,6 +228,7 @@ def run_batch(
             on_progress(len(rows))
         pending.clear()
 
+    finished = False
     try:
         for item, got in _decoded(
             items, predictor, workers, cam_dir is not None, window=max(2 * batch_size, 4 * workers)
@@ -336,11 +242,12 @@ def run_batch(
             if len(pending) >= batch_size:
                 flush()
         flush()
+        finished = True
     except KeyboardInterrupt:
         summary.interrupted = True
     finally:
         for w in writers:
-            w.close()
+            w.close(complete=finished)
         summary.seconds = time.perf_counter() - start
     return summary
 

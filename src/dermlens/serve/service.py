@@ -1,5 +1,8 @@
 """The prediction service behind the routes: upload checks and decoding, scoring through the Predictor
-(or the dynamic batcher), DICOM SR, and the record written for every returned prediction."""
+(or the dynamic batcher), DICOM SR, and the record written for every returned prediction.
+
+Long module: the one path from an upload to a stored, answered prediction, shared by both routes.
+"""
 
 import base64
 import hashlib
@@ -14,14 +17,15 @@ from fastapi import Request, UploadFile
 
 from dermlens import DISCLAIMER, __version__
 from dermlens.bundle import card_sha256
+from dermlens.data.dicom_meta import patient_meta
 from dermlens.data.taxonomy import FINE_NAMES, SEXES, SITES, coarse_label
-from dermlens.dicom import DicomError, is_dicom_bytes, merge_meta, read_dataset, read_meta
+from dermlens.dicom import DicomError, is_dicom_bytes, merge_meta, read_dataset
 from dermlens.infer.prediction import Prediction
 from dermlens.predict.fields import InputError, quote
 from dermlens.predict.fields import parse_age as _parse_age
 from dermlens.predict.fields import parse_sex as _parse_sex
 from dermlens.predict.fields import parse_site as _parse_site
-from dermlens.preprocess import ImageDecodeError, load_rgb, probe
+from dermlens.preprocess import ImageDecodeError, dicom_info, load_rgb, probe
 from dermlens.serve import schemas
 from dermlens.serve.batching import DynamicBatcher, QueueFull
 from dermlens.serve.errors import ApiError, busy, decode_error
@@ -64,6 +68,8 @@ def _dicom_call(fn: Any, *args: Any) -> Any:
         message = str(e).replace("<upload>: ", "", 1)
         if "dermlens[dicom]" in message and "needs" in message:
             raise ApiError(415, "dicom_unsupported", message) from e
+        if e.code == "image_too_large":
+            raise decode_error(e) from e
         raise ApiError(400, "unsupported_dicom", message) from e
 
 
@@ -71,7 +77,7 @@ def dicom_sr(up: "Upload", prediction: Prediction, site: str | None, card_sha256
     """The prediction as a DICOM Structured Report referencing the uploaded DICOM image (4xx if it cannot)."""
     from dermlens.predict.sr import build_sr
 
-    source = _dicom_call(read_dataset, up.data, False)
+    source = up.dicom if up.dicom is not None else _dicom_call(read_dataset, up.data, False)
     return _dicom_call(build_sr, source, prediction, site, card_sha256)
 
 
@@ -95,6 +101,16 @@ class Upload:
     filename: str | None
     data: bytes
     source: UploadFile | None = None  # the spooled upload, re-read only if images are stored
+    dicom: Any = None  # a DICOM upload's header, read once (tags, size check, SR reference)
+
+
+def with_dicom_tags(up: Upload, meta: dict[str, Any]) -> dict[str, Any]:
+    """A DICOM upload: read its header once (kept on `up`) and fill the form's empty age/sex/site from the
+    tags; any other upload: `meta` unchanged. Both prediction routes call this (worker thread)."""
+    if not is_dicom_bytes(up.data):
+        return meta
+    up.dicom = _dicom_call(read_dataset, up.data, False)
+    return merge_meta(meta, patient_meta(up.dicom))
 
 
 @dataclass
@@ -107,6 +123,7 @@ class Scored:
     result: Any
     size: tuple[int, int]
     t0: float
+    meta: dict[str, Any] | None = None  # this upload's age/sex/site (a DICOM's tags fill the form's gaps)
 
 
 class MemoryBudget:
@@ -158,7 +175,11 @@ class Service:
             raise ApiError(413, "file_too_large", f"file exceeds the {lim.max_upload_bytes:,}-byte limit")
         t0 = time.perf_counter()
         try:
-            need = probe(up.data, lim.max_pixels, lim.max_decoded_bytes).decoded_bytes
+            if up.dicom is not None:  # the header already read for the tags
+                info = dicom_info(up.dicom, lim.max_pixels, lim.max_decoded_bytes)
+            else:
+                info = probe(up.data, lim.max_pixels, lim.max_decoded_bytes)
+            need = info.decoded_bytes
             if not self.memory.reserve(need):
                 raise busy("the server is decoding too many large images; retry shortly", self.settings)
             try:
@@ -192,7 +213,7 @@ class Service:
             except QueueFull:
                 raise busy("the prediction queue is full; retry shortly", self.settings) from None
             got = got.model_copy(update={"timing_ms": {"decode": (t1 - t0) * 1000.0, **got.timing_ms}})
-        return Scored(up, hashlib.sha256(up.data).hexdigest(), len(up.data), got, size, t0)
+        return Scored(up, hashlib.sha256(up.data).hexdigest(), len(up.data), got, size, t0, meta)
 
     async def store_all(self, scored: list[Scored], meta: dict[str, Any]) -> list[Any]:
         """Commit the records of `scored` in one transaction before anything is answered (503 if locked)."""
@@ -201,7 +222,7 @@ class Service:
         images = (
             [await _stored_bytes(s.up) for s in scored] if self.store.store_images else [None] * len(scored)
         )
-        news = [self._new_record(s, meta) for s in scored]
+        news = [self._new_record(s, s.meta if s.meta is not None else meta) for s in scored]
         try:
             return await anyio.to_thread.run_sync(self.store.add_many, list(zip(news, images, strict=True)))
         except RecordsUnavailable:
@@ -255,7 +276,7 @@ class Service:
         dicom = is_dicom_bytes(up.data)
         self._check_sr_request(dicom, sr, store_sr)
         if dicom:  # age/sex/site from the tags where the form leaves them empty
-            meta = await anyio.to_thread.run_sync(lambda: merge_meta(meta, _dicom_call(read_meta, up.data)))
+            meta = await anyio.to_thread.run_sync(with_dicom_tags, up, meta)
         scored = await self.score(up, meta, cam)
         built = None
         if (
@@ -316,7 +337,7 @@ class Service:
                     schemas.BatchItem(
                         filename=o.up.filename,
                         ok=True,
-                        result=self.prediction(o, next(rows), meta, cam, t_end),
+                        result=self.prediction(o, next(rows), o.meta or meta, cam, t_end),
                     )
                 )
             else:
@@ -327,6 +348,8 @@ class Service:
         self, out: list, i: int, up: Upload, meta: dict[str, Any], cam: bool, slots: anyio.Semaphore
     ) -> None:
         try:
+            if is_dicom_bytes(up.data):  # the tags fill the form's gaps, as on /predict
+                meta = await anyio.to_thread.run_sync(with_dicom_tags, up, meta)
             out[i] = await self.score(up, meta, cam)
         except ApiError as e:
             out[i] = e
@@ -334,7 +357,7 @@ class Service:
             log.exception("unexpected error scoring one file of a batch")
             out[i] = ApiError(500, "internal_error", "this file could not be scored")
         finally:
-            up.data = b""  # the bytes stay only in the spooled upload (re-read if images are stored)
+            up.data, up.dicom = b"", None  # the bytes stay only in the spooled upload (re-read if stored)
             slots.release()
 
     def model_info(self) -> schemas.ModelInfo:

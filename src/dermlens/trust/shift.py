@@ -9,7 +9,6 @@ The OOD statistics, temperatures and CAM weights already in trust.npz are kept.
 
 from __future__ import annotations
 
-import hashlib
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dermlens.bundle import TRUST, read_card, write_card
+from dermlens.bundle import TRUST, open_bundle, read_card, write_card
 from dermlens.errors import RefitError  # noqa: F401 (re-exported)
 from dermlens.infer.calibration import calibrate
 from dermlens.infer.ood import not_dermoscopy_score
@@ -93,7 +92,7 @@ class Runner:
     def __init__(self, bundle: Path, threads: int | None = None, precision: str | None = None) -> None:
         from dermlens.infer.session import PRECISIONS, OnnxModel, default_precision
 
-        self.card = read_card(bundle)
+        self.card, _ = open_bundle(bundle)  # refit only an intact bundle: the write re-seals it
         self.prep: Preprocessing = self.card.preprocessing
         served = default_precision(self.card.extra.get("default_precision"), Path(bundle))
         self.precision = (precision or served).lower()
@@ -293,7 +292,7 @@ def refit_bundle(
 
 
 def save_into_bundle(bundle: Path, state: TrustState) -> None:
-    """Write trust.npz and update the card's trust sections and the trust.npz checksum."""
+    """Write trust.npz and update the card's trust sections; write_card re-seals the bundle."""
     state.save(bundle / TRUST)
     card = read_card(bundle)
     sections = state.card_sections()
@@ -303,9 +302,6 @@ def save_into_bundle(bundle: Path, state: TrustState) -> None:
             card.extra[key] = sections[key]
     metrics = card.extra.setdefault("metrics", {})
     metrics["trust"] = state.info
-    files = card.extra.get("export", {}).get("files")
-    if isinstance(files, dict):
-        files[TRUST] = hashlib.sha256((bundle / TRUST).read_bytes()).hexdigest()
     write_card(bundle, card)
 
 
