@@ -78,7 +78,7 @@ release-ensemble: $(VENV)/.installed
 	cp runs/release-ensemble/members/lite2/logs/csv/metrics.csv docs/results/choice/lite2_training_log.csv
 
 ## release-student: distil the packaged ensemble into one lite0 student on the release recipe (8 epochs,
-## resumable), export it like the lite0 candidate, score it on validation (release-choice), apply the issue's
+## resumable), export it like the lite0 candidate, score it on validation (release-choice), apply the release
 ## rule (the student ships by default if its int8 val BA is within 1 point of the ensemble's), time both.
 STUDENT_BUNDLE ?= runs/student/bundle
 release-student: $(VENV)/.installed

@@ -6,7 +6,7 @@ images upscaled to 600x450 JPEG from 1, 8 and 32 concurrent clients: req/s, p50 
 batching on (the default), off (one onnxruntime call per request), and, with --before-src, the server of
 an older checkout (e.g. dermlens 0.1, for before/after figures). Next to them: `dermlens predict`-style
 batch throughput (serve.batch.run_batch: decode threads + batches of 32) on the same images, the ceiling
-the API aims at (issue 10: at 8 clients >= 70% of it, p99 <= 3x p50).
+the API aims at (at 8 clients >= 70% of it, p99 <= 3x p50).
 
     .venv/bin/python benchmarks/bench_api.py [--clients 1,8,32] [--per-client 40] [--before-src DIR]
         [--json docs/results/bench_api.json]

@@ -1,4 +1,4 @@
-"""Memory amplification: server peak RSS for the issue-10 cases, before (an older checkout's server) and
+"""Memory amplification: server peak RSS for hostile uploads, before (an older checkout's server) and
 after, each case on a freshly started `dermlens serve` (peak = VmHWM of the server process).
 
 Cases: one /predict/batch of 16 large (~19 MB) PNG files; 4 such batches at once; one 6300x6300 16-bit

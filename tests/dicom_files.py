@@ -3,7 +3,8 @@
 `jpeg` wraps the JPEG bytes unchanged (JPEG Baseline, YBR_FULL_422, the usual camera path); `rgb` and
 `ybr` store decoded pixels uncompressed; `rle`, `j2k` and `jls` (JPEG-LS) compress them losslessly with
 pydicom encoders. `write_deflated` writes the whole data set deflated (transfer syntax
-1.2.840.10008.1.2.1.99), optionally with a huge element of zeros that inflates far beyond the file size (a deflate bomb).
+1.2.840.10008.1.2.1.99), optionally with a huge element of zeros that inflates far beyond the file size
+(a deflate bomb).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from dermlens.data.taxonomy import site_snomed
+from dermlens.data.taxonomy import FINE_SNOMED, site_snomed
 from dermlens.preprocess import load_rgb
 
 SYNTAXES = ("jpeg", "rgb", "ybr", "rle", "j2k", "jls")
@@ -150,3 +151,8 @@ def write_deflated(
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(head.getvalue() + b"".join(chunks) + zip_.flush())
     return out
+
+
+def coded(code: str) -> tuple[str, str]:
+    """(code value, scheme) the SR uses for a diagnosis: SNOMED CT where FINE_SNOMED has it, else private."""
+    return (FINE_SNOMED[code][0], "SCT") if code in FINE_SNOMED else (code.upper(), "99DERMLENS")

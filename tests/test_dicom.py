@@ -19,9 +19,9 @@ from typer.testing import CliRunner
 from bundles import bundle_dir  # tests/bundles.py
 from dermlens import DISCLAIMER, dicom
 from dermlens.data.dicom_meta import read_meta
-from dermlens.data.taxonomy import FINE_SNOMED, HAM_CLASSES, SNOMED_SITES, site_general
+from dermlens.data.taxonomy import HAM_CLASSES, SNOMED_SITES, site_general
 from dermlens.preprocess import ImageDecodeError, load_rgb
-from dicom_files import SYNTAXES, write_ct_slice, write_multiframe, write_photo  # tests/dicom_files.py
+from dicom_files import SYNTAXES, coded, write_ct_slice, write_multiframe, write_photo  # tests/dicom_files.py
 
 N_IMAGES = 10
 
@@ -97,16 +97,6 @@ def test_snomed_codes_mean_what_the_map_says() -> None:
     for code in known:
         comment = source.split(f'"{code}": ')[1].split("# ")[1].split("\n")[0].lower()
         assert any(m in comment or comment.split(" /")[0] in m for m in by_value[code]), (code, comment)
-
-
-def test_diagnosis_snomed_codes_match_pydicoms_dictionary() -> None:
-    """Every diagnosis code pydicom's SNOMED dictionary knows carries the meaning dermlens writes."""
-    entries = [getattr(codes.SCT, n, None) for n in dir(codes.SCT)]
-    by_value = {c.value: c.meaning for c in entries if hasattr(c, "value")}
-    known = {c: v for c, v in FINE_SNOMED.items() if v[0] in by_value}
-    assert set(known) >= {"akiec", "vasc", "scc"}
-    for code, (value, meaning) in known.items():
-        assert by_value[value].lower() == meaning.lower(), code
 
 
 def test_non_photographs_are_refused_in_one_line(ham_rows: pd.DataFrame, tmp_path: Path) -> None:
@@ -206,16 +196,13 @@ def check_srs(sr_dir: Path, dicom_dir: Path, preds: pd.DataFrame) -> None:
         groups = {g.finding_type.value: g for g in sr.content.get_image_measurement_groups()}
         group = groups["95324001"]  # SNOMED CT Skin lesion
         row = preds.set_index("image_id").loc[src_path.stem]
-        for c in HAM_CLASSES:  # one group per diagnosis, coded in SNOMED CT, with DCM Probability
-            (m,) = groups[FINE_SNOMED[c][0]].get_measurements()
+        for c in HAM_CLASSES:  # one group per diagnosis (SNOMED CT where it has a code), DCM Probability
+            (m,) = groups[coded(c)[0]].get_measurements()
             assert (m.name.value, m.value) == ("122157", pytest.approx(row[f"p_{c}"], abs=1e-5))
         values = {m.name.value: m.value for m in group.get_measurements()}
         assert values["111047"] == pytest.approx(row["p_malignant"], abs=1e-5)
         evals = {q.name.value: q.value for q in group.get_qualitative_evaluations()}
-        assert (evals["121073"].value, evals["121073"].scheme_designator) == (
-            FINE_SNOMED[row["top_class"]][0],
-            "SCT",
-        )
+        assert (evals["121073"].value, evals["121073"].scheme_designator) == coded(row["top_class"])
         assert evals["REFER"].value == ("373066001" if row["refer"] else "373067005")
         texts = [i.TextValue for i in ds.ContentSequence if i.ValueType == "TEXT"]
         assert DISCLAIMER in texts

@@ -25,8 +25,9 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from bundles import bundle_dir  # tests/bundles.py
-from dermlens.data.taxonomy import FINE_SNOMED, HAM_CLASSES, site_general, site_snomed
-from dicom_files import write_photo as write_vl_photo  # tests/dicom_files.py
+from dermlens.data.taxonomy import HAM_CLASSES, site_general, site_snomed
+from dicom_files import coded  # tests/dicom_files.py
+from dicom_files import write_photo as write_vl_photo
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -155,13 +156,14 @@ def check_coded_sr(sr, row: pd.Series, site: str) -> None:
     lesion = next(g for g in groups if g.finding_type.value == "95324001")  # SCT Skin lesion
     evals = {q.name.value: q.value for q in lesion.get_qualitative_evaluations()}
     top = evals["121073"]  # DCM Impression: the most probable diagnosis
-    assert (top.value, top.scheme_designator) == (FINE_SNOMED[row["top_class"]][0], "SCT")
+    assert (top.value, top.scheme_designator) == coded(row["top_class"])
     assert [s.value.value for s in lesion.finding_sites] == [site_snomed(site)]
     values = {m.name.value: m.value for m in lesion.get_measurements()}
     assert values["111047"] == pytest.approx(row["p_malignant"], abs=1e-5)  # DCM Probability of cancer
     by_finding = {g.finding_type.value: g for g in groups if g is not lesion}
+    assert coded("mel")[1] == "SCT" and coded("nv")[1] == "SCT"
     for code in HAM_CLASSES:  # one group per diagnosis: its SNOMED CT code and DCM Probability
-        (m,) = by_finding[FINE_SNOMED[code][0]].get_measurements()
+        (m,) = by_finding[coded(code)[0]].get_measurements()
         assert m.name.value == "122157" and m.value == pytest.approx(row[f"p_{code}"], abs=1e-5)
     texts = dict(walk_text(sr))  # the algorithm identification: name, version and the card's SHA-256
     assert (texts["111001"], texts["111003"]) == (row["model_name"], row["model_version"])

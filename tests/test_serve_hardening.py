@@ -1,4 +1,4 @@
-"""Issue 10's defects, each reproduced against the real app, model and database: hostile formats, decoder
+"""The service's defences, each exercised against the real app, model and database: hostile formats, decoder
 crashes, memory amplification, ambiguous input, long error bodies, Host/Origin checks, slow connections,
 startup errors, and dynamic batching."""
 

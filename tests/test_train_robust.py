@@ -1,4 +1,4 @@
-"""Issue 9 training levers on real images: metadata dropout, colour constancy, multi-source data, precision,
+"""Training levers on real images: metadata dropout, colour constancy, multi-source data, precision,
 one-line config errors and stop reasons."""
 
 from __future__ import annotations

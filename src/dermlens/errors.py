@@ -132,6 +132,14 @@ class RecordsUnavailable(DermlensError, RuntimeError):
     """A write could not be committed now (database locked, hung or unreachable); try again later."""
 
 
+class OutcomeError(DermlensError, ValueError):
+    """A confirmed diagnosis that cannot be attached (bad value, unknown record); one line."""
+
+
+class UnknownRecord(OutcomeError, LookupError):
+    """No stored prediction has this record id (or image SHA-256)."""
+
+
 # ---- PACS (DICOMweb) -----------------------------------------------------------------------------------
 class PacsError(DermlensError, RuntimeError):
     """A DICOMweb request the PACS refused or did not answer (one line naming the request)."""

@@ -39,6 +39,7 @@ EXTRAS: dict[str, str] = {
     "highdicom": "dicom",
     "ray": "ray",
     "isic_metadata": "isic",
+    "fhir": "fhir",
 }
 
 

@@ -69,21 +69,26 @@ def monitor(
     except (MissingReference, ValueError) as e:
         _err(str(e))
         raise typer.Exit(EXIT_USAGE) from None
+    from dermlens.evaluate.field import field_performance
+    from dermlens.serve.outcomes import confirmed_cases
+
     store = RecordStore(records_url or load_settings(config).records.url)
     try:
         history = records_frame(store, ref.model_version)
+        field = field_performance(confirmed_cases(store, ref.model_version), ref.classes)
     finally:
         store.close()
     window = select_window(history, t0, t1, last)
     summary = compare(window, ref)
     _print(summary, store.describe())
+    _print_field(field)
     if out is not None:
-        typer.echo(f"wrote {write_report(out, summary, window, history, ref)}", err=True)
+        typer.echo(f"wrote {write_report(out, summary, window, history, ref, field)}", err=True)
     if json_out is not None:
         import json
 
         json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
+        json_out.write_text(json.dumps({**summary.to_dict(), "field_performance": field}, indent=2) + "\n")
     if summary.alert:
         raise typer.Exit(EXIT_ALERT)
 
@@ -119,6 +124,33 @@ def _print(summary, where: str) -> None:
     console.print(
         f"[bold red]ALERT: drift in {', '.join(summary.alerts)}[/]" if summary.alert else "no alert"
     )
+
+
+def _print_field(field: dict) -> None:
+    """Field performance on confirmed cases: counts, each metric with its interval, the bias note."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from dermlens.monitor.report import FIELD_LABELS
+
+    console = Console(soft_wrap=True)
+    methods = ", ".join(f"{k} {v}" for k, v in field["methods"].items()) or "none"
+    console.print(
+        f"field performance: {field['n_confirmed']} confirmed case(s) ({methods}), "
+        f"{field['n_scored']} of the model's classes; {field['status']}"
+    )
+    if field["metrics"]:
+        t = Table()
+        for col in ("metric", "value", f"{round(100 * field['ci_level'])}% CI (by image hash)"):
+            t.add_column(col)
+        for k, m in field["metrics"].items():
+            t.add_row(FIELD_LABELS.get(k, k), _f(m["value"]), f"{_f(m['low'])} to {_f(m['high'])}")
+        console.print(t)
+    console.print(f"note: {field['note']}")
+
+
+def _f(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
 
 
 def monitor_reference(

@@ -82,6 +82,10 @@ def predict(
             help="folder for one DICOM Structured Report per DICOM input (needs the dicom extra)",
         ),
     ] = None,
+    fhir: Annotated[
+        Path | None,
+        typer.Option("--fhir", help="folder for one FHIR R4 Bundle (JSON) per image (needs the fhir extra)"),
+    ] = None,
     dicomweb: Annotated[
         str | None,
         typer.Option(
@@ -144,12 +148,11 @@ def predict(
         _echo_err("error: give either --metadata CSV or --age/--sex/--site, not both")
         raise typer.Exit(2)
     ray_at = (ray_address or "local") if ray or ray_address else None
-    if ray_at is not None and (cam is not None or dicom_sr is not None):
-        _echo_err("error: --ray writes the predictions CSVs only; drop --cam/--dicom-sr or --ray")
+    if ray_at is not None and (cam is not None or dicom_sr is not None or fhir is not None):
+        _echo_err("error: --ray writes the predictions CSVs only; drop --cam/--dicom-sr/--fhir or --ray")
         raise typer.Exit(2)
-    _check_sources(
-        inputs, dicomweb, study, since, ray_at is not None or cam is not None or dicom_sr is not None
-    )
+    folder_only = any(v is not None for v in (ray_at, cam, dicom_sr, fhir))
+    _check_sources(inputs, dicomweb, study, since, folder_only)
     age, sex, site = _checked_meta(age, sex, site)
     if dicomweb is not None:
         predictor = Predictor.load(model, precision, threads or None)
@@ -188,6 +191,7 @@ def predict(
         _predict_on_ray(err, predictor, items, failures, ray_at, out, isic_csv, batch_size, tta)
         return
     sr_writer = _SrWriter(predictor, items, dicom_sr) if dicom_sr is not None else None
+    fhir_writer = _fhir_writer(predictor, fhir)
 
     human: list[dict] = []
     columns = [
@@ -211,7 +215,7 @@ def predict(
                 workers=workers or None,
                 tta=tta,
                 on_progress=lambda n: bar.advance(task, n),
-                on_rows=_on_rows(human if out is None and isic_csv is None else None, sr_writer),
+                on_rows=_on_rows(human if out is None and isic_csv is None else None, sr_writer, fhir_writer),
             )
         except BatchInputError as e:
             _echo_err(f"error: {e}")
@@ -234,6 +238,8 @@ def predict(
     )
     if sr_writer is not None:
         failures += sr_writer.report(err)
+    if fhir_writer is not None:
+        err.print(f"wrote {fhir_writer.written} FHIR Bundle(s) to {fhir}")
     _finish(err, (out, isic_csv), failures, summary.interrupted, signals)
 
 
@@ -248,7 +254,7 @@ def _check_sources(inputs, dicomweb, study, since, folder_only: bool) -> None:
     if inputs:
         raise BatchInputError("give either input files or --dicomweb, not both")
     if folder_only:
-        raise BatchInputError("--dicomweb stores SRs in the PACS: drop --ray/--cam/--dicom-sr")
+        raise BatchInputError("--dicomweb stores SRs in the PACS: drop --ray/--cam/--dicom-sr/--fhir")
     if (study is None) == (since is None):
         raise BatchInputError("--dicomweb needs --study UID or --since DATE (one of them)")
 
@@ -338,18 +344,31 @@ def _show_failures(console, failures) -> None:
         console.print(f"  {_shown(f.path)}: {_shown(f.reason)}", markup=False, highlight=False)
 
 
-def _on_rows(human: list | None, sr_writer: _SrWriter | None):
-    """The per-batch callback: keep rows for the terminal listing and/or write their SRs."""
-    if human is None and sr_writer is None:
+def _on_rows(human: list | None, *writers):
+    """The per-batch callback: keep rows for the terminal listing and/or write their SRs / FHIR Bundles."""
+    writers = [w for w in writers if w is not None]
+    if human is None and not writers:
         return None
 
     def handle(rows: list) -> None:
         if human is not None:
             human.extend(rows)
-        if sr_writer is not None:
-            sr_writer.write(rows)
+        for w in writers:
+            w.write(rows)
 
     return handle
+
+
+def _fhir_writer(predictor, out_dir: Path | None):
+    """The --fhir writer (None without --fhir); checks the fhir extra before any image is scored."""
+    if out_dir is None:
+        return None
+    from dermlens.extras import require
+    from dermlens.predict.fhir import FhirWriter, ModelDevice
+
+    require("fhir.resources.R4B", "fhir", "--fhir")
+    device = ModelDevice.from_bundle(predictor.bundle_dir, predictor.card.name, predictor.version)
+    return FhirWriter(device, out_dir)
 
 
 class _SrWriter:

@@ -58,6 +58,30 @@ def export(
 
 
 @app.command()
+def outcome(
+    csv_file: Annotated[
+        Path,
+        typer.Option(
+            "--csv",
+            help="CSV with record_id or image_sha256, diagnosis, method (histopathology|follow-up|...), "
+            "date (YYYY-MM-DD) and optionally source",
+        ),
+    ],
+    url: UrlOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Attach confirmed diagnoses to stored predictions (all rows or none: a bad row stops the import)."""
+    from dermlens.serve.outcomes import import_csv
+
+    store = _open(url, config)
+    try:
+        n = import_csv(store, csv_file)
+    finally:
+        store.close()
+    typer.echo(f"{n} outcome(s) attached in {store.describe()}")
+
+
+@app.command()
 def upgrade(url: UrlOpt = None, config: ConfigOpt = None) -> None:
     """Bring the records database schema to this version (Alembic; also done when `dermlens serve` starts)."""
     from dermlens.serve.migrations import current_revision

@@ -111,3 +111,65 @@ def probe(
         f"as not dermoscopy {ind['refused_not_dermoscopy']:.3%} "
         f"(by OOD or not dermoscopy {ind['refused_either']:.3%})"
     )
+
+
+@app.command("refit")
+def refit(
+    out: Annotated[
+        Path, typer.Option("--out", help="NEW bundle folder to write (must not exist or be empty)")
+    ],
+    from_records: Annotated[
+        bool,
+        typer.Option("--from-records", help="refit on the confirmed outcomes in the records database"),
+    ] = False,
+    bundle: Annotated[
+        Path | None, typer.Option("--bundle", help="bundle whose records are used (default: packaged)")
+    ] = None,
+    records_url: Annotated[
+        str | None, typer.Option(help="SQLAlchemy URL of the records (default: as `dermlens serve`)")
+    ] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(help="key=value overrides of configs/trust.yaml, e.g. from_records.min_cases=300"),
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="YAML overriding configs/trust.yaml")
+    ] = None,
+) -> None:
+    """Refit temperatures and conformal thresholds from confirmed outcomes into a NEW bundle (new version)."""
+    from dermlens.bundle import read_card, release_dir
+    from dermlens.errors import RefitError
+    from dermlens.evaluate.field import case_arrays
+    from dermlens.serve.outcomes import confirmed_cases
+    from dermlens.serve.records import RecordStore
+    from dermlens.serve.settings import load_settings
+    from dermlens.trust.outputs import trust_config
+    from dermlens.trust.records_refit import ConfirmedArrays, refit_from_records
+
+    if not from_records:
+        raise RefitError("give --from-records (the only source of a refit from outcomes)")
+    source = bundle or release_dir()
+    card = read_card(source)
+    cfg = trust_config(config, overrides)
+    store = RecordStore(records_url or load_settings().records.url)
+    try:
+        cases = confirmed_cases(store, card.version)
+    finally:
+        store.close()
+    probs, labels, kept = case_arrays(cases, card.classes)
+    provenance = {
+        "database": store.describe(),
+        "model_version": card.version,
+        "records_from": kept["created_at"].min().isoformat() if len(kept) else None,
+        "records_to": kept["created_at"].max().isoformat() if len(kept) else None,
+        "confirmed_from": str(kept["confirmed_on"].min()) if len(kept) else None,
+        "confirmed_to": str(kept["confirmed_on"].max()) if len(kept) else None,
+    }
+    arrays = ConfirmedArrays(probs, kept["p_malignant"].to_numpy(float), labels)
+    report = refit_from_records(source, out, arrays, provenance, cfg)
+    typer.echo(
+        f"wrote {out}: version {report['version']} from {report['n_cases']} confirmed cases "
+        f"({provenance['confirmed_from']} to {provenance['confirmed_to']}); temperature x "
+        f"{report['temperature_scale_fine']:.3f} (coarse x {report['temperature_scale_coarse']:.3f}); "
+        f"conformal thresholds refitted for {', '.join(report['conformal_refitted_classes'])}"
+    )

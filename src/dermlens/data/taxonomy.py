@@ -33,6 +33,19 @@ FINE_NAMES: dict[str, str] = {
 ISIC2018_COLUMNS: dict[str, str] = {c: c.upper() for c in HAM_CLASSES}
 ISIC2019_COLUMNS: dict[str, str] = {**ISIC2018_COLUMNS, "akiec": "AK", "scc": "SCC"}
 
+# SNOMED CT concept for a fine code (FHIR conclusionCode, DICOM SR findings): {code: (sctid, display)}.
+# Only codes checked against a published source are listed: pydicom's SCT dictionary (codes.SCT) for mel,
+# akiec and scc; basal cell carcinoma of skin (254701007) and melanocytic nevus (400096001, the parent of
+# every nevus subtype) as published in SNOMED CT. No single concept matches bkl, df or vasc (each pools
+# several diagnoses), so they have none; readers must allow that (the DICOM SR gives them private codes).
+FINE_SNOMED: dict[str, tuple[str, str]] = {
+    "mel": ("1162635006", "Malignant melanoma"),  # codes.SCT.MalignantMelanoma
+    "nv": ("400096001", "Melanocytic nevus"),
+    "bcc": ("254701007", "Basal cell carcinoma of skin"),
+    "akiec": ("201101007", "Actinic keratosis"),  # codes.SCT.ActinicKeratosis
+    "scc": ("1162767002", "Squamous cell carcinoma"),  # codes.SCT.SquamousCellCarcinoma
+}
+
 # Every label spelling a reader may meet, lower-cased, mapped to a fine code.
 _LABEL_ALIASES: dict[str, str] = {
     # HAM10000 dx codes and ISIC 2019 columns
@@ -143,21 +156,6 @@ SNOMED_SITES: dict[str, str] = {
     "38864007": "oral/genital",  # Perineum
 }
 SNOMED_SCHEMES: frozenset[str] = frozenset({"SCT", "SRT"})
-
-# Fine diagnosis -> SNOMED CT disorder (code, meaning), as the DICOM SR codes each diagnosis. HAM10000's
-# groups map to their main member: akiec (actinic keratosis + Bowen's disease) to actinic keratosis, bkl
-# (seborrheic keratosis, solar lentigo, lichen-planus-like keratosis) to seborrheic keratosis, vasc (angiomas,
-# angiokeratomas, pyogenic granulomas, haemorrhage) to hemangioma. "unk" has no code.
-FINE_SNOMED: dict[str, tuple[str, str]] = {
-    "mel": ("372244006", "Malignant melanoma of skin"),
-    "nv": ("400096001", "Melanocytic nevus"),
-    "bcc": ("254701007", "Basal cell carcinoma of skin"),
-    "akiec": ("201101007", "Actinic keratosis"),
-    "bkl": ("12563001", "Seborrheic keratosis"),
-    "df": ("72464004", "Dermatofibroma"),
-    "vasc": ("400210000", "Hemangioma"),
-    "scc": ("254651007", "Squamous cell carcinoma of skin"),
-}
 
 # HAM10000 dx_type -> isic-metadata DiagnosisConfirmTypeEnum.
 CONFIRM_TYPES: dict[str, str] = {

@@ -125,13 +125,52 @@ def _table(summary: DriftSummary) -> str:
     return "<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>" + "".join(rows) + "</table>"
 
 
+FIELD_LABELS = {
+    "balanced_accuracy": "balanced accuracy",
+    "mel_sensitivity": "melanoma sensitivity",
+    "mel_specificity": "melanoma specificity",
+    "ece": "calibration error (ECE)",
+    "refer_rate": "refer rate",
+}
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def field_section(field: dict | None) -> str:
+    """Field performance on confirmed cases (the dict of evaluate.field.field_performance) as HTML."""
+    if field is None:
+        return ""
+    level = round(100 * field.get("ci_level", 0.95))
+    rows = "".join(
+        f"<tr><td>{FIELD_LABELS.get(k, k)}</td><td>{_fmt(m['value'])}</td>"
+        f"<td>{_fmt(m['low'])} to {_fmt(m['high'])}</td></tr>"
+        for k, m in field["metrics"].items()
+    )
+    table = f"<table><tr><th>metric</th><th>value</th><th>{level}% CI</th></tr>{rows}</table>" if rows else ""
+    methods = ", ".join(f"{k} {v}" for k, v in field["methods"].items()) or "none"
+    return (
+        f"<h2>Field performance on confirmed cases</h2><p>{field['n_confirmed']} confirmed case(s) "
+        f"({html.escape(methods)}), {field['n_scored']} of the model's classes; "
+        f"{html.escape(str(field['status']))}. Intervals: bootstrap over image hashes (lesion proxy).</p>"
+        f"{table}<p><b>{html.escape(field['note'])}</b></p>"
+    )
+
+
 _STYLE = """body{font-family:sans-serif;margin:2em;max-width:80em}table{border-collapse:collapse}
 td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left}.alert{color:#b00}.ok{color:#070}
 .disclaimer{background:#fff3cd;padding:.6em;border:1px solid #e0c060}img{max-width:100%}"""
 
 
-def render_html(summary: DriftSummary, window: pd.DataFrame, history: pd.DataFrame, ref: Reference) -> str:
-    """The whole report page."""
+def render_html(
+    summary: DriftSummary,
+    window: pd.DataFrame,
+    history: pd.DataFrame,
+    ref: Reference,
+    field: dict | None = None,
+) -> str:
+    """The whole report page (with field performance on confirmed cases when given)."""
     verdict = (
         f'<p class="alert"><b>ALERT</b>: drift in {", ".join(summary.alerts)}</p>'
         if summary.alert
@@ -154,14 +193,19 @@ def render_html(summary: DriftSummary, window: pd.DataFrame, history: pd.DataFra
 record(s), {html.escape(str(summary.window_start))} to {html.escape(str(summary.window_end))}. Reference:
 {summary.n_reference} {split} images ({html.escape(ref.precision)}).
 Alert rule: p &lt; {summary.alpha:g} and effect &ge; its minimum (configs/monitor.yaml).</p>
-{verdict}{note}{_table(summary) if summary.results else ""}{plots}</body></html>"""
+{verdict}{note}{_table(summary) if summary.results else ""}{field_section(field)}{plots}</body></html>"""
 
 
 def write_report(
-    path: Path, summary: DriftSummary, window: pd.DataFrame, history: pd.DataFrame, ref: Reference
+    path: Path,
+    summary: DriftSummary,
+    window: pd.DataFrame,
+    history: pd.DataFrame,
+    ref: Reference,
+    field: dict | None = None,
 ) -> Path:
     """Write the HTML report to `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_html(summary, window, history, ref), encoding="utf-8")
+    path.write_text(render_html(summary, window, history, ref, field), encoding="utf-8")
     return path

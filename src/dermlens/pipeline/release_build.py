@@ -73,7 +73,7 @@ def bundle_size(bundle: Path) -> dict[str, int]:
 
 
 def choose(ens: dict[str, Any], student: dict[str, Any], max_drop: float) -> dict[str, Any]:
-    """Issue rule: the student is the default when its val BA is within max_drop of the ensemble's."""
+    """The release rule: the student is the default when its val BA is within max_drop of the ensemble's."""
     e, s = ens["val"]["int8"]["bal_acc"], student["val"]["int8"]["bal_acc"]
     default = "student" if e - s <= max_drop else "ensemble"
     return {
@@ -84,7 +84,7 @@ def choose(ens: dict[str, Any], student: dict[str, Any], max_drop: float) -> dic
 
 
 def choose_bundles(ensemble: Path, student: Path, max_drop: float = 0.01) -> dict[str, Any]:
-    """The issue rule applied to two exported bundles (their cards' int8 val BA), with sizes and versions."""
+    """The release rule on two exported bundles (their cards' int8 val BA), with sizes and versions."""
     from dermlens.bundle import read_card
 
     cards = {"ensemble": read_card(ensemble).to_dict(), "student": read_card(student).to_dict()}

@@ -1,1 +1,1 @@
-"""Serving: torch-free onnxruntime predictor, batch prediction, HTTP API."""
+"""Serving: the HTTP API and the web page (FastAPI); prediction itself is dermlens.infer."""

@@ -11,9 +11,9 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
@@ -23,6 +23,8 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from dermlens import DISCLAIMER, __version__
+from dermlens.extras import MissingExtra, require
+from dermlens.predict.fhir import MEDIA_TYPE as FHIR_MEDIA_TYPE
 from dermlens.serve import schemas
 from dermlens.serve.errors import PILLOW_MAX_PIXELS, ApiError, _install_error_handlers
 from dermlens.serve.records import RecordStore
@@ -130,7 +132,7 @@ def create_app(
         "/predict",
         response_model=schemas.PredictionResponse,
         dependencies=auth,
-        responses=ERROR_RESPONSES,
+        responses={**ERROR_RESPONSES, 406: {"model": schemas.ErrorResponse}, **FHIR_RESPONSE},
         tags=["predict"],
     )
     async def predict(
@@ -149,11 +151,20 @@ def create_app(
         store_sr: Annotated[
             bool, Form(description="DICOM uploads: store the DICOM SR in the server's PACS (STOW-RS)")
         ] = False,
-    ) -> schemas.PredictionResponse:
+        format: Annotated[
+            Literal["json", "fhir"] | None,
+            Query(description="fhir: answer with a FHIR R4 Bundle (as does Accept: application/fhir+json)"),
+        ] = None,
+    ) -> Any:
         await _check_fields(request, PREDICT_FIELDS)
+        fhir = wants_fhir(format, request.headers.get("accept"))
         a, s, g = parse_age(age), parse_sex(sex), parse_site(site)
         up = Upload(file.filename or None, await file.read(settings.limits.max_upload_bytes + 1), file)
-        return await svc.predict(up, a, s, g, cam, dicom_sr, store_sr)
+        answer = await svc.predict(up, a, s, g, cam, dicom_sr, store_sr)
+        if not fhir:
+            return answer
+        bundle = await run_in_threadpool(svc.fhir_bundle, answer, up)
+        return JSONResponse(bundle, media_type=FHIR_MEDIA_TYPE)
 
     @app.post(
         "/predict/batch",
@@ -183,6 +194,18 @@ def create_app(
         items = await svc.predict_many(files, a, s, g, cam)
         return schemas.BatchResponse(results=items, disclaimer=DISCLAIMER)
 
+    @app.post(
+        "/records/{record_id}/outcome",
+        status_code=201,
+        response_model=schemas.OutcomeResponse,
+        dependencies=auth,
+        responses={**ERROR_RESPONSES, 404: {"model": schemas.ErrorResponse}},
+        tags=["records"],
+    )
+    async def outcome(record_id: str, body: schemas.OutcomeIn, svc: Svc) -> schemas.OutcomeResponse:
+        """Attach a confirmed diagnosis (histopathology, follow-up, ...) to a stored prediction."""
+        return schemas.OutcomeResponse(**await svc.attach_outcome(record_id, body))
+
     @app.get("/monitor", dependencies=auth, responses=ERROR_RESPONSES, tags=["service"])
     async def monitor(
         svc: Svc, last: int | None = None, since: str | None = None, format: str = "html"
@@ -198,7 +221,13 @@ def create_app(
             raise ApiError(503, "unavailable", "monitoring needs `pip install 'dermlens[monitor]'`") from e
         try:
             view = await run_in_threadpool(
-                monitor_view, svc.store, svc.predictor.bundle_dir, last, since, format == "json"
+                monitor_view,
+                svc.store,
+                svc.predictor.bundle_dir,
+                last,
+                since,
+                format == "json",
+                svc.field_performance,
             )
         except (MissingReference, ValueError) as e:
             raise ApiError(400 if isinstance(e, ValueError) else 503, "monitor_error", str(e)) from e
@@ -212,6 +241,22 @@ def create_app(
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
+
+
+FHIR_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {"content": {FHIR_MEDIA_TYPE: {"schema": {"type": "object", "description": "FHIR R4 Bundle"}}}}
+}
+
+
+def wants_fhir(format: str | None, accept: str | None) -> bool:
+    """FHIR asked for (?format=fhir, or Accept names application/fhir+json); 406 if it cannot be made."""
+    asked = format == "fhir" or (format is None and FHIR_MEDIA_TYPE in (accept or "").lower())
+    if asked:
+        try:
+            require("fhir.resources.R4B", "fhir")
+        except MissingExtra as e:
+            raise ApiError(406, "fhir_unavailable", str(e)) from None
+    return asked
 
 
 # The page loads nothing from outside this server.

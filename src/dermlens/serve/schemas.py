@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from dermlens.infer.prediction import Prediction
 
@@ -98,3 +98,25 @@ class BatchItem(BaseModel):
 class BatchResponse(BaseModel):
     results: list[BatchItem]
     disclaimer: str
+
+
+class OutcomeIn(BaseModel):
+    """A confirmed diagnosis of a stored prediction."""
+
+    model_config = ConfigDict(extra="forbid")
+    diagnosis: str = Field(max_length=64, description="Diagnosis: a fine code or any spelling taxonomy maps")
+    method: str = Field(max_length=32, description="histopathology, follow-up, consensus or confocal")
+    date: str = Field(max_length=32, description="Date of confirmation, YYYY-MM-DD (not in the future)")
+    source: str | None = Field(None, max_length=200, description="Who confirmed it, e.g. the laboratory")
+
+
+class OutcomeResponse(BaseModel):
+    """The stored outcome."""
+
+    id: str
+    record_id: str
+    diagnosis: str = Field(description="Fine diagnosis code")
+    method: str
+    source: str | None
+    confirmed_on: str
+    created_at: str

@@ -360,6 +360,42 @@ class Service:
             up.data, up.dicom = b"", None  # the bytes stay only in the spooled upload (re-read if stored)
             slots.release()
 
+    def fhir_bundle(self, answer: schemas.PredictionResponse, up: Upload) -> dict[str, Any]:
+        """The stored prediction as a FHIR R4 Bundle (ImagingStudy referenced for a DICOM upload)."""
+        from dermlens.predict.fhir import ModelDevice, build_bundle
+
+        study = None
+        if is_dicom_bytes(up.data):
+            study = str(getattr(_dicom_call(read_dataset, up.data, False), "StudyInstanceUID", "") or "")
+        card = self.predictor.card
+        device = ModelDevice.from_bundle(self.predictor.bundle_dir, card.name, card.version)
+        return build_bundle(answer, device, record_id=answer.record_id, study_uid=study or None)
+
+    async def attach_outcome(self, record_id: str, body: schemas.OutcomeIn) -> dict[str, Any]:
+        """Check and store a confirmed diagnosis: 422 bad value, 404 unknown record, 503 database busy."""
+        from dermlens.errors import OutcomeError, UnknownRecord
+        from dermlens.serve.outcomes import Outcome, as_dict, attach
+
+        try:
+            parsed = Outcome.parse(body.diagnosis, body.method, body.date, body.source)
+            row = await anyio.to_thread.run_sync(attach, self.store, record_id, parsed)
+        except UnknownRecord as e:
+            raise ApiError(404, "unknown_record", str(e)) from None
+        except OutcomeError as e:
+            raise ApiError(422, "invalid_outcome", str(e)) from None
+        except RecordsUnavailable:
+            raise busy(
+                "the records database is busy; nothing was stored, retry shortly", self.settings
+            ) from None
+        return as_dict(row)
+
+    def field_performance(self, model_version: str, classes: list[str]) -> dict[str, Any]:
+        """Field performance of this model version on the confirmed cases in the records (worker thread)."""
+        from dermlens.evaluate.field import field_performance
+        from dermlens.serve.outcomes import confirmed_cases
+
+        return field_performance(confirmed_cases(self.store, model_version), classes)
+
     def model_info(self) -> schemas.ModelInfo:
         card = self.predictor.card
         classes = list(self.predictor.classes)
