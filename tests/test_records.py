@@ -391,3 +391,34 @@ def test_acknowledged_prediction_survives_kill_9(records_url, tmp_path, ham_root
     assert row is not None, "the acknowledged prediction was lost"
     assert row.age == 70.0 and row.filename == image.name and row.top_class == resp.json()["top_class"]
     store.close()
+
+
+def test_records_keep_every_field_the_api_returns(records_url, predictor, ham_root, tmp_path, monkeypatch):
+    """What the API answered is what `records export` gives back, field by field (the audit trail)."""
+    from dermlens.serve.api import create_app
+
+    settings = load_settings(records={"url": records_url})
+    image = sorted((ham_root / "images").glob("*.jpg"))[3]
+    with TestClient(create_app(settings, predictor=predictor), base_url="http://localhost") as client:
+        answer = client.post(
+            "/predict", files={"file": (image.name, image.read_bytes())}, data={"age": "50", "sex": "female"}
+        ).json()
+    monkeypatch.setenv("DERMLENS_RECORDS_URL", records_url)
+    out = tmp_path / "records.csv"
+    assert CliRunner().invoke(records_app, ["export", "--out", str(out)]).exit_code == 0
+    (row,) = list(csv.DictReader(out.open()))
+    assert (row["id"], row["image_sha256"], row["sex"]) == (
+        answer["record_id"],
+        answer["image_sha256"],
+        "female",
+    )
+    expected = Prediction.model_validate(answer).row()
+    assert set(expected) <= set(row), set(expected) - set(row)
+    for key, value in expected.items():
+        if isinstance(value, bool):
+            assert row[key] == str(value).lower(), key
+        elif isinstance(value, float):
+            assert float(row[key]) == pytest.approx(value, rel=1e-9), key
+        else:
+            assert row[key] == ("" if value is None else str(value)), key
+    assert {"refer_codes", "prediction_set", "not_dermoscopy_score", "precision"} <= set(row)

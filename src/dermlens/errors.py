@@ -94,6 +94,10 @@ class RefitError(DermlensError, ValueError):
     """Inputs that cannot be used for fitting (message names them)."""
 
 
+class OperatingPointError(DermlensError, ValueError):
+    """A refer rate that cannot be used, or a bundle without the table that maps it (one line)."""
+
+
 # ---- evaluation and prediction -------------------------------------------------------------------------
 class EvaluationInputError(DermlensError, ValueError):
     """Inputs that cannot be evaluated together (message says why)."""

@@ -202,3 +202,38 @@ def external(
 
 def _fmt(m: dict) -> str:
     return f"{m['value']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
+
+
+def skin_tone(
+    manifest: Annotated[Path, typer.Option(help="Prepared HAM10000 folder or manifest.csv.")],
+    out: Annotated[Path, typer.Option(help="Output JSON (e.g. docs/results/skin_tone_audit.json).")],
+    split: Annotated[str, typer.Option(help="Split of --manifest to audit.")] = "test",
+    external: Annotated[
+        Path | None, typer.Option(help="A prepared external manifest (e.g. work/isic2017), also audited.")
+    ] = None,
+    external_split: Annotated[str, typer.Option(help="Split of --external to audit.")] = "test",
+    model: Annotated[Path | None, typer.Option(help="Model bundle (default: the packaged model).")] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="YAML overriding configs/skin_tone.yaml (ITA bands, skin pixels).")
+    ] = None,
+    n_bootstrap: Annotated[int | None, typer.Option(min=1, help="Bootstrap resamples for the CIs.")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Audit at most this many images per set.")] = None,
+) -> None:
+    """Skin-tone audit: ITA band of the skin around each lesion (mask or border ring), then balanced
+    accuracy, melanoma sensitivity, ECE and refer rate per band (and sex, age band, site), without
+    metadata, with lesion-level CIs and Holm-corrected flags."""
+    import json
+
+    from dermlens.evaluate import json_safe
+    from dermlens.evaluate.skin_tone_audit import skin_tone_audit
+
+    sets = [(manifest, split)] + ([(external, external_split)] if external is not None else [])
+    result = skin_tone_audit(sets, model, config, n_bootstrap, limit, log=lambda m: typer.echo(m, err=True))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(json_safe(result), indent=2) + "\n")
+    for name, s in result["sets"].items():
+        counts = ", ".join(f"{b} {c['n_images']}" for b, c in s["band_counts"].items())
+        typer.echo(f"{name}: {counts}")
+    flagged = [f for s in result["sets"].values() for f in s["audit"]["flagged"]]
+    typer.echo(f"flagged: {', '.join(flagged) or 'none'}")
+    typer.echo(f"wrote {out}\n{DISCLAIMER}")

@@ -69,6 +69,16 @@ def predict(
         Path | None, typer.Option("--model", help="model bundle folder (default: packaged release)")
     ] = None,
     precision: Annotated[str | None, typer.Option(help="int8 | fp32 (default: the bundle's)")] = None,
+    refer_rate: Annotated[
+        float | None,
+        typer.Option(
+            "--refer-rate",
+            min=0.0,
+            max=1.0,
+            help="share of images to refer, e.g. 0.2, mapped on the bundle's validation quantiles "
+            "(default: the bundle's packaged operating point)",
+        ),
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="images per onnxruntime call")] = 32,
     workers: Annotated[int, typer.Option(min=0, help="image decode threads (0 = all cores)")] = 0,
     threads: Annotated[int, typer.Option(min=0, help="onnxruntime intra-op threads (0 = all cores)")] = 0,
@@ -138,6 +148,7 @@ def predict(
 
     from dermlens import DISCLAIMER
     from dermlens.bundle import BundleError
+    from dermlens.infer.operating_point import at_refer_rate, describe
     from dermlens.infer.predictor import Predictor
     from dermlens.predict.folder import BatchInputError, run_batch
     from dermlens.predict.inputs import apply_dicom_meta, collect_inputs, read_metadata_csv
@@ -151,17 +162,21 @@ def predict(
     if ray_at is not None and (cam is not None or dicom_sr is not None or fhir is not None):
         _echo_err("error: --ray writes the predictions CSVs only; drop --cam/--dicom-sr/--fhir or --ray")
         raise typer.Exit(2)
+    if ray_at is not None and refer_rate is not None:
+        _echo_err("error: --ray uses the bundle's packaged operating point; drop --refer-rate or --ray")
+        raise typer.Exit(2)
     folder_only = any(v is not None for v in (ray_at, cam, dicom_sr, fhir))
     _check_sources(inputs, dicomweb, study, since, folder_only)
     age, sex, site = _checked_meta(age, sex, site)
     if dicomweb is not None:
-        predictor = Predictor.load(model, precision, threads or None)
+        predictor = at_refer_rate(Predictor.load(model, precision, threads or None), refer_rate)
         given = {"age": age, "sex": sex, "site": site}
         _predict_dicomweb(err, predictor, dicomweb, study, since, given, out, batch_size, workers, tta)
         return
     inputs = inputs or []
     try:
         predictor = Predictor.load(model, precision, threads or None)
+        predictor = at_refer_rate(predictor, refer_rate)
         items, failures = collect_inputs(inputs)
         if metadata is not None:
             table = read_metadata_csv(metadata)
@@ -187,6 +202,11 @@ def predict(
         + f"), {len(items)} image(s)"
         + (f", {n_dicom} DICOM (metadata from tags where not given)" if n_dicom else "")
     )
+    point = describe(predictor.trust)
+    if point["words"]:
+        err.print(
+            f"refer threshold {point['min_confidence']:.3f}: {point['words']} (measured on validation images)"
+        )
     if ray_at is not None:
         _predict_on_ray(err, predictor, items, failures, ray_at, out, isic_csv, batch_size, tta)
         return

@@ -34,6 +34,15 @@ def serve(
         Path | None, typer.Option(help="Model bundle folder (default: the release bundle)")
     ] = None,
     precision: Annotated[str | None, typer.Option(help="fp32 or int8")] = None,
+    refer_rate: Annotated[
+        float | None,
+        typer.Option(
+            "--refer-rate",
+            min=0.0,
+            max=1.0,
+            help="Share of images to refer, e.g. 0.2 (default from serve.yaml: the model's packaged point)",
+        ),
+    ] = None,
     config: Annotated[Path | None, typer.Option(help="YAML file overriding configs/serve.yaml")] = None,
     records_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL for prediction records")] = None,
     allow_insecure_bind: Annotated[
@@ -61,6 +70,7 @@ def serve(
         port=port,
         model=str(model) if model else None,
         precision=precision,
+        refer_rate=refer_rate,
         records={"url": records_url} if records_url else None,
         allow_insecure_bind=allow_insecure_bind or None,
         dicomweb={"url": dicomweb} if dicomweb else None,

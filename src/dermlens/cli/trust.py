@@ -173,3 +173,48 @@ def refit(
         f"{report['temperature_scale_fine']:.3f} (coarse x {report['temperature_scale_coarse']:.3f}); "
         f"conformal thresholds refitted for {', '.join(report['conformal_refitted_classes'])}"
     )
+
+
+@app.command("operating-point")
+def operating_point(
+    bundle: Annotated[Path, typer.Option("--bundle", help="model bundle folder (rewritten in place)")],
+    manifest: Annotated[
+        Path, typer.Option("--manifest", help="prepared HAM10000 folder (its val split is used)")
+    ] = Path("work/ham10000"),
+    accept_rate: Annotated[
+        float | None,
+        typer.Option(
+            "--accept-rate",
+            min=0.0,
+            max=1.0,
+            help="share of val images accepted by all four refer flags (default: trust.yaml)",
+        ),
+    ] = None,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="use this many val images")] = None,
+    measure: Annotated[
+        bool, typer.Option("--measure/--no-measure", help="also score val and test with bootstrap CIs")
+    ] = False,
+    n_bootstrap: Annotated[int, typer.Option("--n-bootstrap", min=1, help="bootstrap resamples")] = 1000,
+    out: Annotated[Path | None, typer.Option("--out", help="write the report JSON here")] = None,
+    threads: Annotated[int, typer.Option(help="onnxruntime threads (0 = all cores)")] = 0,
+) -> None:
+    """Write the refer operating point into BUNDLE: min_confidence for the accept rate on val, and the val
+    confidence quantiles that map a user's --refer-rate to a threshold at run time."""
+    from dermlens.settings import cpu_name
+    from dermlens.trust.operating_point import measure_point, write_operating_point
+
+    log = lambda m: typer.echo(m, err=True)  # noqa: E731
+    report = write_operating_point(
+        bundle, manifest, accept_rate, threads=threads or None, limit=limit, log=log
+    )
+    if measure:
+        report["measured"] = measure_point(
+            bundle, manifest, n_resamples=n_bootstrap, threads=threads or None, log=log
+        )
+    report["cpu"] = cpu_name()
+    _write(out, report)
+    v = report["val"]
+    typer.echo(
+        f"accept rate {report['accept_rate']:.2f}: min_confidence {report['min_confidence']:.4f}; val refer "
+        f"rate {v['refer_rate']:.3f}, balanced accuracy of accepted {v['balanced_accuracy_accepted']:.3f}"
+    )

@@ -71,6 +71,7 @@ class EvaluateConfig:
     subgroup_age_edges: tuple[float, ...] = (30, 45, 60, 75)
     subgroup_specificity: float = 0.80
     subgroup_min_images: int = 30
+    subgroup_min_melanomas: int = 10
     subgroup_alpha: float = 0.05
 
     @classmethod

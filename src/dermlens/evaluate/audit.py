@@ -166,13 +166,15 @@ def subgroup_audit(
     refer: np.ndarray | None,
     groups: Sequence | None,
     cfg,
+    labels: dict[str, np.ndarray] | None = None,
 ) -> dict:
-    """BA, melanoma sensitivity at a fixed specificity, ECE and refer rate per sex / age band / site, with
-    lesion-level CIs, group sizes and Holm-corrected flags for groups that differ from the rest."""
+    """BA, melanoma sensitivity at a fixed specificity, ECE and refer rate per sex / age band / site (or
+    the attributes of `labels`: name -> group per image), with lesion-level CIs, group sizes and
+    Holm-corrected flags for groups that differ from the rest."""
     data = EvalData.build(probs, truth, classes)
     ref = np.zeros(len(truth)) if refer is None else np.asarray(refer, np.float64)
     settings = MetricSettings(specificity_levels=(cfg.subgroup_specificity,), ece_bins=cfg.ece_bins)
-    labels = subgroup_labels(frame, cfg.subgroup_age_edges)
+    labels = subgroup_labels(frame, cfg.subgroup_age_edges) if labels is None else labels
     masks: list[tuple[str, str, np.ndarray]] = []
     for attr, lab in labels.items():
         for g in sorted(set(lab), key=lambda x: (x == "unknown", x)):
@@ -215,10 +217,14 @@ def subgroup_audit(
             "tested": n_img >= cfg.subgroup_min_images and n_img < len(truth),
             "metrics": {},
         }
+        n_mel_rest = int((np.asarray(truth) == mel).sum()) - row["n_melanoma"] if mel is not None else 0
         for k in SUBGROUP_METRICS:
             key = f"{j}|{k}"
             if key not in point:
                 continue
+            tested = row["tested"] and (
+                k != "mel_sensitivity" or min(row["n_melanoma"], n_mel_rest) >= cfg.subgroup_min_melanomas
+            )
             s, d = samples[key], samples[f"{key}|diff"]
             with np.errstate(invalid="ignore"):
                 ci = np.nanpercentile(s, [lo_q, hi_q]) if np.isfinite(s).any() else [np.nan, np.nan]
@@ -229,9 +235,9 @@ def subgroup_audit(
                 "ci_low": _num(ci[0]),
                 "ci_high": _num(ci[1]),
                 "diff_vs_rest": _num(point[f"{key}|diff"]),
-                "p_value": _num(p) if row["tested"] else None,
+                "p_value": _num(p) if tested else None,
             }
-            if row["tested"] and np.isfinite(p):
+            if tested and np.isfinite(p):
                 tests.append((len(rows), k, p))
         rows.append(row)
     adjusted = holm([t[2] for t in tests])
@@ -241,6 +247,7 @@ def subgroup_audit(
     return {
         "specificity": cfg.subgroup_specificity,
         "min_images": cfg.subgroup_min_images,
+        "min_melanomas": cfg.subgroup_min_melanomas,
         "alpha": cfg.subgroup_alpha,
         "n_tests": len(tests),
         "test": "lesion-level bootstrap of (group - rest), two-sided percentile p-value; Holm correction "

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from dermlens.evaluate.audit import coverage_with_ci, ece_with_ci, subgroup_audit
+from dermlens.evaluate.refer_curve import refer_curve
 from dermlens.evaluate.sources import EvalInputs, external_rows, predict_rows
 from dermlens.settings import cpu_name
 
@@ -34,6 +35,18 @@ def condition_tables(name: str, arr: dict, truth, classes, groups, cfg) -> tuple
     return ece, cov
 
 
+def refer_curves(name: str, arr: dict, truth, min_confidence: float) -> dict:
+    """Risk-coverage of the refer rule for each condition scored (metadata given / withheld)."""
+    out = {}
+    for prefix in ("", "nometa_"):
+        if f"{prefix}probs" in arr:
+            given = prefix == "" and bool(np.asarray(arr.get("has_meta", [True])).any())
+            out.setdefault(
+                f"{name}/{'meta' if given else 'no_meta'}", refer_curve(arr, truth, min_confidence, prefix)
+            )
+    return out
+
+
 def refer_table(arr: dict) -> dict:
     """Share of images flagged by each refer reason, and referred at all."""
     keys = ("ood", "not_dermoscopy", "low_confidence", "set_too_large", "refer")
@@ -52,6 +65,9 @@ def _add_external(block: dict, inputs: EvalInputs, external: Path, external_spli
     block["conformal"].update(c2)
     cond = "meta" if ext_arr["has_meta"].any() else "no_meta"
     block["refer_reasons"][f"{ext_name}/{cond}"] = refer_table(ext_arr)
+    block["refer_curves"].update(
+        refer_curves(ext_name, ext_arr, truth, inputs.predictor.trust.min_confidence)
+    )
     block["external_note"] = EXTERNAL_NOTE
 
 
@@ -69,6 +85,7 @@ def trust_block(inputs: EvalInputs, split_name: str, external: Path | None, exte
         "conformal": cov,
         "conformal_alpha": getattr(inputs.predictor.trust, "conformal_alpha", None),
         "refer_reasons": {f"{name}/{'meta' if arr['has_meta'].any() else 'no_meta'}": refer_table(arr)},
+        "refer_curves": refer_curves(name, arr, inputs.truth, inputs.predictor.trust.min_confidence),
         "subgroups": subgroup_audit(
             inputs.frame, arr["probs"], inputs.truth, classes, arr.get("refer"), inputs.groups, cfg
         ),

@@ -171,6 +171,29 @@ def risk_coverage_png(probs: np.ndarray, truth: np.ndarray, aurc: float | None) 
     return to_png(fig)
 
 
+def refer_curves_png(curves: dict[str, dict]) -> bytes:
+    """Risk (1 - balanced accuracy of accepted) against coverage of the refer rule, one line per set, the
+    operating point marked on each."""
+    fig = Figure(figsize=(6.5, 4.5))
+    ax = fig.add_subplot()
+    for (name, c), color in zip(curves.items(), _colors(len(curves)), strict=True):
+        ax.plot(c["coverage"], c["risk"], color=color, lw=1.6, label=name)
+        op = c["operating_point"]
+        if op.get("risk") is not None:
+            ax.plot([op["coverage"]], [op["risk"]], "o", color=color, ms=7, mec="black")
+    ax.plot([], [], "o", color="white", mec="black", label="operating point (min_confidence)")
+    ax.set(
+        xlabel="coverage (share of images accepted by the refer rule)",
+        ylabel="risk (1 - balanced accuracy of accepted)",
+        title="Refer rule: risk-coverage per set",
+        xlim=(0, 1),
+    )
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return to_png(fig)
+
+
 def imbalance_png(classes: Sequence[str], f1: Sequence[float | None], train_counts: dict[str, int]) -> bytes:
     """Per-class F1 against the number of training images (log x)."""
     fig = Figure(figsize=(6.5, 4.5))

@@ -413,11 +413,41 @@ def _subgroups_html(sub: dict) -> str:
     note = (
         f"Flagged (differs from the rest of the images at family-wise error {sub['alpha']:.0%}): {flagged}. "
         f"Test: {html.escape(sub['test'])}; {sub['n_tests']} tests; groups under {sub['min_images']} images "
-        "are listed but not tested. Melanoma sensitivity is read at the threshold giving the stated "
-        "specificity within the group."
+        "are listed but not tested"
+        + (
+            f", nor is melanoma sensitivity where the group or the rest has under {sub['min_melanomas']} "
+            "melanomas"
+            if sub.get("min_melanomas")
+            else ""
+        )
+        + ". Melanoma sensitivity is read at the threshold giving the stated specificity within the group."
     )
     head = ["attribute", "group", "images", "lesions", "melanomas", *names.values()]
     return _table(head, rows) + _note(note)
+
+
+def _refer_curves_html(trust: dict) -> str:
+    from dermlens.evaluate import plots
+
+    curves = trust["refer_curves"]
+    rows = [
+        [
+            html.escape(name),
+            _fmt(c["operating_point"]["min_confidence"]),
+            _fmt(c["operating_point"]["coverage"]),
+            _fmt(c["operating_point"]["risk"]),
+        ]
+        for name, c in curves.items()
+    ]
+    return (
+        _fig(plots.refer_curves_png(curves), "refer rule risk-coverage per set")
+        + _table(["set", "min_confidence", "coverage (accepted)", "risk (1 - BA of accepted)"], rows)
+        + _note(
+            "Images referred by the other flags (out of distribution, not dermoscopy, prediction set too "
+            "large) stay referred along each curve; the confidence threshold sweeps. The dot is the bundle's "
+            "operating point (`refer.accept_rate` fitted on validation, or --refer-rate)."
+        )
+    )
 
 
 def _trust_sections(result: dict) -> list[tuple[str, str, str]]:
@@ -428,6 +458,8 @@ def _trust_sections(result: dict) -> list[tuple[str, str, str]]:
     out = [("calibration-conditions", "Calibration per condition of use", _conditions_html(trust))]
     if trust.get("conformal"):
         out.append(("conformal", "Conformal prediction sets: coverage and size", _conformal_html(trust)))
+    if trust.get("refer_curves"):
+        out.append(("refer-curves", "Refer rule: risk-coverage per set", _refer_curves_html(trust)))
     if trust.get("subgroups"):
         out.append(
             ("subgroups", "Subgroup audit (sex, age band, body site)", _subgroups_html(trust["subgroups"]))

@@ -60,8 +60,12 @@ class TrustState:
     clinical_bias: float = 0.0
     clinical_threshold: float = float("inf")
     max_set_size: int = 0  # refer when the prediction set has at least this many classes (0 = never)
+    # ---- refer operating point (trust.operating_point; applied by infer.operating_point) -------------
+    refer_quantiles: np.ndarray | None = None  # [101] val top-prob quantiles of images no other flag refers
+    refer_other_rate: float = 0.0  # val share referred by the other flags (OOD, not dermoscopy, set size)
+    accept_rate: float | None = None  # the packaged operating point: val share accepted by all four flags
 
-    _ARRAYS = ("class_means", "precision", "knn_bank", "cam_weight", "clinical_weight")
+    _ARRAYS = ("class_means", "precision", "knn_bank", "cam_weight", "clinical_weight", "refer_quantiles")
 
     # ---- scoring -------------------------------------------------------------------------------------
     def score(self, method: str, fine_logits: np.ndarray, embedding: np.ndarray | None = None) -> np.ndarray:

@@ -40,6 +40,16 @@ class LimitsInfo(BaseModel):
     max_batch_files: int
 
 
+class OperatingPointInfo(BaseModel):
+    """The refer rule's operating point: its threshold and how often it refers val images, in words."""
+
+    min_confidence: float = Field(description="Refer when the calibrated top probability is below this")
+    val_refer_rate: float | None = Field(description="Share of validation images referred at this point")
+    packaged_accept_rate: float | None = Field(description="The bundle's own point: val share accepted")
+    requested_refer_rate: float | None = Field(description="The refer rate the server was asked to use")
+    words: str | None = Field(description="The val refer rate in words, e.g. 'refers about 1 in 5 images'")
+
+
 class ModelInfo(BaseModel):
     """The loaded model, its card and the vocabularies the prediction form accepts."""
 
@@ -55,6 +65,7 @@ class ModelInfo(BaseModel):
     auth_required: bool = Field(description="Prediction routes need an `Authorization: Bearer` token")
     limits: LimitsInfo
     card: dict[str, Any] = Field(description="The model card (card.json)")
+    refer: OperatingPointInfo
     disclaimer: str
     dermlens_version: str
 

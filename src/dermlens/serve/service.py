@@ -20,6 +20,7 @@ from dermlens.bundle import card_sha256
 from dermlens.data.dicom_meta import patient_meta
 from dermlens.data.taxonomy import FINE_NAMES, SEXES, SITES, coarse_label
 from dermlens.dicom import DicomError, is_dicom_bytes, merge_meta, read_dataset
+from dermlens.infer.operating_point import at_refer_rate, describe
 from dermlens.infer.prediction import Prediction
 from dermlens.predict.fields import InputError, quote
 from dermlens.predict.fields import parse_age as _parse_age
@@ -148,6 +149,7 @@ class Service:
     """The loaded model, the record store and the bounds on work in flight shared by all requests."""
 
     def __init__(self, settings: ServeSettings, predictor: Any, store: RecordStore):
+        predictor = at_refer_rate(predictor, settings.refer_rate)
         self.settings, self.predictor, self.store = settings, predictor, store
         bundle = getattr(predictor, "bundle_dir", None)
         self.card_sha256 = card_sha256(bundle) if bundle is not None else None
@@ -415,6 +417,9 @@ class Service:
             auth_required=bool(self.settings.api_token),
             limits=schemas.LimitsInfo(**lim.model_dump()),
             card=card.to_dict(),
+            refer=schemas.OperatingPointInfo(
+                **describe(self.predictor.trust), requested_refer_rate=self.settings.refer_rate
+            ),
             disclaimer=DISCLAIMER,
             dermlens_version=__version__,
         )
@@ -438,9 +443,10 @@ def load_predictor(settings: ServeSettings) -> Any:
     """The runtime Predictor for the configured bundle and precision (imported lazily)."""
     from dermlens.infer.predictor import Predictor
 
-    return Predictor.load(
+    predictor = Predictor.load(
         bundle_dir=settings.model, precision=settings.precision, threads=settings.inference.threads
     )
+    return at_refer_rate(predictor, settings.refer_rate)
 
 
 async def _check_fields(request: Request, allowed: frozenset[str], repeatable: str | None = None) -> None:

@@ -84,6 +84,7 @@ class ServeSettings(BaseModel):
     port: int = Field(ge=0, le=65535)
     model: str | None
     precision: str | None
+    refer_rate: float | None = Field(ge=0, le=1)
     api_token: str | None
     allow_insecure_bind: bool
     trusted_hosts: list[str] | None

@@ -16,6 +16,7 @@ from dermlens.infer.state import TrustState
 from dermlens.metrics import ece
 from dermlens.trust import ood, selective
 from dermlens.trust.calibration import fit_temperature, fit_temperature_tta, nll
+from dermlens.trust.refer_point import store_table
 
 
 def trust_config(path: str | Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
@@ -33,18 +34,6 @@ def coarse_from_fine(labels: np.ndarray, n_classes: int) -> np.ndarray:
 def _cfg(cfg: dict[str, Any] | None) -> dict[str, Any]:
     """configs/trust.yaml with `cfg` (sections, partial) merged on top and checked."""
     return configuration.load("trust", layers=[("trust settings", cfg or {})])
-
-
-def _min_confidence(probs: np.ndarray, labels: np.ndarray, refer_cfg: dict[str, Any]) -> tuple[float, str]:
-    """Refer threshold on calibrated top probability, chosen on validation as configured."""
-    if refer_cfg.get("min_confidence") is not None:
-        return float(refer_cfg["min_confidence"]), "fixed"
-    if refer_cfg.get("target_risk") is not None:
-        return selective.confidence_for_risk(probs, labels, float(refer_cfg["target_risk"])), "target_risk"
-    cov = refer_cfg.get("target_coverage")
-    if cov is not None:
-        return selective.confidence_for_coverage(probs, float(cov)), "target_coverage"
-    return 0.0, "none"
 
 
 def fit_tta(
@@ -136,9 +125,10 @@ def fit_trust(
     val_scores = state.score(method, fine, emb)
     state.val_keep_rate = float((val_scores <= state.ood_threshold).mean())
     probs = softmax(fine, t_fine)
-    state.min_confidence, rule = _min_confidence(probs, labels, cfg["refer"])
+    ood_flag = val_scores > state.ood_threshold
+    store_table(state, probs.max(axis=1), ood_flag, float(cfg["refer"]["accept_rate"]))
     refer = state.decide(fine, emb)["refer"]  # the one refer rule (trust/shift.py refits its other parts)
-    info["refer"] = {"rule": rule, **selective.selective_summary(probs, labels, refer)}
+    info["refer"] = {"rule": "accept_rate", **selective.selective_summary(probs, labels, refer)}
     fit_tta(state, val, bounds)
     if cam_weight is not None:
         state.cam_weight = np.asarray(cam_weight, dtype=np.float32)

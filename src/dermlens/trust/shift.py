@@ -27,7 +27,8 @@ from dermlens.metadata import encode_metadata, encode_rows
 from dermlens.metrics import auroc, balanced_accuracy, ece
 from dermlens.preprocess import Preprocessing
 from dermlens.trust import conformal, photo_views, scaling, selective
-from dermlens.trust.outputs import _cfg, _min_confidence
+from dermlens.trust.outputs import _cfg
+from dermlens.trust.refer_point import Scored, fit_operating_point
 
 
 @dataclass
@@ -243,7 +244,6 @@ def refit_bundle(
         "no_meta": conformal.class_thresholds(p_none, val.labels, alpha, len(classes)).tolist(),
     }
     state.max_set_size = int(cfg["conformal"].get("max_set_size", 0))
-    state.min_confidence, rule = _min_confidence(p_meta, val.labels, cfg["refer"])
 
     w, b, thr, nd_info = fit_not_dermoscopy(run, manifest, classes, ham["embedding"], cfg["not_dermoscopy"])
     state.clinical_weight, state.clinical_bias, state.clinical_threshold = w.astype(np.float32), b, thr
@@ -251,6 +251,16 @@ def refit_bundle(
         f"not-dermoscopy head: train AUROC {nd_info['train_auroc']:.3f}, "
         f"val keep {nd_info['val_keep_rate']:.3f}"
     )
+    op_meta = str(cfg["refer"].get("condition", "no_meta")) == "meta"
+    op_val = Scored(
+        ham["meta_logits" if op_meta else "no_meta_logits"],
+        ham["embedding"],
+        np.full(len(val.labels), op_meta),
+        val.labels,
+        ham["groups"][: len(val.labels)],
+    )
+    fit_operating_point(state, op_val, float(cfg["refer"]["accept_rate"]))
+    rule = f"accept_rate {cfg['refer']['accept_rate']} ({'meta' if op_meta else 'no_meta'})"
 
     decided = state.decide(ham["meta_logits"], ham["embedding"], np.ones(len(val.labels), bool))
     sets_none = state.prediction_sets(p_none, np.zeros(len(val.labels), bool))

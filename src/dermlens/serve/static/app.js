@@ -55,6 +55,11 @@ async function loadModel() {
     state.model = body;
     $("model-tag").textContent = `${body.name} · v${body.version} · ${body.precision}`;
     $("disclaimer-text").textContent = body.disclaimer;
+    const words = body.refer && body.refer.words;
+    $("refer-rate-note").textContent = words
+      ? `This model ${words} to a dermatologist (measured on validation images).`
+      : "";
+    show($("refer-rate-note"), Boolean(words));
     $("footer-version").textContent = `dermlens ${body.dermlens_version} · model ${body.name} v${body.version}`;
     fillSelect($("sex"), body.sexes);
     fillSelect($("site"), body.sites);
