@@ -10,8 +10,6 @@ from typing import Annotated
 
 import typer
 
-from dermlens.errors import BatchInputError
-
 
 def _echo_err(msg: str) -> None:
     typer.echo(_shown(msg), err=True)
@@ -150,6 +148,7 @@ def predict(
     from dermlens.bundle import BundleError
     from dermlens.infer.operating_point import at_refer_rate, describe
     from dermlens.infer.predictor import Predictor
+    from dermlens.predict.dicomweb import check_sources
     from dermlens.predict.folder import BatchInputError, run_batch
     from dermlens.predict.inputs import apply_dicom_meta, collect_inputs, read_metadata_csv
 
@@ -166,7 +165,7 @@ def predict(
         _echo_err("error: --ray uses the bundle's packaged operating point; drop --refer-rate or --ray")
         raise typer.Exit(2)
     folder_only = any(v is not None for v in (ray_at, cam, dicom_sr, fhir))
-    _check_sources(inputs, dicomweb, study, since, folder_only)
+    check_sources(bool(inputs), dicomweb, study, since, folder_only)
     age, sex, site = _checked_meta(age, sex, site)
     if dicomweb is not None:
         predictor = at_refer_rate(Predictor.load(model, precision, threads or None), refer_rate)
@@ -210,7 +209,7 @@ def predict(
     if ray_at is not None:
         _predict_on_ray(err, predictor, items, failures, ray_at, out, isic_csv, batch_size, tta)
         return
-    sr_writer = _SrWriter(predictor, items, dicom_sr) if dicom_sr is not None else None
+    sr_writer = _sr_folder(predictor, items, dicom_sr) if dicom_sr is not None else None
     fhir_writer = _fhir_writer(predictor, fhir)
 
     human: list[dict] = []
@@ -257,37 +256,15 @@ def predict(
         f"{summary.referred} referred, {summary.ood} out of distribution"
     )
     if sr_writer is not None:
-        failures += sr_writer.report(err)
+        failures += _report_srs(err, sr_writer)
     if fhir_writer is not None:
         err.print(f"wrote {fhir_writer.written} FHIR Bundle(s) to {fhir}")
     _finish(err, (out, isic_csv), failures, summary.interrupted, signals)
 
 
-def _check_sources(inputs, dicomweb, study, since, folder_only: bool) -> None:
-    """Inputs or --dicomweb (with exactly one of --study/--since), never both."""
-    if dicomweb is None:
-        if study is not None or since is not None:
-            raise BatchInputError("--study and --since select images in a PACS: give --dicomweb URL too")
-        if not inputs:
-            raise BatchInputError("give image files, folders or CSVs to predict, or --dicomweb URL")
-        return
-    if inputs:
-        raise BatchInputError("give either input files or --dicomweb, not both")
-    if folder_only:
-        raise BatchInputError("--dicomweb stores SRs in the PACS: drop --ray/--cam/--dicom-sr/--fhir")
-    if (study is None) == (since is None):
-        raise BatchInputError("--dicomweb needs --study UID or --since DATE (one of them)")
-
-
 def _predict_dicomweb(err, predictor, url, study, since, given, out, batch_size, workers, tta) -> None:
     """`dermlens predict --dicomweb`: QIDO-RS, WADO-RS into a temporary folder, predict, STOW-RS the SRs."""
-    import tempfile
-
-    from dermlens.bundle import card_sha256
-    from dermlens.data.dicom_meta import read_meta
-    from dermlens.dicom import merge_meta
-    from dermlens.predict.dicomweb import Pacs, SrStore, fetch_items, parse_since
-    from dermlens.predict.folder import run_batch
+    from dermlens.predict.dicomweb import Pacs, parse_since, predict_pacs
 
     pacs = Pacs(url)
     found = pacs.find(study, parse_since(since) if since else None)
@@ -296,29 +273,12 @@ def _predict_dicomweb(err, predictor, url, study, since, given, out, batch_size,
         f"model {predictor.card.name} {predictor.version} ({predictor.precision}); "
         f"{len(found.instances)} photograph(s) found in {url}" + (f"; skipped {skipped}" if skipped else "")
     )
-    with tempfile.TemporaryDirectory(prefix="dermlens-dicomweb-") as tmp:
-        items, failures = fetch_items(pacs, found, Path(tmp))
-        for it in items:
-            it.meta = merge_meta(given, read_meta(it.path))
-        store = SrStore(
-            pacs, card_sha256(predictor.bundle_dir), {it.image_id: it.meta["site"] for it in items}
-        )
-        summary = run_batch(
-            predictor,
-            items,
-            out_csv=out,
-            batch_size=batch_size,
-            workers=workers or None,
-            tta=tta,
-            on_rows=store,
-        )
-    for f in summary.failures:  # name the instance, not the temporary file
-        f.path = next((it.image_id for it in items if str(it.path) == f.path), f.path)
+    run = predict_pacs(predictor, pacs, found, given, out, batch_size, workers or None, tta)
     err.print(
-        f"{summary.done} of {len(found.instances)} image(s) predicted; "
-        f"stored {store.stored} DICOM SR(s) in {url}"
+        f"{run.summary.done} of {len(found.instances)} image(s) predicted; "
+        f"stored {run.stored} DICOM SR(s) in {url}"
     )
-    _finish(err, (out,), failures + summary.failures + store.failures, summary.interrupted)
+    _finish(err, (out,), run.failures, run.summary.interrupted)
 
 
 def _finish(
@@ -391,54 +351,21 @@ def _fhir_writer(predictor, out_dir: Path | None):
     return FhirWriter(device, out_dir)
 
 
-class _SrWriter:
-    """Writes one DICOM SR per predicted DICOM input into a folder; records what it could not write."""
+def _sr_folder(predictor, items, out_dir: Path):
+    """The --dicom-sr writer: one SR per DICOM input, sites from the inputs' metadata."""
+    from dermlens.bundle import card_sha256
+    from dermlens.predict.sr import SrFolder
 
-    def __init__(self, predictor, items, out_dir: Path) -> None:
-        from dermlens.bundle import card_sha256
+    sites = {str(it.path): (it.meta or {}).get("site") for it in items}
+    return SrFolder(out_dir, card_sha256(predictor.bundle_dir), sites)
 
-        self.predictor, self.out_dir = predictor, out_dir
-        self.card_sha256 = card_sha256(predictor.bundle_dir)
-        self.meta = {str(it.path): it.meta or {} for it in items}
-        self.written: dict[str, str] = {}  # SR file name -> the input it was written for
-        self.skipped, self.failures = 0, []
 
-    def write(self, rows: list) -> None:
-        from dermlens.dicom import is_dicom_file
-
-        for s in rows:
-            path = str(s.item.path)
-            if not is_dicom_file(path):
-                self.skipped += 1
-                continue
-            self._write_one(path, s.prediction)
-
-    def _write_one(self, path: str, prediction) -> None:
-        from dermlens.dicom import read_dataset
-        from dermlens.predict.inputs import Failure
-        from dermlens.predict.sr import uids_for, write_sr
-        from dermlens.preprocess import ImageDecodeError
-
-        try:
-            source = read_dataset(path, pixels=False)
-            name = uids_for(source, prediction, self.card_sha256).filename
-            if name in self.written:
-                uid = source.SOPInstanceUID
-                self.failures.append(
-                    Failure(path, f"no DICOM SR: SOPInstanceUID {uid} is also {self.written[name]}'s")
-                )
-                return
-            write_sr(source, prediction, self.out_dir, self.meta.get(path, {}).get("site"), self.card_sha256)
-            self.written[name] = path
-        except ImageDecodeError as e:
-            self.failures.append(Failure(path, f"no DICOM SR: {e}"))
-
-    def report(self, console) -> list:
-        """Print what was written; return the SR failures."""
-        console.print(f"wrote {len(self.written)} DICOM SR(s) to {self.out_dir}")
-        if self.skipped:
-            console.print(f"note: {self.skipped} non-DICOM input(s) have no source DICOM to reference: no SR")
-        return self.failures
+def _report_srs(console, srs) -> list:
+    """Print what the SR folder writer wrote; return its failures."""
+    console.print(f"wrote {len(srs.written)} DICOM SR(s) to {srs.out_dir}")
+    if srs.skipped:
+        console.print(f"note: {srs.skipped} non-DICOM input(s) have no source DICOM to reference: no SR")
+    return srs.failures
 
 
 def _predict_on_ray(err, predictor, items, failures, address, out, isic_csv, batch_size, tta) -> None:

@@ -15,9 +15,9 @@ from typing import Any
 
 from dermlens import config as configuration
 from dermlens.dicom import INSTALL_HINT
-from dermlens.errors import DermlensError, PacsError
+from dermlens.errors import BatchInputError, DermlensError, PacsError
 from dermlens.infer.prediction import Prediction
-from dermlens.predict.folder import Scored
+from dermlens.predict.folder import BatchSummary, Scored, run_batch
 from dermlens.predict.inputs import Failure, Item
 
 _TAGS = {"study": "0020000D", "series": "0020000E", "sop": "00080018", "sop_class": "00080016"}
@@ -44,6 +44,25 @@ class Found:
 def settings() -> dict[str, Any]:
     """configs/dicomweb.yaml."""
     return configuration.load("dicomweb")
+
+
+def check_sources(
+    has_inputs: bool, url: str | None, study: str | None, since: str | None, folder: bool
+) -> None:
+    """Input files or a PACS URL (with exactly one of --study/--since), never both; `folder`: options that
+    only apply to input files were given."""
+    if url is None:
+        if study is not None or since is not None:
+            raise BatchInputError("--study and --since select images in a PACS: give --dicomweb URL too")
+        if not has_inputs:
+            raise BatchInputError("give image files, folders or CSVs to predict, or --dicomweb URL")
+        return
+    if has_inputs:
+        raise BatchInputError("give either input files or --dicomweb, not both")
+    if folder:
+        raise BatchInputError("--dicomweb stores SRs in the PACS: drop --ray/--cam/--dicom-sr/--fhir")
+    if (study is None) == (since is None):
+        raise BatchInputError("--dicomweb needs --study UID or --since DATE (one of them)")
 
 
 def parse_since(text: str) -> dt.date:
@@ -177,3 +196,45 @@ class SrStore:
                 self.stored += 1
             except DermlensError as e:
                 self.failures.append(Failure(s.item.image_id, f"no SR stored: {e}"))
+
+
+@dataclass
+class PacsRun:
+    """What predicting a PACS's images did: the batch summary, the SRs stored and every failure."""
+
+    summary: BatchSummary
+    stored: int
+    failures: list[Failure]
+
+
+def predict_pacs(
+    predictor: Any,
+    pacs: Pacs,
+    found: Found,
+    given: dict[str, Any] | None = None,
+    out_csv: Path | None = None,
+    batch_size: int = 32,
+    workers: int | None = None,
+    tta: bool | None = None,
+) -> PacsRun:
+    """WADO-RS the found images into a temporary folder, predict them with the folder predictor (metadata:
+    `given` wins over the tags) and STOW-RS one SR per image; failures name the instance."""
+    import tempfile
+
+    from dermlens.bundle import card_sha256
+    from dermlens.data.dicom_meta import read_meta
+    from dermlens.dicom import merge_meta
+
+    with tempfile.TemporaryDirectory(prefix="dermlens-dicomweb-") as tmp:
+        items, failures = fetch_items(pacs, found, Path(tmp))
+        for it in items:
+            it.meta = merge_meta(given, read_meta(it.path))
+        sites = {it.image_id: it.meta["site"] for it in items}
+        store = SrStore(pacs, card_sha256(predictor.bundle_dir), sites)
+        summary = run_batch(
+            predictor, items, out_csv=out_csv, batch_size=batch_size, workers=workers, tta=tta, on_rows=store
+        )
+    by_path = {str(it.path): it.image_id for it in items}
+    for f in summary.failures:  # name the instance, not the temporary file
+        f.path = by_path.get(f.path, f.path)
+    return PacsRun(summary, store.stored, failures + summary.failures + store.failures)

@@ -289,3 +289,39 @@ def sr_bytes(source: Any, pred: Prediction, site: str | None = None, card_sha256
     buf = io.BytesIO()
     build_sr(source, pred, site, card_sha256).save_as(buf, enforce_file_format=True)
     return buf.getvalue()
+
+
+class SrFolder:
+    """Writes one SR per predicted DICOM input into a folder (`write(rows)` per batch); counts what it
+    wrote and lists, one line each, what it could not (no valid SR, a SOPInstanceUID shared by two inputs)."""
+
+    def __init__(self, out_dir: Path, card_sha256: str | None, sites: dict[str, str | None]) -> None:
+        self.out_dir, self.card_sha256, self.sites = out_dir, card_sha256, sites
+        self.written: dict[str, str] = {}  # SR file name -> the input it was written for
+        self.skipped = 0
+        self.failures: list[Any] = []
+
+    def write(self, rows: list[Any]) -> None:
+        from dermlens.dicom import is_dicom_file
+
+        for s in rows:
+            if is_dicom_file(s.item.path):
+                self._write_one(str(s.item.path), s.prediction)
+            else:
+                self.skipped += 1
+
+    def _write_one(self, path: str, prediction: Prediction) -> None:
+        from dermlens.dicom import read_dataset
+        from dermlens.predict.inputs import Failure
+
+        try:
+            source = read_dataset(path, pixels=False)
+            name = uids_for(source, prediction, self.card_sha256).filename
+            if name in self.written:
+                reason = f"no DICOM SR: SOPInstanceUID {source.SOPInstanceUID} is also {self.written[name]}'s"
+                self.failures.append(Failure(path, reason))
+                return
+            write_sr(source, prediction, self.out_dir, self.sites.get(path), self.card_sha256)
+            self.written[name] = path
+        except DicomError as e:
+            self.failures.append(Failure(path, f"no DICOM SR: {e}"))
