@@ -21,7 +21,14 @@ from dermlens import DISCLAIMER, dicom
 from dermlens.data.dicom_meta import read_meta
 from dermlens.data.taxonomy import HAM_CLASSES, SNOMED_SITES, site_general
 from dermlens.preprocess import ImageDecodeError, load_rgb
-from dicom_files import SYNTAXES, coded, write_ct_slice, write_multiframe, write_photo  # tests/dicom_files.py
+from dicom_files import (
+    SYNTAXES,
+    coded,
+    dciodvfy_errors,
+    write_ct_slice,
+    write_multiframe,
+    write_photo,
+)  # tests/dicom_files.py
 
 N_IMAGES = 10
 
@@ -193,6 +200,7 @@ def check_srs(sr_dir: Path, dicom_dir: Path, preds: pd.DataFrame) -> None:
         src = pydicom.dcmread(src_path, stop_before_pixels=True)
         assert (ds.StudyInstanceUID, ds.PatientID) == (src.StudyInstanceUID, src.PatientID)
         sr = hd.sr.srread(path)  # highdicom parses and validates the IOD and the TID 1500 content
+        assert dciodvfy_errors(path) == []  # and dicom3tools finds no error
         groups = {g.finding_type.value: g for g in sr.content.get_image_measurement_groups()}
         group = groups["95324001"]  # SNOMED CT Skin lesion
         row = preds.set_index("image_id").loc[src_path.stem]
@@ -247,6 +255,8 @@ def test_api_dicom_upload_and_sr(dicom_dir: Path, ham_rows: pd.DataFrame, tmp_pa
         for c in HAM_CLASSES:
             assert body["fine"][c] == pytest.approx(want["fine"][c], abs=1e-5)
         sr = pydicom.dcmread(io.BytesIO(base64.b64decode(body["dicom_sr_base64"])))
+        (tmp_path / "api.sr.dcm").write_bytes(base64.b64decode(body["dicom_sr_base64"]))
+        assert dciodvfy_errors(tmp_path / "api.sr.dcm") == []
         assert sr.SOPClassUID == pydicom.uid.ComprehensiveSRStorage
         assert body["disclaimer"] == DISCLAIMER
 

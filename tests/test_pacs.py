@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 
 from bundles import bundle_dir  # tests/bundles.py
 from dermlens.data.taxonomy import HAM_CLASSES, site_general, site_snomed
-from dicom_files import coded  # tests/dicom_files.py
+from dicom_files import coded, dciodvfy_errors  # tests/dicom_files.py
 from dicom_files import write_photo as write_vl_photo
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,16 +94,6 @@ def upload(orthanc: str, path: Path) -> None:
 
 def study_instances(orthanc: str, study: str) -> list[dict]:
     return DICOMwebClient(f"{orthanc}/dicom-web").search_for_instances(study_instance_uid=study)
-
-
-def dciodvfy_errors(path: Path) -> list[str]:
-    """dicom3tools' validator: its Error lines (none for a valid object); skip without the tool off CI."""
-    if shutil.which("dciodvfy") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI: dciodvfy (Debian's dicom3tools) is not installed")
-        pytest.skip("dciodvfy not installed (apt-get install dicom3tools)")
-    out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
-    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
 
 
 def test_predict_dicomweb_stores_coded_srs_once(orthanc: str, ham_rows: pd.DataFrame, tmp_path: Path) -> None:
@@ -250,6 +240,7 @@ def test_dicom_sr_folder_writes_what_it_can(ham_root: Path, tmp_path: Path) -> N
     assert len(pd.read_csv(csv)) == len(files)  # every image predicted and written
     written = sorted(sr_dir.glob("*.sr.dcm"))
     assert len(written) == 2 and f"wrote 2 DICOM SR(s) to {sr_dir}" in res.output  # twin_a and good
+    assert all(dciodvfy_errors(p) == [] for p in written)
     assert not list(tmp_path.rglob("escaped-sr*"))
     for tag in BROKEN:
         assert f"{files[tag]}: no DICOM SR: " in res.output, tag
