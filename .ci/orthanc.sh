@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Start a throw-away Orthanc PACS (Debian's orthanc + orthanc-dicomweb) on 127.0.0.1 for the DICOMweb tests
 # and print `export DERMLENS_ORTHANC_URL=...`. Usage: eval "$(bash .ci/orthanc.sh)".
-# Installs the Debian packages only if they are missing. HTTP only (no DICOM port); Orthanc 1.10 cannot bind
+# Installs the Debian packages (and dicom3tools) only if they are missing. HTTP only (no DICOM port); Orthanc 1.10 cannot bind
 # to one address, so RemoteAccessAllowed=false refuses every client but loopback; no authentication (loopback
 # only); storage in a temporary folder; DICOMweb at /dicom-web/.
 set -euo pipefail
 PLUGIN=/usr/share/orthanc/plugins/libOrthancDicomWeb.so
-if ! command -v Orthanc >/dev/null || [ ! -f "$PLUGIN" ]; then
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc orthanc-dicomweb >/dev/null) >&2
+# dicom3tools: dciodvfy, the validator the DICOM tests run on every SR they write.
+if ! command -v Orthanc >/dev/null || [ ! -f "$PLUGIN" ] || ! command -v dciodvfy >/dev/null; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+    orthanc orthanc-dicomweb dicom3tools >/dev/null) >&2
 fi
 PORT="${DERMLENS_ORTHANC_PORT:-8042}"
 ROOT="${DERMLENS_ORTHANC_DIR:-${TMPDIR:-/tmp}/dermlens-orthanc-$PORT}"
