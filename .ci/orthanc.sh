@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Start a throw-away Orthanc PACS (Debian's orthanc + orthanc-dicomweb) on 127.0.0.1 for the DICOMweb tests
 # and print `export DERMLENS_ORTHANC_URL=...`. Usage: eval "$(bash .ci/orthanc.sh)".
-# Installs the Debian packages (and dicom3tools) only if they are missing. HTTP only (no DICOM port); Orthanc 1.10 cannot bind
-# to one address, so RemoteAccessAllowed=false refuses every client but loopback; no authentication (loopback
-# only); storage in a temporary folder; DICOMweb at /dicom-web/.
+# Installs the Debian packages (and dicom3tools) only if they are missing. HTTP only (no DICOM port);
+# Orthanc 1.10 cannot bind to one address, so RemoteAccessAllowed=false refuses every client but loopback;
+# no authentication (loopback only); storage in a temporary folder; DICOMweb at /dicom-web/.
 set -euo pipefail
 PLUGIN=/usr/share/orthanc/plugins/libOrthancDicomWeb.so
 # dicom3tools: dciodvfy, the validator the DICOM tests run on every SR they write.
