@@ -193,8 +193,14 @@ def test_serve_stores_the_sr_after_the_record(orthanc: str, ham_rows: pd.DataFra
         if not stored:
             assert "cannot connect" in body["sr_store_error"]
     assert len(study_instances(orthanc, study)) == 1  # the SR (the image itself was never uploaded)
+    app = create_app(load_settings(records={"url": url}), predictor=predictor)
+    with TestClient(app, base_url="http://localhost") as client:
+        got = client.post("/predict", files={"file": ("x.dcm", dcm.read_bytes())}, data=data)
+        jpeg = client.post("/predict", files={"file": ("x.jpg", r["path"].read_bytes())}, data=data)
+    assert got.status_code == 422 and got.json()["error"]["code"] == "no_pacs"  # no --dicomweb
+    assert jpeg.status_code == 422 and jpeg.json()["error"]["code"] == "store_sr_needs_dicom"
     store = RecordStore(url)
-    assert store.count() == 2  # the record is kept when the PACS fails
+    assert store.count() == 2  # the record is kept when the PACS fails; nothing stored for a 422
     store.close()
 
 
