@@ -14,7 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from dermlens.bundle import TRUST, read_card, release_dir
+from dermlens.bundle import TRUST, read_card, release_dir, seal
 from dermlens.cli.main import app
 from dermlens.infer.operating_point import min_confidence_for, refer_words, val_refer_rate, with_refer_rate
 from dermlens.infer.state import TrustState
@@ -47,6 +47,7 @@ def no_table_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     shutil.copytree(release_dir(), bundle)
     state = TrustState.load(bundle / TRUST)
     dataclasses.replace(state, refer_quantiles=None).save(bundle / TRUST)
+    seal(bundle)  # a bundle built this way is ours: re-seal it
     return bundle
 
 

@@ -171,7 +171,9 @@ def test_sixteen_bit_images_decode_like_before(tmp_path):
 
 
 def test_in_flight_bound_answers_503(predictor, tmp_path, images):
+    """Requests being worked on are bounded (503 + Retry-After); an upload still arriving holds no slot."""
     settings = load_settings(records={"url": f"sqlite:///{tmp_path / 'r.db'}"}, limits={"max_in_flight": 1})
+    data = images[0].read_bytes()
     with BackgroundServer(create_app(settings, predictor=predictor)) as srv:
         host, port = srv.url.removeprefix("http://").split(":")
         slow = socket.create_connection((host, int(port)))  # a request whose body never finishes
@@ -180,11 +182,23 @@ def test_in_flight_bound_answers_503(predictor, tmp_path, images):
             b"Content-Length: 100000\r\n\r\n--b\r\n"
         )
         time.sleep(0.5)
-        resp = httpx.post(srv.url + "/predict", files={"file": ("a.jpg", images[0].read_bytes())})
-        assert error_of(resp, 503)["code"] == "unavailable" and resp.headers["retry-after"] == "1"
+        assert httpx.post(srv.url + "/predict", files={"file": ("a.jpg", data)}, timeout=60).is_success
+        start, answers = threading.Barrier(6), []
+
+        def one() -> None:
+            start.wait()
+            answers.append(httpx.post(srv.url + "/predict", files={"file": ("a.jpg", data)}, timeout=60))
+
+        threads = [threading.Thread(target=one) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
         slow.close()
-        time.sleep(0.5)
-        assert httpx.post(srv.url + "/predict", files={"file": ("a.jpg", images[0].read_bytes())}).is_success
+    busy = [r for r in answers if r.status_code == 503]
+    assert busy and any(r.status_code == 200 for r in answers)
+    assert all(error_of(r, 503)["code"] == "unavailable" and r.headers["retry-after"] == "1" for r in busy)
+    assert RecordStore(settings.records.url).count() == 7 - len(busy)
 
 
 # ---- defects 6 and 7: bounded error bodies; ambiguous input refused -------------------------------------

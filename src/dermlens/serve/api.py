@@ -115,14 +115,20 @@ def create_app(
     SiteF = Annotated[str | None, Form(description="Anatomic site, one of GET /model `sites` (optional)")]
     CamF = Annotated[bool, Form(description="Also return the class activation map overlay (PNG, base64)")]
 
-    @app.get("/health", response_model=schemas.Health, tags=["service"])
-    def health() -> schemas.Health:
+    @app.get("/health", response_model=schemas.Health, tags=["service"], responses={503: {}})
+    async def health() -> JSONResponse:
+        """Cheap and on the event loop (never queued behind a hung database): 503 while degraded."""
         svc = state.get("service")
-        return schemas.Health(
+        records_ok = svc is None or svc.store.available()
+        body = schemas.Health(
+            status="ok" if records_ok else "degraded",
+            records="ok" if records_ok else "unavailable",
             model_loaded=svc is not None,
             model_version=svc.predictor.card.version if svc else None,
             dermlens_version=__version__,
         )
+        retry = {"Retry-After": str(settings.limits.retry_after_s)}
+        return JSONResponse(body.model_dump(), 200 if records_ok else 503, None if records_ok else retry)
 
     @app.get("/model", response_model=schemas.ModelInfo, tags=["service"])
     def model(svc: Svc) -> schemas.ModelInfo:

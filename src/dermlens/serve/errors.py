@@ -3,7 +3,7 @@ failure (validation, HTTP, unexpected) into one."""
 
 import logging
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -55,9 +55,17 @@ class ApiError(Exception):
         return schemas.ErrorBody(code=self.code, message=self.message)
 
 
-class _BodyTooLarge(StarletteHTTPException):
+class _BodyTooLarge(HTTPException):
     def __init__(self, limit: int):
         super().__init__(413, f"request body exceeds {limit:,} bytes")
+
+
+class _Busy(HTTPException):
+    """Raised while a body completes and no in-flight slot is free: 503 with Retry-After."""
+
+    def __init__(self, retry_after_s: int):
+        headers = {"Retry-After": str(retry_after_s)}
+        super().__init__(503, "the server is busy; retry shortly", headers=headers)
 
 
 def error_response(

@@ -22,7 +22,8 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from dermlens.data.taxonomy import fine_code
 from dermlens.errors import OutcomeError, UnknownLabelError, UnknownRecord
-from dermlens.serve.records import Base, PredictionRecord, RecordStore, RecordsUnavailable, _first_line
+from dermlens.serve.commits import first_line
+from dermlens.serve.records import Base, PredictionRecord, RecordStore, RecordsUnavailable
 
 # How a diagnosis was confirmed (spellings accepted on input -> the stored word).
 METHODS: dict[str, str] = {
@@ -110,7 +111,7 @@ def _save(store: RecordStore, rows: list[OutcomeRecord]) -> None:
         with Session(store.engine, expire_on_commit=False) as session, session.begin():
             session.add_all(rows)
     except (OperationalError, DBAPIError) as e:
-        raise RecordsUnavailable(f"records database unavailable: {_first_line(e)}") from e
+        raise RecordsUnavailable(f"records database unavailable: {first_line(e)}") from e
 
 
 def attach(store: RecordStore, record_id: str, outcome: Outcome) -> OutcomeRecord:

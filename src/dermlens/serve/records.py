@@ -4,19 +4,20 @@ A record holds the image's SHA-256 (the bytes only when `store_images` is on), t
 the model version and the UTC time. `RecordStore.add` commits before it returns, so a prediction the API
 has acknowledged survives a crash; SQLite runs in WAL mode with synchronous=FULL. The schema is managed by
 Alembic (serve/migrations), upgraded when a store opens. Files are private (0600 in 0700 folders); the
-client's file name is kept only when `store_filename` is on. A locked or unreachable database raises
-RecordsUnavailable (the API answers 503 and acknowledges nothing).
+client's file name is kept only when `store_filename` is on. Rows are committed by one writer thread
+(serve/commits.py) with a deadline: a locked, unreachable or hung database raises RecordsUnavailable (the
+API answers 503) and a row whose caller gave up is never left stored.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import os
-import threading
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 from dermlens.errors import RecordsConfigError, RecordsUnavailable  # noqa: F401 (re-exported)
 from dermlens.extras import install_hint
 from dermlens.infer.prediction import Prediction
+from dermlens.serve.commits import CommitWriter, first_line
 
 
 class Base(DeclarativeBase):
@@ -137,6 +139,28 @@ def _sqlite_pragmas(lock_timeout_s: float):
     return apply
 
 
+def _postgres_args(lock_timeout_s: float) -> dict[str, Any]:
+    """libpq options: a lock wait time-out, a connect time-out and TCP keepalives (a dead peer is noticed
+    instead of hanging a connection for ever)."""
+    return {
+        "options": f"-c lock_timeout={int(lock_timeout_s * 1000)}",
+        "connect_timeout": max(2, math.ceil(lock_timeout_s)),
+        "keepalives": 1,
+        "keepalives_idle": 5,
+        "keepalives_interval": 2,
+        "keepalives_count": 3,
+    }
+
+
+def _write_limits(engine: Engine, lock_timeout_s: float) -> list[str]:
+    """PostgreSQL statements that bound each records transaction on the server: a statement running, or a
+    transaction left idle by a client that gave up, past the deadline is cancelled and rolled back."""
+    if engine.dialect.name != "postgresql":
+        return []
+    ms = int(lock_timeout_s * 1000)
+    return [f"SET LOCAL statement_timeout = {ms}", f"SET LOCAL idle_in_transaction_session_timeout = {ms}"]
+
+
 def make_engine(url: str | None = None, lock_timeout_s: float = 2.0) -> Engine:
     """An engine for `url` (default: the private user-data SQLite file); RecordsConfigError if unusable."""
     url = url or default_url()
@@ -149,9 +173,7 @@ def make_engine(url: str | None = None, lock_timeout_s: float = 2.0) -> Engine:
             engine = create_engine(url, connect_args=args)
             event.listen(engine, "connect", _sqlite_pragmas(lock_timeout_s))
             return engine
-        args = {}
-        if parsed.get_backend_name() == "postgresql":  # wait (bounded) for locks, then fail: 503
-            args = {"options": f"-c lock_timeout={int(lock_timeout_s * 1000)}", "connect_timeout": 10}
+        args = _postgres_args(lock_timeout_s) if parsed.get_backend_name() == "postgresql" else {}
         return create_engine(url, pool_pre_ping=True, pool_timeout=lock_timeout_s, connect_args=args)
     except ArgumentError as e:
         raise RecordsConfigError(f"records URL {url!r} is not a valid SQLAlchemy URL") from e
@@ -205,15 +227,6 @@ def _write_durable(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
-@dataclass
-class _Pending:
-    """A row waiting for a group commit."""
-
-    row: PredictionRecord
-    done: threading.Event = field(default_factory=threading.Event)
-    error: Exception | None = None
-
-
 class RecordStore:
     """Append-only store of prediction records."""
 
@@ -234,12 +247,12 @@ class RecordStore:
         except (OperationalError, DBAPIError) as e:
             self.engine.dispose()
             raise RecordsConfigError(
-                f"cannot open records database {self.describe()}: {_first_line(e)}"
+                f"cannot open records database {self.describe()}: {first_line(e)}"
             ) from e
         self.store_filename = store_filename
         self._session = sessionmaker(self.engine, expire_on_commit=False)
-        self._commit_lock, self._queue_lock = threading.Lock(), threading.Lock()
-        self._queue: list[_Pending] = []
+        limits = _write_limits(self.engine, lock_timeout_s)
+        self.writer = CommitWriter(self._session, self._row, PredictionRecord, lock_timeout_s, limits)
         self.store_images = store_images
         self.image_dir = Path(image_dir).expanduser().resolve() if image_dir else _default_image_dir(self.url)
 
@@ -253,11 +266,18 @@ class RecordStore:
 
     def add_many(self, items: list[tuple[NewRecord, bytes | None]]) -> list[PredictionRecord]:
         """Store several records in one transaction: all are committed, or none (RecordsUnavailable)."""
-        pending = [_Pending(self._row(new, image)) for new, image in items]
-        self._commit(pending)
-        return [p.row for p in pending]
+        return self.writer.wait(self.writer.submit(items))
 
-    def _row(self, new: NewRecord, image: bytes | None) -> PredictionRecord:
+    async def add_many_async(self, items: list[tuple[NewRecord, bytes | None]]) -> list[PredictionRecord]:
+        """`add_many` for the event loop: waits at most the commit deadline, holding no thread."""
+        return await self.writer.wait_async(self.writer.submit(items))
+
+    def available(self) -> bool:
+        """False while the database is locked, unreachable or hung (what /health reports)."""
+        return self.writer.available()
+
+    def _row(self, item: tuple[NewRecord, bytes | None]) -> PredictionRecord:
+        new, image = item
         image_path = None
         if self.store_images and image is not None:
             target = self.image_dir / new.image_sha256[:2] / f"{new.image_sha256}.{image_suffix(image)}"
@@ -290,32 +310,6 @@ class RecordStore:
             prediction=json.dumps(pred.stored()),
         )
 
-    def _commit(self, mine: list[_Pending]) -> None:
-        """Group commit: whoever holds the lock writes all waiting rows in one transaction (one fsync).
-
-        Concurrent requests share the disk flush; each caller returns only once its own row is on disk.
-        """
-        with self._queue_lock:
-            self._queue.extend(mine)
-        with self._commit_lock:
-            if not mine[0].done.is_set():
-                with self._queue_lock:
-                    batch, self._queue = self._queue, []
-                try:
-                    with self._session() as session, session.begin():
-                        session.add_all([p.row for p in batch])
-                except (OperationalError, DBAPIError) as e:  # locked / unreachable: nothing was stored
-                    for p in batch:
-                        p.error = RecordsUnavailable(f"records database unavailable: {_first_line(e)}")
-                except Exception as e:  # the whole transaction rolled back: every waiter gets the error
-                    for p in batch:
-                        p.error = e
-                for p in batch:
-                    p.done.set()
-        error = next((p.error for p in mine if p.error is not None), None)
-        if error is not None:
-            raise error
-
     def get(self, record_id: str) -> PredictionRecord | None:
         with self._session() as session:
             return session.get(PredictionRecord, record_id)
@@ -331,13 +325,8 @@ class RecordStore:
             yield from session.scalars(query.execution_options(yield_per=batch))
 
     def close(self) -> None:
+        self.writer.close()
         self.engine.dispose()
-
-
-def _first_line(e: BaseException) -> str:
-    """The driver's message, first line only, bounded (no SQL, no parameters)."""
-    orig = getattr(e, "orig", None) or e
-    return (str(orig).strip().splitlines() or [type(orig).__name__])[0][:200]
 
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "\n")

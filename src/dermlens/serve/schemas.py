@@ -22,7 +22,12 @@ class ErrorResponse(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok"] = "ok"
+    status: Literal["ok", "degraded"] = Field(
+        "ok", description="degraded (HTTP 503): predictions cannot be stored, so none are answered"
+    )
+    records: Literal["ok", "unavailable"] = Field(
+        "ok", description="unavailable: the records database is locked, unreachable or hung"
+    )
     model_loaded: bool
     model_version: str | None
     dermlens_version: str

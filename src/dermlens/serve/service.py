@@ -218,7 +218,8 @@ class Service:
         return Scored(up, hashlib.sha256(up.data).hexdigest(), len(up.data), got, size, t0, meta)
 
     async def store_all(self, scored: list[Scored], meta: dict[str, Any]) -> list[Any]:
-        """Commit the records of `scored` in one transaction before anything is answered (503 if locked)."""
+        """Commit the records of `scored` in one transaction before anything is answered: 503 if the database
+        is locked, unreachable or hung past the commit deadline (then nothing stays stored)."""
         if not scored:
             return []
         images = (
@@ -226,7 +227,7 @@ class Service:
         )
         news = [self._new_record(s, s.meta if s.meta is not None else meta) for s in scored]
         try:
-            return await anyio.to_thread.run_sync(self.store.add_many, list(zip(news, images, strict=True)))
+            return await self.store.add_many_async(list(zip(news, images, strict=True)))
         except RecordsUnavailable:
             log.warning("records database unavailable: %d prediction(s) not acknowledged", len(scored))
             raise busy(

@@ -26,6 +26,9 @@ class Limits(BaseModel):
     max_batch_files: int = Field(gt=0)
     max_in_flight: int = Field(gt=0)
     retry_after_s: int = Field(ge=0)
+    max_uploads_per_client: int = Field(gt=0)
+    max_auth_failures: int = Field(gt=0)
+    auth_failure_window_s: float = Field(gt=0)
 
 
 class Batching(BaseModel):
@@ -52,6 +55,9 @@ class Http(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     header_timeout_s: float = Field(gt=0)
+    body_timeout_s: float = Field(gt=0)
+    body_grace_s: float = Field(ge=0)
+    min_body_rate_bytes_s: float = Field(ge=0)
     keep_alive_s: int = Field(gt=0)
     max_header_bytes: int = Field(gt=0)
     max_connections: int = Field(gt=0)

@@ -1,17 +1,21 @@
 """Alembic migrations of the prediction-records schema, applied when a RecordStore opens.
 
 A database created before migrations existed (the `predictions` table, no `alembic_version`) is stamped at
-the baseline revision, then upgraded like any other.
+the baseline revision, then upgraded like any other. Servers starting together upgrade one at a time: a
+PostgreSQL advisory lock (or, for SQLite, a lock file beside the database) is held around the upgrade.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 from sqlalchemy.engine import Engine
 
 BASELINE = "0001"
+LOCK_KEY = 0x6465726D  # "derm": the advisory lock id of records schema upgrades
 HERE = Path(__file__).resolve().parent
 
 
@@ -39,8 +43,36 @@ def head_revision() -> str:
     return ScriptDirectory(str(HERE)).get_current_head()
 
 
+@contextmanager
+def upgrade_lock(engine: Engine) -> Iterator[None]:
+    """Hold the schema-upgrade lock of this database (PostgreSQL advisory lock, SQLite lock file)."""
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as conn:
+            conn.execute(text("SET lock_timeout = 0"))  # wait for the other server's upgrade
+            conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": LOCK_KEY})
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": LOCK_KEY})
+                conn.commit()
+        return
+    database = engine.url.database
+    if engine.dialect.name != "sqlite" or not database or database == ":memory:":
+        yield
+        return
+    from filelock import FileLock
+
+    with FileLock(str(Path(database).expanduser()) + ".upgrade.lock", mode=0o600):
+        yield
+
+
 def upgrade(engine: Engine, revision: str = "head") -> str | None:
-    """Bring the records schema to `revision`; returns the revision the database had before."""
+    """Bring the records schema to `revision` (one server at a time); returns the revision it had before."""
+    with upgrade_lock(engine):
+        return _upgrade(engine, revision)
+
+
+def _upgrade(engine: Engine, revision: str) -> str | None:
     from alembic import command
 
     before = current_revision(engine)
