@@ -30,7 +30,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from dermlens.data.taxonomy import site_snomed
+from dermlens.data.taxonomy import FINE_SNOMED, site_snomed
 from dermlens.preprocess import load_rgb
 
 SYNTAXES = ("jpeg", "rgb", "ybr", "rle", "j2k", "jls")
@@ -151,3 +151,24 @@ def write_deflated(
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(head.getvalue() + b"".join(chunks) + zip_.flush())
     return out
+
+
+def coded(code: str) -> tuple[str, str]:
+    """(code value, scheme) the SR uses for a diagnosis: SNOMED CT where FINE_SNOMED has it, else private."""
+    return (FINE_SNOMED[code][0], "SCT") if code in FINE_SNOMED else (code.upper(), "99DERMLENS")
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """dicom3tools' validator: its Error lines (none for a valid object); skip without the tool off CI."""
+    import os
+    import shutil
+    import subprocess
+
+    import pytest
+
+    if shutil.which("dciodvfy") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI: dciodvfy (Debian's dicom3tools) is not installed")
+        pytest.skip("dciodvfy not installed (apt-get install dicom3tools)")
+    out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]

@@ -21,7 +21,14 @@ from dermlens import DISCLAIMER, dicom
 from dermlens.data.dicom_meta import read_meta
 from dermlens.data.taxonomy import HAM_CLASSES, SNOMED_SITES, site_general
 from dermlens.preprocess import ImageDecodeError, load_rgb
-from dicom_files import SYNTAXES, write_ct_slice, write_multiframe, write_photo  # tests/dicom_files.py
+from dicom_files import (
+    SYNTAXES,
+    coded,
+    dciodvfy_errors,
+    write_ct_slice,
+    write_multiframe,
+    write_photo,
+)  # tests/dicom_files.py
 
 N_IMAGES = 10
 
@@ -187,21 +194,24 @@ def check_srs(sr_dir: Path, dicom_dir: Path, preds: pd.DataFrame) -> None:
     for path in files:
         ds = pydicom.dcmread(path)
         assert ds.SOPClassUID == pydicom.uid.ComprehensiveSRStorage and ds.Modality == "SR"
-        src_path = by_uid[path.name.removesuffix(".sr.dcm")]
+        assert path.name == f"{ds.SOPInstanceUID}.sr.dcm"  # named by the SR's own (derived) UID
+        ref = ds.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+        src_path = by_uid[ref.ReferencedSOPSequence[0].ReferencedSOPInstanceUID]
         src = pydicom.dcmread(src_path, stop_before_pixels=True)
         assert (ds.StudyInstanceUID, ds.PatientID) == (src.StudyInstanceUID, src.PatientID)
-        ref = ds.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
-        assert ref.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
         sr = hd.sr.srread(path)  # highdicom parses and validates the IOD and the TID 1500 content
-        group = sr.content.get_image_measurement_groups()[0]
-        values = {m.name.value: m.value for m in group.get_measurements()}
+        assert dciodvfy_errors(path) == []  # and dicom3tools finds no error
+        groups = {g.finding_type.value: g for g in sr.content.get_image_measurement_groups()}
+        group = groups["95324001"]  # SNOMED CT Skin lesion
         row = preds.set_index("image_id").loc[src_path.stem]
-        for c in HAM_CLASSES:
-            assert values[f"P-{c}"] == pytest.approx(row[f"p_{c}"], abs=1e-5)
+        for c in HAM_CLASSES:  # one group per diagnosis (SNOMED CT where it has a code), DCM Probability
+            (m,) = groups[coded(c)[0]].get_measurements()
+            assert (m.name.value, m.value) == ("122157", pytest.approx(row[f"p_{c}"], abs=1e-5))
+        values = {m.name.value: m.value for m in group.get_measurements()}
         assert values["111047"] == pytest.approx(row["p_malignant"], abs=1e-5)
-        evals = {q.name.value: q.value.value for q in group.get_qualitative_evaluations()}
-        assert evals["TOP"] == row["top_class"]
-        assert evals["REFER"] == ("373066001" if row["refer"] else "373067005")
+        evals = {q.name.value: q.value for q in group.get_qualitative_evaluations()}
+        assert (evals["121073"].value, evals["121073"].scheme_designator) == coded(row["top_class"])
+        assert evals["REFER"].value == ("373066001" if row["refer"] else "373067005")
         texts = [i.TextValue for i in ds.ContentSequence if i.ValueType == "TEXT"]
         assert DISCLAIMER in texts
         assert ("Algorithm Version", version) in set(walk_text(ds))
@@ -245,6 +255,8 @@ def test_api_dicom_upload_and_sr(dicom_dir: Path, ham_rows: pd.DataFrame, tmp_pa
         for c in HAM_CLASSES:
             assert body["fine"][c] == pytest.approx(want["fine"][c], abs=1e-5)
         sr = pydicom.dcmread(io.BytesIO(base64.b64decode(body["dicom_sr_base64"])))
+        (tmp_path / "api.sr.dcm").write_bytes(base64.b64decode(body["dicom_sr_base64"]))
+        assert dciodvfy_errors(tmp_path / "api.sr.dcm") == []
         assert sr.SOPClassUID == pydicom.uid.ComprehensiveSRStorage
         assert body["disclaimer"] == DISCLAIMER
 

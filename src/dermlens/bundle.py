@@ -177,6 +177,17 @@ def read_card(bundle: Path) -> ModelCard:
     return parse_card(path.read_bytes(), path)
 
 
+def card_sha256(bundle: Path) -> str:
+    """SHA-256 of the bundle's card.json: the model's identity in what it writes (e.g. the DICOM SR)."""
+    import hashlib
+
+    path = Path(bundle) / CARD
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as e:
+        raise BundleError(f"{path}: cannot read the model card ({e.strerror})") from e
+
+
 def _write_card_json(bundle: Path, card: ModelCard) -> Path:
     path = Path(bundle) / CARD
     path.write_text(json.dumps(card.to_dict(), indent=2) + "\n")

@@ -112,6 +112,15 @@ def read_dataset(
         raise _refuse(name, "corrupt_image", f"not a readable DICOM file ({e})") from e
 
 
+def check_image_class(ds: Any, name: str) -> None:
+    """Refuse a dataset whose SOP class is a known non-image object (a structured report, an RT plan, ...)."""
+    uid = getattr(ds, "SOPClassUID", None)
+    label = getattr(uid, "name", "") if uid else ""
+    if label and label != str(uid) and "Image" not in label:
+        reason = f"a {label} object ({uid}), not an image; dermlens reads photographs"
+        raise _refuse(name, "unsupported_format", reason)
+
+
 def _read_deflated(
     stream: bytes, meta: Any, pixels: bool, name: str, max_pixels: int | None, max_bytes: int | None
 ) -> Any:
@@ -167,6 +176,7 @@ def check_photograph(
 ) -> None:
     """Refuse anything but a single-frame 8-bit colour photograph within the pixel and decoded-byte limits
     (6 bytes a pixel: the RGB pixel data and the decoded copy). pixels=False checks a header alone."""
+    check_image_class(ds, name)
     frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     modality = getattr(ds, "Modality", "?")
     if frames > 1:

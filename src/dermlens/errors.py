@@ -142,3 +142,8 @@ class OutcomeError(DermlensError, ValueError):
 
 class UnknownRecord(OutcomeError, LookupError):
     """No stored prediction has this record id (or image SHA-256)."""
+
+
+# ---- PACS (DICOMweb) -----------------------------------------------------------------------------------
+class PacsError(DermlensError, RuntimeError):
+    """A DICOMweb request the PACS refused or did not answer (one line naming the request)."""

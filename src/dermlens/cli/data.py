@@ -327,3 +327,28 @@ def holdout_cmd(
         if not target.exists():
             target.symlink_to(cache.resolve())
     typer.echo(f"{len(held)} held-out rows of {dir} are the train split of {out} (caches linked)")
+
+
+@app.command("to-dicom")
+def to_dicom(
+    image: Annotated[Path, typer.Argument(help="image file (JPEG, PNG, ...)")],
+    out: Annotated[Path, typer.Argument(help="DICOM file to write")],
+    age: Annotated[str | None, typer.Option(help="patient age in years")] = None,
+    sex: Annotated[str | None, typer.Option(help="female | male")] = None,
+    site: Annotated[str | None, typer.Option(help="anatomic site (e.g. 'posterior torso', 'back')")] = None,
+    patient_id: Annotated[str, typer.Option("--patient-id", help="PatientID tag")] = "",
+    study_uid: Annotated[
+        str | None, typer.Option("--study-uid", help="StudyInstanceUID to add the image to (default: new)")
+    ] = None,
+) -> None:
+    """Write IMAGE as a DICOM Dermoscopic Photography image (age, sex and site in the tags), e.g. to try
+    `dermlens predict --dicomweb` with a PACS. A baseline JPEG is wrapped unchanged."""
+    from dermlens.dicom_photo import write_photo
+    from dermlens.predict.fields import parse_age, parse_sex, parse_site
+
+    meta = {"age": parse_age(age), "sex": parse_sex(sex), "site": parse_site(site)}
+    ds_path = write_photo(image, out, meta, patient_id=patient_id, study_uid=study_uid)
+    import pydicom
+
+    ds = pydicom.dcmread(ds_path, stop_before_pixels=True)
+    typer.echo(f"wrote {ds_path}: study {ds.StudyInstanceUID}, instance {ds.SOPInstanceUID}")

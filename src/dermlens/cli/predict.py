@@ -41,8 +41,9 @@ def _sigterm_interrupts(received: list[int]) -> Iterator[None]:
 
 def predict(
     inputs: Annotated[
-        list[Path], typer.Argument(help="image files, folders (searched recursively) or manifest CSVs")
-    ],
+        list[Path] | None,
+        typer.Argument(help="image files, folders (searched recursively) or manifest CSVs"),
+    ] = None,
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="predictions CSV (one row per image)")
     ] = None,
@@ -93,6 +94,21 @@ def predict(
         Path | None,
         typer.Option("--fhir", help="folder for one FHIR R4 Bundle (JSON) per image (needs the fhir extra)"),
     ] = None,
+    dicomweb: Annotated[
+        str | None,
+        typer.Option(
+            "--dicomweb",
+            help="DICOMweb base URL of a PACS (e.g. http://127.0.0.1:8042/dicom-web): predict its dermoscopy "
+            "images (--study or --since) and store one DICOM SR per image back (STOW-RS)",
+        ),
+    ] = None,
+    study: Annotated[
+        str | None, typer.Option("--study", help="with --dicomweb: the StudyInstanceUID to predict")
+    ] = None,
+    since: Annotated[
+        str | None,
+        typer.Option("--since", help="with --dicomweb: every study dated on or after DATE (YYYY-MM-DD)"),
+    ] = None,
     ray: Annotated[
         bool,
         typer.Option(
@@ -132,6 +148,7 @@ def predict(
     from dermlens.bundle import BundleError
     from dermlens.infer.operating_point import at_refer_rate, describe
     from dermlens.infer.predictor import Predictor
+    from dermlens.predict.dicomweb import check_sources
     from dermlens.predict.folder import BatchInputError, run_batch
     from dermlens.predict.inputs import apply_dicom_meta, collect_inputs, read_metadata_csv
 
@@ -147,7 +164,15 @@ def predict(
     if ray_at is not None and refer_rate is not None:
         _echo_err("error: --ray uses the bundle's packaged operating point; drop --refer-rate or --ray")
         raise typer.Exit(2)
+    folder_only = any(v is not None for v in (ray_at, cam, dicom_sr, fhir))
+    check_sources(bool(inputs), dicomweb, study, since, folder_only)
     age, sex, site = _checked_meta(age, sex, site)
+    if dicomweb is not None:
+        predictor = at_refer_rate(Predictor.load(model, precision, threads or None), refer_rate)
+        given = {"age": age, "sex": sex, "site": site}
+        _predict_dicomweb(err, predictor, dicomweb, study, since, given, out, batch_size, workers, tta)
+        return
+    inputs = inputs or []
     try:
         predictor = Predictor.load(model, precision, threads or None)
         predictor = at_refer_rate(predictor, refer_rate)
@@ -184,7 +209,7 @@ def predict(
     if ray_at is not None:
         _predict_on_ray(err, predictor, items, failures, ray_at, out, isic_csv, batch_size, tta)
         return
-    sr_writer = _SrWriter(predictor, items, dicom_sr) if dicom_sr is not None else None
+    sr_writer = _sr_folder(predictor, items, dicom_sr) if dicom_sr is not None else None
     fhir_writer = _fhir_writer(predictor, fhir)
 
     human: list[dict] = []
@@ -231,10 +256,29 @@ def predict(
         f"{summary.referred} referred, {summary.ood} out of distribution"
     )
     if sr_writer is not None:
-        failures += sr_writer.report(err)
+        failures += _report_srs(err, sr_writer)
     if fhir_writer is not None:
         err.print(f"wrote {fhir_writer.written} FHIR Bundle(s) to {fhir}")
     _finish(err, (out, isic_csv), failures, summary.interrupted, signals)
+
+
+def _predict_dicomweb(err, predictor, url, study, since, given, out, batch_size, workers, tta) -> None:
+    """`dermlens predict --dicomweb`: QIDO-RS, WADO-RS into a temporary folder, predict, STOW-RS the SRs."""
+    from dermlens.predict.dicomweb import Pacs, parse_since, predict_pacs
+
+    pacs = Pacs(url)
+    found = pacs.find(study, parse_since(since) if since else None)
+    skipped = ", ".join(f"{n} {name}" for name, n in sorted(found.skipped.items()))
+    err.print(
+        f"model {predictor.card.name} {predictor.version} ({predictor.precision}); "
+        f"{len(found.instances)} photograph(s) found in {url}" + (f"; skipped {skipped}" if skipped else "")
+    )
+    run = predict_pacs(predictor, pacs, found, given, out, batch_size, workers or None, tta)
+    err.print(
+        f"{run.summary.done} of {len(found.instances)} image(s) predicted; "
+        f"stored {run.stored} DICOM SR(s) in {url}"
+    )
+    _finish(err, (out,), run.failures, run.summary.interrupted)
 
 
 def _finish(
@@ -307,38 +351,21 @@ def _fhir_writer(predictor, out_dir: Path | None):
     return FhirWriter(device, out_dir)
 
 
-class _SrWriter:
-    """Writes one DICOM SR per predicted DICOM input into a folder; records what it could not write."""
+def _sr_folder(predictor, items, out_dir: Path):
+    """The --dicom-sr writer: one SR per DICOM input, sites from the inputs' metadata."""
+    from dermlens.bundle import card_sha256
+    from dermlens.predict.sr import SrFolder
 
-    def __init__(self, predictor, items, out_dir: Path) -> None:
-        self.predictor, self.out_dir = predictor, out_dir
-        self.meta = {str(it.path): it.meta or {} for it in items}
-        self.written, self.skipped, self.failures = 0, 0, []
+    sites = {str(it.path): (it.meta or {}).get("site") for it in items}
+    return SrFolder(out_dir, card_sha256(predictor.bundle_dir), sites)
 
-    def write(self, rows: list) -> None:
-        from dermlens.dicom import is_dicom_file, read_dataset
-        from dermlens.predict.inputs import Failure
-        from dermlens.predict.sr import write_sr
-        from dermlens.preprocess import ImageDecodeError
 
-        for s in rows:
-            path = str(s.item.path)
-            if not is_dicom_file(path):
-                self.skipped += 1
-                continue
-            try:
-                source = read_dataset(path, pixels=False)
-                write_sr(source, s.prediction, self.out_dir, self.meta.get(path, {}).get("site"))
-                self.written += 1
-            except ImageDecodeError as e:
-                self.failures.append(Failure(path, f"no DICOM SR: {e}"))
-
-    def report(self, console) -> list:
-        """Print what was written; return the SR failures."""
-        console.print(f"wrote {self.written} DICOM SR(s) to {self.out_dir}")
-        if self.skipped:
-            console.print(f"note: {self.skipped} non-DICOM input(s) have no source DICOM to reference: no SR")
-        return self.failures
+def _report_srs(console, srs) -> list:
+    """Print what the SR folder writer wrote; return its failures."""
+    console.print(f"wrote {len(srs.written)} DICOM SR(s) to {srs.out_dir}")
+    if srs.skipped:
+        console.print(f"note: {srs.skipped} non-DICOM input(s) have no source DICOM to reference: no SR")
+    return srs.failures
 
 
 def _predict_on_ray(err, predictor, items, failures, address, out, isic_csv, batch_size, tta) -> None:

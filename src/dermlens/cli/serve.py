@@ -51,6 +51,13 @@ def serve(
             "--allow-insecure-bind", help="Serve a non-loopback address without an API token (not advised)"
         ),
     ] = False,
+    dicomweb: Annotated[
+        str | None,
+        typer.Option(
+            "--dicomweb",
+            help="DICOMweb URL of a PACS: store_sr=true on a DICOM upload stores its SR there (STOW-RS)",
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
 ) -> None:
     """Serve the web page at / and the API (/predict, /predict/batch, /model, /health, /docs)."""
@@ -66,6 +73,7 @@ def serve(
         refer_rate=refer_rate,
         records={"url": records_url} if records_url else None,
         allow_insecure_bind=allow_insecure_bind or None,
+        dicomweb={"url": dicomweb} if dicomweb else None,
     )
     import uvicorn
 

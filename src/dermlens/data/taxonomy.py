@@ -35,10 +35,12 @@ ISIC2019_COLUMNS: dict[str, str] = {**ISIC2018_COLUMNS, "akiec": "AK", "scc": "S
 
 # SNOMED CT concept for a fine code (FHIR conclusionCode, DICOM SR findings): {code: (sctid, display)}.
 # Only codes checked against a published source are listed: pydicom's SCT dictionary (codes.SCT) for mel,
-# akiec and scc; basal cell carcinoma of skin as published in SNOMED CT (254701007). No single concept
-# matches nv, bkl, df or vasc (each pools several diagnoses), so they have none; readers must allow that.
+# akiec and scc; basal cell carcinoma of skin (254701007) and melanocytic nevus (400096001, the parent of
+# every nevus subtype) as published in SNOMED CT. No single concept matches bkl, df or vasc (each pools
+# several diagnoses), so they have none; readers must allow that (the DICOM SR gives them private codes).
 FINE_SNOMED: dict[str, tuple[str, str]] = {
     "mel": ("1162635006", "Malignant melanoma"),  # codes.SCT.MalignantMelanoma
+    "nv": ("400096001", "Melanocytic nevus"),
     "bcc": ("254701007", "Basal cell carcinoma of skin"),
     "akiec": ("201101007", "Actinic keratosis"),  # codes.SCT.ActinicKeratosis
     "scc": ("1162767002", "Squamous cell carcinoma"),  # codes.SCT.SquamousCellCarcinoma

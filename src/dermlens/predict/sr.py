@@ -1,26 +1,47 @@
 """One prediction as a DICOM Structured Report (highdicom, TID 1500 Measurement Report in a
 Comprehensive SR) that references the source image, so a PACS can store it beside the image.
 
-Content: per-class probabilities, P(malignant), confidence and OOD score (measurements); the top class,
-benign/malignant, refer and out-of-distribution decisions (qualitative evaluations); the model name and
-version (algorithm identification and observer device); the refer reason and the disclaimer (comments).
-Class-specific concepts use the private coding scheme 99DERMLENS, declared in the SR.
+Content, in standard codes where one exists: one measurement group per diagnosis (finding type: the SNOMED CT
+disorder, measurement: DCM "Probability"), and one for the lesion (finding type SNOMED "Skin lesion", the
+finding site in SNOMED CT anatomy, DCM "Impression" = the most probable diagnosis, DCM "Probability of
+cancer", DCM "Certainty of Finding" = the top class's calibrated probability, benign/malignant in SNOMED).
+The model's name, version, precision and card SHA-256 are the algorithm identification and observer device.
+Private codes (scheme 99DERMLENS, declared in the SR) only for what has no standard code: refer to a
+dermatologist, the out-of-distribution flag and score, and the "unknown" class.
+The SR's series and instance UIDs derive from the source image and the model, so a re-run writes (and a PACS
+stores) the same SR again rather than a duplicate.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dermlens import DISCLAIMER, __version__
-from dermlens.data.taxonomy import FINE_NAMES, site_snomed
-from dermlens.dicom import INSTALL_HINT, DicomError
+from dermlens.data.taxonomy import FINE_NAMES, FINE_SNOMED, site_snomed
+from dermlens.dicom import INSTALL_HINT, DicomError, check_image_class
 from dermlens.infer.prediction import Prediction
 
 SCHEME = "99DERMLENS"
 SCHEME_NAME = "dermlens prediction concepts"
 UID_ROOT = "1.2.826.0.1.3680043.10.1208."  # dermlens UIDs: a root under pydicom's, + hash digits
+SR_SUFFIX = ".sr.dcm"
+
+
+@dataclass(frozen=True)
+class SrUids:
+    """The SR's series and instance UIDs, derived from the source image and the model."""
+
+    series: str
+    instance: str
+
+    @property
+    def filename(self) -> str:
+        """A safe file name: the instance UID (digits and dots only) + .sr.dcm."""
+        return self.instance + SR_SUFFIX
 
 
 def _hd():
@@ -32,13 +53,28 @@ def _hd():
     return hd, codes
 
 
-def _code(hd, value: str, meaning: str):
+def _private(hd, value: str, meaning: str):
     return hd.sr.CodedConcept(value=value, scheme_designator=SCHEME, meaning=meaning[:64])
 
 
-def _name(code: str) -> str:
-    """The class's name without its parenthesised details (coded meanings hold at most 64 characters)."""
-    return FINE_NAMES.get(code, code).split(" (")[0]
+def diagnosis_code(hd, code: str):
+    """The SNOMED CT concept of a fine diagnosis code (private 99DERMLENS for one without)."""
+    if code in FINE_SNOMED:
+        value, meaning = FINE_SNOMED[code]
+        return hd.sr.CodedConcept(value=value, scheme_designator="SCT", meaning=meaning)
+    return _private(hd, code.upper(), FINE_NAMES.get(code, code).split(" (")[0])
+
+
+def _uid(*parts: str) -> str:
+    from pydicom.uid import generate_uid
+
+    return str(generate_uid(prefix=UID_ROOT, entropy_srcs=list(parts)))
+
+
+def sr_uids(source_uid: str, study_uid: str, model: str, card_sha256: str | None) -> SrUids:
+    """Series UID per (study, model); instance UID per (source image, model): a re-run gives the same."""
+    identity = [model, card_sha256 or ""]
+    return SrUids(series=_uid("series", study_uid, *identity), instance=_uid("sr", source_uid, *identity))
 
 
 def _device_uid(model_name: str, model_version: str) -> str:
@@ -47,53 +83,77 @@ def _device_uid(model_name: str, model_version: str) -> str:
     return (UID_ROOT + digits)[:64]
 
 
+@functools.cache
+def _sct_meanings() -> dict[str, str]:
+    """SNOMED CT code -> meaning, from pydicom's code dictionary (read once)."""
+    from pydicom.sr.codedict import codes
+
+    entries = (getattr(codes.SCT, name, None) for name in dir(codes.SCT))
+    return {c.value: c.meaning for c in entries if hasattr(c, "value")}
+
+
+def _sct_meaning(value: str, default: str) -> str:
+    """The meaning pydicom's SNOMED CT dictionary gives a code (e.g. 77568009 -> Back), else `default`."""
+    return _sct_meanings().get(value, default)
+
+
 def _yes_no(codes, flag: bool):
     return codes.SCT.Yes if flag else codes.SCT.No
 
 
-def _group(hd, codes, source: Any, pred: Prediction, site: str | None):
-    """TID 1501 measurement group: the model's outputs about the lesion in the source image."""
+def _algorithm(hd, pred: Prediction, card_sha256: str | None):
+    params = [f"precision={pred.precision}"] + ([f"card_sha256={card_sha256}"] if card_sha256 else [])
+    return hd.sr.AlgorithmIdentification(name=pred.model_name, version=pred.model_version, parameters=params)
+
+
+def _tracking(hd, uids: SrUids, label: str):
+    return hd.sr.TrackingIdentifier(uid=_uid("tracking", uids.instance, label), identifier=label)
+
+
+def _lesion_group(hd, codes, source: Any, pred: Prediction, site: str | None, uids: SrUids, sha: str | None):
+    """TID 1501 group about the lesion: top diagnosis, P(cancer), certainty, refer and OOD."""
     unit = hd.sr.CodedConcept("1", "UCUM", "no units")
     measurements = [
-        hd.sr.Measurement(name=_code(hd, f"P-{c}", f"Probability of {_name(c)}"), value=float(p), unit=unit)
-        for c, p in pred.fine.items()
-    ]
-    measurements += [
         hd.sr.Measurement(name=codes.DCM.ProbabilityOfCancer, value=float(pred.p_malignant), unit=unit),
+        hd.sr.Measurement(name=codes.DCM.CertaintyOfFinding, value=float(pred.confidence), unit=unit),
         hd.sr.Measurement(
-            name=_code(hd, "CONF", "Confidence of the top class"), value=pred.confidence, unit=unit
-        ),
-        hd.sr.Measurement(
-            name=_code(hd, "OODSCORE", "Out-of-distribution score"), value=pred.ood_score, unit=unit
+            name=_private(hd, "OODSCORE", "Out-of-distribution score"), value=pred.ood_score, unit=unit
         ),
     ]
     evaluations = [
+        hd.sr.QualitativeEvaluation(name=codes.DCM.Impression, value=diagnosis_code(hd, pred.top_class)),
         hd.sr.QualitativeEvaluation(
-            name=_code(hd, "TOP", "Most probable class"),
-            value=_code(hd, pred.top_class, _name(pred.top_class)),
-        ),
-        hd.sr.QualitativeEvaluation(
-            name=_code(hd, "COARSE", "Benign or malignant"),
+            name=_private(hd, "COARSE", "Benign or malignant"),
             value=codes.SCT.Malignant if pred.p_malignant >= 0.5 else codes.SCT.Benign,
         ),
         hd.sr.QualitativeEvaluation(
-            name=_code(hd, "REFER", "Refer to a dermatologist"), value=_yes_no(codes, pred.refer)
+            name=_private(hd, "REFER", "Refer to a dermatologist"), value=_yes_no(codes, pred.refer)
         ),
         hd.sr.QualitativeEvaluation(
-            name=_code(hd, "OOD", "Out of distribution"), value=_yes_no(codes, pred.ood)
+            name=_private(hd, "OOD", "Out of distribution"), value=_yes_no(codes, pred.ood)
         ),
     ]
     code = site_snomed(site) if site else None
-    sites = [hd.sr.FindingSite(hd.sr.CodedConcept(code, "SCT", site))] if code else None
+    sites = [hd.sr.FindingSite(hd.sr.CodedConcept(code, "SCT", _sct_meaning(code, site)))] if code else None
     return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="dermlens prediction"),
+        tracking_identifier=_tracking(hd, uids, "lesion"),
         finding_type=codes.SCT.SkinLesion,
-        algorithm_id=hd.sr.AlgorithmIdentification(
-            name=pred.model_name, version=pred.model_version, parameters={"precision": pred.precision}
-        ),
+        algorithm_id=_algorithm(hd, pred, sha),
         finding_sites=sites,
         measurements=measurements,
         qualitative_evaluations=evaluations,
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
+    )
+
+
+def _class_group(hd, codes, source: Any, pred: Prediction, code: str, uids: SrUids, sha: str | None):
+    """TID 1501 group for one diagnosis: its SNOMED CT concept and the model's probability of it."""
+    unit = hd.sr.CodedConcept("1", "UCUM", "no units")
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=_tracking(hd, uids, f"diagnosis {code}"),
+        finding_type=diagnosis_code(hd, code),
+        algorithm_id=_algorithm(hd, pred, sha),
+        measurements=[hd.sr.Measurement(name=codes.DCM.Probability, value=float(pred.fine[code]), unit=unit)],
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
     )
 
@@ -104,11 +164,22 @@ _TYPE2 += ("AccessionNumber", "ReferringPhysicianName")
 _REQUIRED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 
 
+def _valid_uid(value: Any) -> bool:
+    from pydicom.uid import UID
+
+    return UID(str(value)).is_valid
+
+
 def _evidence(source: Any) -> Any:
     """A header-only copy of the source with empty Type 2 attributes where the source has none."""
     missing = [k for k in _REQUIRED if not getattr(source, k, None)]
     if missing:
         raise DicomError(f"the source DICOM lacks {', '.join(missing)}: the SR cannot reference it")
+    bad = [k for k in _REQUIRED if not _valid_uid(getattr(source, k))]
+    if bad:
+        shown = ", ".join(f"{k} {str(getattr(source, k))[:70]!r}" for k in bad)
+        raise DicomError(f"the source DICOM has an invalid {shown}: the SR cannot reference it")
+    check_image_class(source, "the source DICOM")
     ds = source.copy()
     if "PixelData" in ds:
         del ds.PixelData
@@ -118,10 +189,29 @@ def _evidence(source: Any) -> Any:
     return ds
 
 
-def build_sr(source: Any, pred: Prediction, site: str | None = None) -> Any:
-    """A highdicom ComprehensiveSR for `pred`, in the source image's study, referencing the image."""
-    hd, codes = _hd()
+def uids_for(source: Any, pred: Prediction, card_sha256: str | None = None) -> SrUids:
+    """The SR UIDs for `pred` about `source` (DicomError if the source lacks its UIDs)."""
     source = _evidence(source)
+    model = f"{pred.model_name} {pred.model_version}"
+    return sr_uids(str(source.SOPInstanceUID), str(source.StudyInstanceUID), model, card_sha256)
+
+
+def build_sr(source: Any, pred: Prediction, site: str | None = None, card_sha256: str | None = None) -> Any:
+    """A highdicom ComprehensiveSR for `pred`, in the source image's study, referencing the image.
+
+    Raises DicomError (one line) when the source's header cannot make a valid SR."""
+    try:
+        return _build(_evidence(source), pred, site, card_sha256)
+    except (ValueError, TypeError, AttributeError) as e:
+        if isinstance(e, DicomError):
+            raise
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DicomError(f"the source DICOM cannot make a valid SR: {detail}") from e
+
+
+def _build(source: Any, pred: Prediction, site: str | None, card_sha256: str | None) -> Any:
+    hd, codes = _hd()
+    uids = uids_for(source, pred, card_sha256)
     device = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -131,11 +221,13 @@ def build_sr(source: Any, pred: Prediction, site: str | None = None) -> Any:
             model_name=f"{pred.model_name} {pred.model_version}"[:64],
         ),
     )
+    groups = [_lesion_group(hd, codes, source, pred, site, uids, card_sha256)]
+    groups += [_class_group(hd, codes, source, pred, c, uids, card_sha256) for c in pred.fine]
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=device),
         procedure_reported=codes.SCT.DermoscopicPhotography,
-        imaging_measurements=[_group(hd, codes, source, pred, site)],
-        referenced_images=[source],
+        imaging_measurements=groups,
+        referenced_images=[source] if _library_knows(hd, source) else None,
     )
     comments = [f"Refer reason: {pred.refer_reason}"] if pred.refer_reason else []
     for text in [*comments, DISCLAIMER]:
@@ -147,9 +239,9 @@ def build_sr(source: Any, pred: Prediction, site: str | None = None) -> Any:
     sr = hd.sr.ComprehensiveSR(
         evidence=[source],
         content=report[0],
-        series_instance_uid=hd.UID(),
+        series_instance_uid=uids.series,
         series_number=900,
-        sop_instance_uid=hd.UID(),
+        sop_instance_uid=uids.instance,
         instance_number=1,
         manufacturer="dermlens",
         software_versions=__version__,
@@ -157,6 +249,16 @@ def build_sr(source: Any, pred: Prediction, site: str | None = None) -> Any:
     )
     sr.CodingSchemeIdentificationSequence = [_scheme_item()]
     return sr
+
+
+def _library_knows(hd, source: Any) -> bool:
+    """Whether highdicom can describe the source in the Image Library (TID 1601). It predates some SOP
+    classes (Dermoscopic Photography): their images are referenced by the measurement groups only."""
+    try:
+        hd.sr.ImageLibraryEntryDescriptors(source)
+    except ValueError:
+        return False
+    return True
 
 
 def _scheme_item():
@@ -169,19 +271,57 @@ def _scheme_item():
     return item
 
 
-def write_sr(source: Any, pred: Prediction, out_dir: Path, site: str | None = None) -> Path:
-    """Write the SR as OUT_DIR/<source SOPInstanceUID>.sr.dcm and return its path."""
-    sr = build_sr(source, pred, site)
+def write_sr(
+    source: Any, pred: Prediction, out_dir: Path, site: str | None = None, card_sha256: str | None = None
+) -> Path:
+    """Write the SR as OUT_DIR/<SR SOPInstanceUID>.sr.dcm (a derived UID, never a source tag); its path."""
+    sr = build_sr(source, pred, site, card_sha256)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{source.SOPInstanceUID}.sr.dcm"
+    path = out_dir / SrUids(str(sr.SeriesInstanceUID), str(sr.SOPInstanceUID)).filename
     sr.save_as(path, enforce_file_format=True)
     return path
 
 
-def sr_bytes(source: Any, pred: Prediction, site: str | None = None) -> bytes:
-    """The SR as DICOM Part 10 bytes (for the API)."""
+def sr_bytes(source: Any, pred: Prediction, site: str | None = None, card_sha256: str | None = None) -> bytes:
+    """The SR as DICOM Part 10 bytes (for the API and STOW-RS)."""
     import io
 
     buf = io.BytesIO()
-    build_sr(source, pred, site).save_as(buf, enforce_file_format=True)
+    build_sr(source, pred, site, card_sha256).save_as(buf, enforce_file_format=True)
     return buf.getvalue()
+
+
+class SrFolder:
+    """Writes one SR per predicted DICOM input into a folder (`write(rows)` per batch); counts what it
+    wrote and lists, one line each, what it could not (no valid SR, a SOPInstanceUID shared by two inputs)."""
+
+    def __init__(self, out_dir: Path, card_sha256: str | None, sites: dict[str, str | None]) -> None:
+        self.out_dir, self.card_sha256, self.sites = out_dir, card_sha256, sites
+        self.written: dict[str, str] = {}  # SR file name -> the input it was written for
+        self.skipped = 0
+        self.failures: list[Any] = []
+
+    def write(self, rows: list[Any]) -> None:
+        from dermlens.dicom import is_dicom_file
+
+        for s in rows:
+            if is_dicom_file(s.item.path):
+                self._write_one(str(s.item.path), s.prediction)
+            else:
+                self.skipped += 1
+
+    def _write_one(self, path: str, prediction: Prediction) -> None:
+        from dermlens.dicom import read_dataset
+        from dermlens.predict.inputs import Failure
+
+        try:
+            source = read_dataset(path, pixels=False)
+            name = uids_for(source, prediction, self.card_sha256).filename
+            if name in self.written:
+                reason = f"no DICOM SR: SOPInstanceUID {source.SOPInstanceUID} is also {self.written[name]}'s"
+                self.failures.append(Failure(path, reason))
+                return
+            write_sr(source, prediction, self.out_dir, self.sites.get(path), self.card_sha256)
+            self.written[name] = path
+        except DicomError as e:
+            self.failures.append(Failure(path, f"no DICOM SR: {e}"))

@@ -154,6 +154,9 @@ def create_app(
         dicom_sr: Annotated[
             bool, Form(description="DICOM uploads: also return a DICOM Structured Report (base64)")
         ] = False,
+        store_sr: Annotated[
+            bool, Form(description="DICOM uploads: store the DICOM SR in the server's PACS (STOW-RS)")
+        ] = False,
         format: Annotated[
             Literal["json", "fhir"] | None,
             Query(description="fhir: answer with a FHIR R4 Bundle (as does Accept: application/fhir+json)"),
@@ -163,7 +166,7 @@ def create_app(
         fhir = wants_fhir(format, request.headers.get("accept"))
         a, s, g = parse_age(age), parse_sex(sex), parse_site(site)
         up = Upload(file.filename or None, await file.read(settings.limits.max_upload_bytes + 1), file)
-        answer = await svc.predict(up, a, s, g, cam, dicom_sr)
+        answer = await svc.predict(up, a, s, g, cam, dicom_sr, store_sr)
         if not fhir:
             return answer
         bundle = await run_in_threadpool(svc.fhir_bundle, answer, up)

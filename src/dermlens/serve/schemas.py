@@ -96,6 +96,10 @@ class PredictionResponse(Prediction):
     dicom_sr_base64: str | None = Field(
         None, description="DICOM Structured Report of this prediction (base64) if dicom_sr=true"
     )
+    sr_stored: bool | None = Field(
+        None, description="store_sr=true: whether the PACS stored the SR (the record is kept either way)"
+    )
+    sr_store_error: str | None = Field(None, description="Why the PACS did not store the SR")
 
 
 class BatchItem(BaseModel):

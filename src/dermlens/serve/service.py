@@ -16,6 +16,7 @@ import anyio
 from fastapi import Request, UploadFile
 
 from dermlens import DISCLAIMER, __version__
+from dermlens.bundle import card_sha256
 from dermlens.data.dicom_meta import patient_meta
 from dermlens.data.taxonomy import FINE_NAMES, SEXES, SITES, coarse_label
 from dermlens.dicom import DicomError, is_dicom_bytes, merge_meta, read_dataset
@@ -34,7 +35,7 @@ from dermlens.serve.settings import ServeSettings
 
 log = logging.getLogger("dermlens.serve")
 
-PREDICT_FIELDS = frozenset({"file", "age", "sex", "site", "cam", "dicom_sr"})
+PREDICT_FIELDS = frozenset({"file", "age", "sex", "site", "cam", "dicom_sr", "store_sr"})
 
 
 BATCH_FIELDS = frozenset({"files", "age", "sex", "site", "cam"})
@@ -73,12 +74,21 @@ def _dicom_call(fn: Any, *args: Any) -> Any:
         raise ApiError(400, "unsupported_dicom", message) from e
 
 
-def dicom_sr_payload(up: "Upload", prediction: Prediction, site: str | None) -> str:
-    """The prediction as a DICOM Structured Report referencing the uploaded DICOM image (base64)."""
-    from dermlens.predict.sr import sr_bytes
+def dicom_sr(up: "Upload", prediction: Prediction, site: str | None, card_sha256: str | None) -> Any:
+    """The prediction as a DICOM Structured Report referencing the uploaded DICOM image (4xx if it cannot)."""
+    from dermlens.predict.sr import build_sr
 
     source = up.dicom if up.dicom is not None else _dicom_call(read_dataset, up.data, False)
-    return base64.b64encode(_dicom_call(sr_bytes, source, prediction, site)).decode("ascii")
+    return _dicom_call(build_sr, source, prediction, site, card_sha256)
+
+
+def sr_base64(sr: Any) -> str:
+    """A built SR as base64 DICOM Part 10 bytes."""
+    import io
+
+    buf = io.BytesIO()
+    sr.save_as(buf, enforce_file_format=True)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def timings(runtime: dict[str, float], api: dict[str, float]) -> dict[str, float]:
@@ -141,6 +151,9 @@ class Service:
     def __init__(self, settings: ServeSettings, predictor: Any, store: RecordStore):
         predictor = at_refer_rate(predictor, settings.refer_rate)
         self.settings, self.predictor, self.store = settings, predictor, store
+        bundle = getattr(predictor, "bundle_dir", None)
+        self.card_sha256 = card_sha256(bundle) if bundle is not None else None
+        self.pacs: Any = None  # the DICOMweb client, opened on the first store_sr=true
         self.limiter = anyio.CapacityLimiter(settings.inference.max_concurrent)
         self.memory = MemoryBudget(settings.limits.memory_budget_bytes)
         # Model-size resize only: colour constancy (if any) is applied once, by predict_arrays.
@@ -232,9 +245,17 @@ class Service:
         )
 
     def prediction(
-        self, s: Scored, row: Any, meta: dict[str, Any], cam: bool, t_end: float, sr: str | None = None
+        self,
+        s: Scored,
+        row: Any,
+        meta: dict[str, Any],
+        cam: bool,
+        t_end: float,
+        sr: str | None = None,
+        stored: tuple[bool | None, str | None] = (None, None),
     ) -> schemas.PredictionResponse:
-        """The API's answer for one stored prediction (sr: the DICOM SR, base64, when asked for)."""
+        """The API's answer for one stored prediction (sr: the DICOM SR, base64, when asked for; stored:
+        whether the PACS stored it, and why not)."""
         r: Prediction = s.result
         return schemas.PredictionResponse(
             **r.model_dump(exclude={"timing_ms", "cam_png"}),
@@ -245,24 +266,55 @@ class Service:
             inputs=schemas.Inputs(**meta),
             cam_png_base64=base64.b64encode(r.cam_png).decode("ascii") if cam and r.cam_png else None,
             dicom_sr_base64=sr,
+            sr_stored=stored[0],
+            sr_store_error=stored[1],
         )
 
     async def predict(
-        self, up: Upload, age, sex, site, cam: bool, sr: bool = False
+        self, up: Upload, age, sex, site, cam: bool, sr: bool = False, store_sr: bool = False
     ) -> schemas.PredictionResponse:
-        """Score, then commit the record, then answer: an acknowledged prediction is on disk."""
+        """Score, then commit the record, then answer: an acknowledged prediction is on disk. store_sr: then
+        STOW the SR to the PACS; a PACS failure is stated in the answer (the record stays)."""
         meta = {"age": age, "sex": sex, "site": site}
         dicom = is_dicom_bytes(up.data)
-        if sr and not dicom:
-            raise ApiError(422, "dicom_sr_needs_dicom", "dicom_sr=true needs a DICOM upload to reference")
+        self._check_sr_request(dicom, sr, store_sr)
         if dicom:  # age/sex/site from the tags where the form leaves them empty
             meta = await anyio.to_thread.run_sync(with_dicom_tags, up, meta)
         scored = await self.score(up, meta, cam)
-        sr_b64 = None
-        if sr:  # built before the record is committed: a source that cannot make an SR stores nothing
-            sr_b64 = await anyio.to_thread.run_sync(dicom_sr_payload, up, scored.result, meta["site"])
+        built = None
+        if (
+            sr or store_sr
+        ):  # built before the record is committed: a source that cannot make an SR stores nothing
+            built = await anyio.to_thread.run_sync(
+                dicom_sr, up, scored.result, meta["site"], self.card_sha256
+            )
         (row,) = await self.store_all([scored], meta)
-        return self.prediction(scored, row, meta, cam, time.perf_counter(), sr_b64)
+        stored = await anyio.to_thread.run_sync(self._stow, built) if store_sr else (None, None)
+        sr_b64 = sr_base64(built) if sr else None
+        return self.prediction(scored, row, meta, cam, time.perf_counter(), sr_b64, stored)
+
+    def _check_sr_request(self, dicom: bool, sr: bool, store_sr: bool) -> None:
+        """dicom_sr/store_sr need a DICOM upload; store_sr needs a PACS (serve --dicomweb)."""
+        for flag, name in ((sr, "dicom_sr"), (store_sr, "store_sr")):
+            if flag and not dicom:
+                raise ApiError(422, f"{name}_needs_dicom", f"{name}=true needs a DICOM upload to reference")
+        if store_sr and not self.settings.dicomweb.url:
+            raise ApiError(422, "no_pacs", "store_sr=true needs a PACS: start the server with --dicomweb URL")
+
+    def _stow(self, sr: Any) -> tuple[bool, str | None]:
+        """STOW-RS the SR (worker thread): (True, None), or (False, the PACS's one-line reason)."""
+        from dermlens.errors import DermlensError
+        from dermlens.predict.dicomweb import Pacs
+
+        try:
+            if self.pacs is None:
+                cfg = self.settings.dicomweb
+                self.pacs = Pacs(cfg.url, cfg.timeout_s)
+            self.pacs.store(sr)
+        except DermlensError as e:
+            log.warning("DICOM SR not stored: %s", e)
+            return False, str(e)
+        return True, None
 
     async def predict_many(
         self, uploads: list[UploadFile], age, sex, site, cam: bool

@@ -74,6 +74,14 @@ class RecordsSettings(BaseModel):
     lock_timeout_s: float = Field(gt=0)
 
 
+class DicomwebSettings(BaseModel):
+    """The PACS that store_sr=true stores DICOM SRs in (STOW-RS)."""
+
+    model_config = ConfigDict(extra="forbid")
+    url: str | None
+    timeout_s: float = Field(gt=0)
+
+
 class ServeSettings(BaseModel):
     """Everything `dermlens serve` needs; the values (defaults included) come from configs/serve.yaml."""
 
@@ -91,6 +99,7 @@ class ServeSettings(BaseModel):
     inference: Inference
     http: Http
     records: RecordsSettings
+    dicomweb: DicomwebSettings
 
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
