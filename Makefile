@@ -6,7 +6,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 # Every pip install below takes the tested versions pinned in constraints.txt.
 
-.PHONY: serve test test-postgres install lint release release-eval release-ensemble release-choice release-student levers
+.PHONY: serve test test-all test-postgres install lint release release-eval release-ensemble release-choice release-student levers
 
 $(CORE_VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(CORE_VENV)
@@ -26,14 +26,18 @@ install: $(VENV)/.installed
 serve: $(CORE_VENV)/.installed
 	$(CORE_VENV)/bin/dermlens serve --host $(HOST) --port $(PORT)
 
-## test: install everything (train, serve, dev extras, Debian chromium) and run the test suite
+## test: the fast lane (at most 5 minutes on 2 cores): everything but the `slow` and `release` tests
 test: $(VENV)/.installed $(CORE_VENV)/.installed
+	DERMLENS_CORE_PYTHON=$(abspath $(CORE_VENV))/bin/python $(VENV)/bin/python -m pytest -q -m "not slow and not release"
+
+## test-all: the whole suite (CI runs it): also training, the browser, Ray, DDP and whole-split re-scoring
+test-all: $(VENV)/.installed $(CORE_VENV)/.installed
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 	DERMLENS_CORE_PYTHON=$(abspath $(CORE_VENV))/bin/python $(VENV)/bin/python -m pytest -q
 
 ## test-postgres: start a local PostgreSQL server (Debian package) and run the tests with it
 test-postgres:
-	eval "$$(bash .ci/postgres.sh)" && CI=true $(MAKE) test
+	eval "$$(bash .ci/postgres.sh)" && CI=true $(MAKE) test-all
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -89,6 +89,7 @@ def test_dynamic_height_width(reexported, val_split) -> None:
     assert got["feature_map"].shape == ref["feature_map"].shape == (8, ref["feature_map"].shape[1], 8, 10)
 
 
+@pytest.mark.release
 def test_int8_balanced_accuracy_within_one_point(val_split) -> None:
     """On the whole validation split: |bal_acc(int8) - bal_acc(fp32)| <= 0.01 (one point)."""
     from dermlens.infer.session import int8_exact

@@ -167,7 +167,7 @@ def test_interrupt_keeps_finished_rows(image_folder: Path, tmp_path: Path) -> No
     assert len(pd.read_csv(f"{out}.partial")) == 2 and len(pd.read_csv(f"{isic}.partial")) == 2
 
 
-@pytest.mark.slow
+@pytest.mark.release
 def test_isic2017_folder_to_isic_csv(data_root: Path, tmp_path: Path) -> None:
     """The whole ISIC 2017 image folder (2,750 images) -> a valid ISIC 2018 submission CSV."""
     from dermlens.cli.main import app

@@ -85,6 +85,7 @@ def test_card_states_the_weights_licence() -> None:
     assert r.exit_code == 0 and "weights CC-BY-NC-SA-4.0" in r.output
 
 
+@pytest.mark.release
 @pytest.mark.parametrize("metadata", [True, False], ids=["with_metadata", "no_metadata"])
 def test_runtime_reaches_recorded_val_accuracy(ham_manifest, metadata: bool) -> None:
     from dermlens.evaluate.sources import predict_rows
