@@ -35,7 +35,7 @@ OPEN_KEYS: dict[str, tuple[str, ...]] = {
     "export": ("licences",),
     "decode": ("formats", "mode_bytes"),
     "ensemble": ("export",),  # configs/export.yaml sections, merged by the export step
-    "release_build": ("ensemble", "distill", "export"),
+    "release_build": ("data", "holdout", "ensemble", "distill", "export", "ship"),
     "label_efficiency": ("inits", "epochs", "test"),
     "levers": ("levers", "overrides"),
 }
@@ -44,6 +44,7 @@ REPLACE_KEYS: dict[str, tuple[str, ...]] = {
     "tune": ("space",),
     "label_efficiency": ("inits", "epochs", "test"),
     "levers": ("levers", "overrides"),
+    "release_build": ("data", "holdout", "ensemble", "distill", "export", "ship"),
 }
 
 

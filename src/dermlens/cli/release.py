@@ -1,4 +1,5 @@
-"""`dermlens release build`: members -> ensemble -> distilled student -> bundles, resumable end to end."""
+"""`dermlens release`: the one release build (data -> members -> ensemble -> student -> choice -> the
+packaged model -> test splits), resumable end to end; `release levers`: the lever study."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from typing import Annotated
 
 import typer
 
-app = typer.Typer(help="Build the release models in one resumable command.", no_args_is_help=True)
+from dermlens.cli.groups import group
+
+app = group("Build the model that ships (`dermlens release build`), and the lever study.")
 
 
 @app.command("build")
@@ -34,36 +37,6 @@ def build(
     typer.echo(
         f"ensemble {s['ensemble']['bundle']} val BA {c['val_bal_acc_int8']['ensemble']:.4f}; student "
         f"{s['student']['bundle']} val BA {c['val_bal_acc_int8']['student']:.4f}; default: {c['default']}"
-    )
-
-
-@app.command("choose")
-def choose(
-    ensemble: Annotated[Path, typer.Option("--ensemble", help="the ensemble (teacher) bundle")],
-    student: Annotated[Path, typer.Option("--student", help="the distilled student bundle")],
-    max_drop: Annotated[
-        float, typer.Option("--max-drop", help="largest val BA drop the student may have")
-    ] = 0.01,
-    out: Annotated[Path | None, typer.Option("--out", help="write the choice as JSON here")] = None,
-) -> None:
-    """Which bundle ships: the student if its int8 val BA is within --max-drop of the ensemble's."""
-    from dermlens.cli.research import run_or_exit
-
-    def go() -> dict:
-        from dermlens.pipeline.release_build import choose_bundles
-
-        return choose_bundles(ensemble, student, max_drop)
-
-    s = run_or_exit(go)
-    if out is not None:
-        import json
-
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(s, indent=2, default=float) + "\n")
-    ba = s["choice"]["val_bal_acc_int8"]
-    typer.echo(
-        f"val BA (int8): ensemble {ba['ensemble']:.4f}, student {ba['student']:.4f}; "
-        f"default: {s['choice']['default']} ({s['choice']['rule']})"
     )
 
 

@@ -1,5 +1,7 @@
-"""The whole release build as one resumable command: members -> ensemble bundle -> distilled student ->
-student bundle -> a summary that says which to ship.
+"""The release build, the one path that builds what ships (`dermlens release`, `make release`): the
+prepared data -> members -> ensemble bundle -> distilled student -> student bundle -> the choice (the
+student ships only if its int8 val BA is within `choose.max_drop` of the ensemble's) -> the chosen bundle
+copied into the package and its test splits scored once.
 
 Every stage can be interrupted and the same command rerun: training runs resume from last.ckpt and a
 finished run (finished.json) is never retrained; the ensemble and export stages leave a marker in
@@ -17,6 +19,7 @@ from typing import Any
 from dermlens import config as configuration
 from dermlens.pipeline.bundle import build_bundle
 from dermlens.pipeline.ensemble_bundle import build_ensemble
+from dermlens.pipeline.release_data import evaluate_tests, materialise_holdout, prepare_sources, ship
 from dermlens.settings import cpu_name
 from dermlens.train.config import ConfigError
 from dermlens.train.members import (
@@ -83,34 +86,6 @@ def choose(ens: dict[str, Any], student: dict[str, Any], max_drop: float) -> dic
     }
 
 
-def choose_bundles(ensemble: Path, student: Path, max_drop: float = 0.01) -> dict[str, Any]:
-    """The release rule on two exported bundles (their cards' int8 val BA), with sizes and versions."""
-    from dermlens.bundle import read_card
-
-    cards = {"ensemble": read_card(ensemble).to_dict(), "student": read_card(student).to_dict()}
-    splits = {
-        k: [e.get("split_hash") for e in c.get("lineage", {}).get("evaluated_on", [])]
-        for k, c in cards.items()
-    }
-    if splits["ensemble"] != splits["student"] or not splits["student"]:
-        raise ConfigError(f"{ensemble} and {student} were not validated on the same split (card lineage)")
-    summary = {
-        k: {
-            "bundle": str(b),
-            "version": cards[k]["version"],
-            "architecture": cards[k]["architecture"],
-            "val": cards[k]["metrics"]["val"],
-            "size_bytes": bundle_size(b),
-        }
-        for k, b in (("ensemble", ensemble), ("student", student))
-    }
-    return {
-        "choice": choose(summary["ensemble"], summary["student"], max_drop),
-        **summary,
-        "cpu": cpu_name(),
-    }
-
-
 def build_release(recipe: dict[str, Any], log: Log = print) -> dict[str, Any]:
     """members -> ensemble -> distil -> export; returns (and writes OUT/release_build.json) the summary."""
     import os
@@ -123,6 +98,9 @@ def build_release(recipe: dict[str, Any], log: Log = print) -> dict[str, Any]:
     start = time.time()
     out = Path(recipe["out"])
     out.mkdir(parents=True, exist_ok=True)
+    data = prepare_sources(list(recipe.get("data") or []), log)
+    if hold := recipe.get("holdout"):
+        data.append(materialise_holdout(hold["from"], hold["out"], hold["fraction"], hold["seed"], log))
     ens = recipe["ensemble"]
     log("stage members: training (each resumes from last.ckpt; finished members are skipped)")
     members = train_members(ens, log)
@@ -149,13 +127,20 @@ def build_release(recipe: dict[str, Any], log: Log = print) -> dict[str, Any]:
     if finished(student_dir) is None:
         raise ConfigError(f"student run {student_dir} did not finish")
     summary = {
+        "data": data,
         "ensemble": {**ensemble, "size_bytes": bundle_size(Path(ensemble["bundle"]))},
         "student": {**student, "train": done["metrics"], "size_bytes": bundle_size(sbundle)},
         "choice": choose(ensemble, student, float(recipe["choose"]["max_drop"])),
-        "this_invocation_seconds": round(time.time() - start, 1),
-        "cpu": cpu_name(),
-        "cpu_count": os.cpu_count(),
     }
+    if shipping := recipe.get("ship"):
+        chosen = Path(summary[summary["choice"]["default"]]["bundle"])
+        to = Path(shipping["to"])
+        summary["shipped"] = {"bundle": str(chosen), "to": str(to), "manifest": ship(chosen, to, log)}
+        tests = list(shipping.get("evaluate") or [])
+        summary["test"] = evaluate_tests(to, tests, Path(shipping.get("results", out / "test")), log)
+    summary.update(
+        this_invocation_seconds=round(time.time() - start, 1), cpu=cpu_name(), cpu_count=os.cpu_count()
+    )
     (out / "release_build.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
     log(
         f"ensemble val BA (int8) {summary['choice']['val_bal_acc_int8']['ensemble']:.4f}, student "
