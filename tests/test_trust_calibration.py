@@ -83,8 +83,8 @@ def test_fit_trust_state_round_trip_and_card(real_logits: dict[str, np.ndarray],
     path = state.save(tmp_path / "trust.npz")
     back = TrustState.load(path)
     assert back.temperature_fine == state.temperature_fine and back.ood_threshold == state.ood_threshold
-    assert np.allclose(back.precision, state.precision, rtol=1e-4, atol=1e-3)
-    assert np.array_equal(back.precision, back.precision.T)
+    assert np.allclose(back.inv_covariance, state.inv_covariance, rtol=1e-4, atol=1e-3)
+    assert np.array_equal(back.inv_covariance, back.inv_covariance.T)
     assert back.cam_weight.shape == (7, cam_w.shape[1])
     ev = back.decide(real_logits["eval"], real_logits["eval_emb"])
     assert ev["probs"].shape == (len(real_logits["eval"]), 7) and ev["refer"].dtype == bool

@@ -30,7 +30,7 @@ class DataError(DermlensError):
     """An expected problem with the user's data or arguments; the CLI prints it without a traceback."""
 
 
-class ValidationFailed(DataError):
+class ValidationFailed(DermlensError):
     """Validation failed under on_error 'fail', or no usable row is left after skipping bad ones."""
 
 

@@ -16,7 +16,7 @@ import pandas as pd
 from dermlens import config as configuration
 from dermlens.data import taxonomy as tx
 from dermlens.data.manifest import DataError
-from dermlens.data.readers import _locate, _read_csv, _require_dir, build_frame
+from dermlens.data.readers import build_frame, locate, read_csv_file, require_dir
 
 REQUIRED = ("isic_id", "diagnosis_1")
 
@@ -61,11 +61,11 @@ def read_isic_archive(
     image_types: tuple[str, ...] = ("dermoscopic",),
 ) -> pd.DataFrame:
     """An isic-cli download (metadata.csv + ISIC_*.jpg) -> manifest table (+ patient_id, image_type)."""
-    root = _require_dir(root)
+    root = require_dir(root)
     csv = root / archive_config()["metadata_csv"]
     if not csv.is_file():
         raise DataError(f"{csv.name} not found in {root}: pass the folder `isic image download` wrote")
-    meta = _read_csv(csv)
+    meta = read_csv_file(csv)
     missing = [c for c in REQUIRED if c not in meta.columns]
     if missing:
         raise DataError(f"{csv} lacks columns {missing}: not the ISIC Archive's current metadata schema")
@@ -76,7 +76,7 @@ def read_isic_archive(
     get = meta.get
     df = build_frame(
         ids,
-        _locate(ids, root, ["images", "."], image_dir and Path(image_dir)),
+        locate(ids, root, ["images", "."], image_dir and Path(image_dir)),
         pd.Series([_label(lv) for lv in levels], dtype=object),
         "isic-archive",
         lesion_id=get("lesion_id"),

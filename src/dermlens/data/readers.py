@@ -39,7 +39,7 @@ def _abs(path: str | Path) -> str:
     return os.path.abspath(os.fspath(path))
 
 
-def _require_dir(root: str | Path) -> Path:
+def require_dir(root: str | Path) -> Path:
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"dataset root {root} does not exist or is not a directory")
@@ -53,7 +53,7 @@ def _require_file(root: Path, name: str) -> Path:
     return path
 
 
-def _read_csv(path: Path) -> pd.DataFrame:
+def read_csv_file(path: Path) -> pd.DataFrame:
     """Read a CSV as strings (empty cells -> NaN); a malformed file becomes a DataError."""
     try:
         return pd.read_csv(path, dtype=str, skipinitialspace=True)
@@ -77,7 +77,7 @@ def index_images(dirs: Iterable[Path], suffix: str = "") -> dict[str, str]:
     return found
 
 
-def _locate(ids: pd.Series, root: Path, subdirs: Iterable[str], image_dir: Path | None) -> pd.Series:
+def locate(ids: pd.Series, root: Path, subdirs: Iterable[str], image_dir: Path | None) -> pd.Series:
     """Absolute image path per id: where the file is, else where it would be (first existing folder)."""
     dirs = [Path(image_dir)] if image_dir is not None else [root / s for s in subdirs]
     index = index_images(dirs)
@@ -147,12 +147,12 @@ def build_frame(
 
 def read_ham10000(root: str | Path, image_dir: str | Path | None = None) -> pd.DataFrame:
     """HAM10000: metadata CSV + images in images/, one folder, or _part_1/_part_2; masks if present."""
-    root = _require_dir(root)
-    meta = _read_csv(_require_file(root, HAM_CSV))
+    root = require_dir(root)
+    meta = read_csv_file(_require_file(root, HAM_CSV))
     need = {"lesion_id", "image_id", "dx"} - set(meta.columns)
     if need:
         raise DataError(f"{HAM_CSV} lacks columns {sorted(need)}")
-    paths = _locate(meta["image_id"].str.strip(), root, HAM_IMAGE_DIRS, image_dir and Path(image_dir))
+    paths = locate(meta["image_id"].str.strip(), root, HAM_IMAGE_DIRS, image_dir and Path(image_dir))
     extra = {}
     mask_dirs = [root / d for d in HAM_MASK_DIRS if (root / d).is_dir()]
     if mask_dirs:
@@ -175,10 +175,10 @@ def read_ham10000(root: str | Path, image_dir: str | Path | None = None) -> pd.D
 
 def read_isic2019(root: str | Path, image_dir: str | Path | None = None) -> pd.DataFrame:
     """ISIC 2019 training set: ground-truth one-hot CSV + metadata CSV (+ images, which may be absent)."""
-    root = _require_dir(root)
-    gt = _read_csv(_require_file(root, ISIC2019_GT))
+    root = require_dir(root)
+    gt = read_csv_file(_require_file(root, ISIC2019_GT))
     meta_path = root / ISIC2019_META
-    meta = _read_csv(meta_path) if meta_path.is_file() else pd.DataFrame({"image": gt["image"]})
+    meta = read_csv_file(meta_path) if meta_path.is_file() else pd.DataFrame({"image": gt["image"]})
     label_cols = [c for c in gt.columns if c != "image"]
     onehot = gt[label_cols].apply(pd.to_numeric, errors="coerce").fillna(0.0).to_numpy()
     codes = np.array([map_label(c) for c in label_cols], dtype=object)
@@ -188,7 +188,7 @@ def read_isic2019(root: str | Path, image_dir: str | Path | None = None) -> pd.D
     get = df.get
     return build_frame(
         ids,
-        _locate(ids, root, ISIC2019_IMAGE_DIRS, image_dir and Path(image_dir)),
+        locate(ids, root, ISIC2019_IMAGE_DIRS, image_dir and Path(image_dir)),
         dx,
         "isic2019",
         lesion_id=get("lesion_id"),
@@ -210,8 +210,8 @@ def _isic2017_label(mel: object, sk: object) -> str:
 
 def read_isic2017(root: str | Path, image_dir: str | Path | None = None) -> pd.DataFrame:
     """ISIC 2017 Part 3: ISIC-2017_labels.csv (melanoma / seborrheic_keratosis flags, own split) + images."""
-    root = _require_dir(root)
-    lab = _read_csv(_require_file(root, ISIC2017_CSV))
+    root = require_dir(root)
+    lab = read_csv_file(_require_file(root, ISIC2017_CSV))
     need = {"image_id", "melanoma", "seborrheic_keratosis"} - set(lab.columns)
     if need:
         raise DataError(f"{ISIC2017_CSV} lacks columns {sorted(need)}")
@@ -224,7 +224,7 @@ def read_isic2017(root: str | Path, image_dir: str | Path | None = None) -> pd.D
     extra = {"split": _split_values(lab["split"])} if "split" in lab.columns else {}
     return build_frame(
         ids,
-        _locate(ids, root, ISIC2017_IMAGE_DIRS, image_dir and Path(image_dir)),
+        locate(ids, root, ISIC2017_IMAGE_DIRS, image_dir and Path(image_dir)),
         dx,
         "isic2017",
         age=lab.get("age_approximate"),
@@ -288,7 +288,7 @@ def read_csv_dataset(
 ) -> pd.DataFrame:
     """A user's CSV: image path or id (+ image folder), diagnosis, optional lesion/age/sex/site/dx_type."""
     csv_path = _find_csv(Path(root))
-    table = _read_csv(csv_path)
+    table = read_csv_file(csv_path)
     cols = resolve_columns(table.columns, columns)
     base = Path(image_dir) if image_dir is not None else csv_path.parent
     raw = table[cols["image"]].fillna("").str.strip()
@@ -298,7 +298,7 @@ def read_csv_dataset(
         ids = raw.map(lambda v: Path(v).stem)
     else:
         ids = raw.map(lambda v: Path(v).stem if Path(v).suffix.lower() in IMAGE_SUFFIXES else v)
-        paths = _locate(ids, base, ["images", "."], None if image_dir is None else base)
+        paths = locate(ids, base, ["images", "."], None if image_dir is None else base)
 
     def get(role: str) -> pd.Series | None:
         return table[cols[role]] if cols[role] else None

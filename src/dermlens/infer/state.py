@@ -47,7 +47,7 @@ class TrustState:
     normalize: bool = True
     knn_k: int = 10
     class_means: np.ndarray | None = None  # [C, D]
-    precision: np.ndarray | None = None  # [D, D]
+    inv_covariance: np.ndarray | None = None  # [D, D] Mahalanobis matrix (trust.npz: precision_triu)
     knn_bank: np.ndarray | None = None  # [M, D] float16
     cam_weight: np.ndarray | None = None  # [C, D]
     info: dict[str, Any] = field(default_factory=dict)  # fit provenance and validation figures
@@ -65,7 +65,14 @@ class TrustState:
     refer_other_rate: float = 0.0  # val share referred by the other flags (OOD, not dermoscopy, set size)
     accept_rate: float | None = None  # the packaged operating point: val share accepted by all four flags
 
-    _ARRAYS = ("class_means", "precision", "knn_bank", "cam_weight", "clinical_weight", "refer_quantiles")
+    _ARRAYS = (
+        "class_means",
+        "inv_covariance",
+        "knn_bank",
+        "cam_weight",
+        "clinical_weight",
+        "refer_quantiles",
+    )
 
     # ---- scoring -------------------------------------------------------------------------------------
     def score(self, method: str, fine_logits: np.ndarray, embedding: np.ndarray | None = None) -> np.ndarray:
@@ -77,10 +84,10 @@ class TrustState:
         if embedding is None:
             raise ValueError(f"OOD method {method!r} needs the model's embedding output")
         if method == "mahalanobis":
-            if self.class_means is None or self.precision is None:
+            if self.class_means is None or self.inv_covariance is None:
                 raise ValueError("this TrustState has no Mahalanobis statistics")
             return mahalanobis_score(
-                embedding, self.class_means, self.precision, self.normalize, self._mahalanobis_terms
+                embedding, self.class_means, self.inv_covariance, self.normalize, self._mahalanobis_terms
             )
         if method == "knn":
             if self.knn_bank is None:
@@ -91,7 +98,7 @@ class TrustState:
     @cached_property
     def _mahalanobis_terms(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Constants of the Mahalanobis score, computed once per loaded state."""
-        return mahalanobis_terms(self.class_means, self.precision)
+        return mahalanobis_terms(self.class_means, self.inv_covariance)
 
     def tta_probs(self, view_logits: np.ndarray, head: str = "fine") -> np.ndarray:
         """Average of calibrated per-view probabilities, view_logits [V, N, C], with the TTA temperature."""
@@ -231,8 +238,8 @@ class TrustState:
         arrays = {
             k: (v.astype(np.float16) if k == "knn_bank" else v.astype(np.float32)) for k, v in arrays.items()
         }
-        if "precision" in arrays:  # symmetric: store the upper triangle only (half the file)
-            p = arrays.pop("precision")
+        if "inv_covariance" in arrays:  # symmetric: store the upper triangle only (half the file)
+            p = arrays.pop("inv_covariance")
             arrays["precision_triu"] = p[np.triu_indices(p.shape[0])]
         with open(path, "wb") as fh:
             np.savez_compressed(fh, header=np.array(json.dumps(header, default=float)), **arrays)
@@ -246,7 +253,7 @@ class TrustState:
                 header = json.loads(str(z["header"]))
                 arrays = {k: np.array(z[k]) for k in cls._ARRAYS if k in z.files}
                 if "precision_triu" in z.files:
-                    arrays["precision"] = _unpack_symmetric(np.array(z["precision_triu"]))
+                    arrays["inv_covariance"] = _unpack_symmetric(np.array(z["precision_triu"]))
             header.pop("version", None)
             known = {k: v for k, v in header.items() if k in cls.__dataclass_fields__}
             return cls(**known, **arrays)

@@ -26,7 +26,7 @@ from dermlens import DISCLAIMER, __version__
 from dermlens.extras import MissingExtra, require
 from dermlens.predict.fhir import MEDIA_TYPE as FHIR_MEDIA_TYPE
 from dermlens.serve import schemas
-from dermlens.serve.errors import PILLOW_MAX_PIXELS, ApiError, _install_error_handlers
+from dermlens.serve.errors import PILLOW_MAX_PIXELS, ApiError, install_error_handlers
 from dermlens.serve.records import RecordStore
 from dermlens.serve.security import GuardMiddleware, token_ok
 from dermlens.serve.service import (
@@ -34,7 +34,7 @@ from dermlens.serve.service import (
     PREDICT_FIELDS,
     Service,
     Upload,
-    _check_fields,
+    check_fields,
     load_predictor,
     open_store,
     parse_age,
@@ -93,7 +93,7 @@ def create_app(
             allow_headers=["Authorization"],
         )
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=trusted_hosts(settings))
-    _install_error_handlers(app)
+    install_error_handlers(app)
     bearer = HTTPBearer(auto_error=False, description="Needed only when the server sets an API token")
 
     async def service() -> Service:
@@ -162,7 +162,7 @@ def create_app(
             Query(description="fhir: answer with a FHIR R4 Bundle (as does Accept: application/fhir+json)"),
         ] = None,
     ) -> Any:
-        await _check_fields(request, PREDICT_FIELDS)
+        await check_fields(request, PREDICT_FIELDS)
         fhir = wants_fhir(format, request.headers.get("accept"))
         a, s, g = parse_age(age), parse_sex(sex), parse_site(site)
         up = Upload(file.filename or None, await file.read(settings.limits.max_upload_bytes + 1), file)
@@ -191,7 +191,7 @@ def create_app(
         cam: CamF = False,
     ) -> schemas.BatchResponse:
         """The same age/sex/site apply to every file (send one request per patient)."""
-        await _check_fields(request, BATCH_FIELDS, repeatable="files")
+        await check_fields(request, BATCH_FIELDS, repeatable="files")
         if len(files) > settings.limits.max_batch_files:
             raise ApiError(
                 413, "too_many_files", f"at most {settings.limits.max_batch_files} files per batch"

@@ -90,7 +90,7 @@ def decode_error(e: ImageDecodeError) -> ApiError:
     return ApiError(status, code, getattr(e, "reason", "not a readable image"))
 
 
-def _install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         return error_response(exc.status, exc.code, exc.message, headers=exc.headers)

@@ -450,7 +450,7 @@ def load_predictor(settings: ServeSettings) -> Any:
     return at_refer_rate(predictor, settings.refer_rate)
 
 
-async def _check_fields(request: Request, allowed: frozenset[str], repeatable: str | None = None) -> None:
+async def check_fields(request: Request, allowed: frozenset[str], repeatable: str | None = None) -> None:
     """Refuse unknown form fields and repeated ones (two `file` parts, two `age`s): never guess which wins."""
     keys = [k for k, _ in (await request.form()).multi_items()]
     unknown = sorted(set(keys) - allowed)

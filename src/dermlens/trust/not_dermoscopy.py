@@ -19,7 +19,7 @@ from dermlens.infer.state import TrustState
 from dermlens.metrics import auroc
 from dermlens.settings import cpu_name
 from dermlens.trust import photo_views, probes
-from dermlens.trust.outputs import _cfg
+from dermlens.trust.outputs import trust_settings
 from dermlens.trust.shift import Runner, load_rows, no_meta
 
 PROBE_SEED = 777  # views of the probe: never the head's training seed
@@ -143,7 +143,7 @@ def _lofo(
 ) -> dict[str, Any]:
     """Head trained on one family's views only, AUROC on the held-out test views of every family
     (test embeddings: the in-distribution test images and their probe views, already computed)."""
-    cfg = _cfg(None)["not_dermoscopy"]
+    cfg = trust_settings(None)["not_dermoscopy"]
     train = load_rows(manifest, "train", classes, run.prep, limit=n)
     z = no_meta(len(train.labels))
     emb_in = run(train.images, z)["embedding"]

@@ -31,7 +31,7 @@ def coarse_from_fine(labels: np.ndarray, n_classes: int) -> np.ndarray:
     return malignant[np.asarray(labels, dtype=np.int64)]
 
 
-def _cfg(cfg: dict[str, Any] | None) -> dict[str, Any]:
+def trust_settings(cfg: dict[str, Any] | None) -> dict[str, Any]:
     """configs/trust.yaml with `cfg` (sections, partial) merged on top and checked."""
     return configuration.load("trust", layers=[("trust settings", cfg or {})])
 
@@ -65,7 +65,7 @@ def fit_trust(
     Optional fine_logits_views / coarse_logits_views [V,N,C] (logits of the TTA views, identity first)
     also fit the TTA temperatures (TrustState.tta_probs); without them TTA reuses the single-view T.
     """
-    cfg = _cfg(cfg)
+    cfg = trust_settings(cfg)
     c_cal, c_ood = cfg["calibration"], cfg["ood"]
     bounds = tuple(c_cal.get("bounds", (0.05, 20.0)))
     fine, labels = np.asarray(val["fine_logits"]), np.asarray(val["labels"], dtype=np.int64)
@@ -102,10 +102,10 @@ def fit_trust(
     if emb is not None:
         fit_emb, fit_lab = (train_embeddings, train_labels) if train_embeddings is not None else (emb, labels)
         fit_emb = np.asarray(fit_emb, dtype=np.float64)
-        means, precision, alpha = ood.fit_gaussian(
+        means, inv_cov, alpha = ood.fit_gaussian(
             fit_emb, np.asarray(fit_lab), n_classes, c_ood["shrinkage"], state.normalize
         )
-        state.class_means, state.precision = means, precision
+        state.class_means, state.inv_covariance = means, inv_cov
         rng = np.random.default_rng(int(c_ood.get("seed", 0)))
         m = min(int(c_ood["knn_bank"]), len(fit_emb))
         state.knn_bank = l2_normalize(fit_emb[np.sort(rng.choice(len(fit_emb), m, replace=False))])

@@ -27,7 +27,7 @@ from dermlens.metadata import encode_metadata, encode_rows
 from dermlens.metrics import auroc, balanced_accuracy, ece
 from dermlens.preprocess import Preprocessing
 from dermlens.trust import conformal, photo_views, scaling, selective
-from dermlens.trust.outputs import _cfg
+from dermlens.trust.outputs import trust_settings
 from dermlens.trust.refer_point import Scored, fit_operating_point
 
 
@@ -214,7 +214,7 @@ def refit_bundle(
 ) -> dict[str, Any]:
     """Fit and write the shift-aware trust parts into `bundle` (trust.npz + card.json); returns the report."""
     bundle, manifest = Path(bundle), Path(manifest)
-    cfg = _cfg(cfg)
+    cfg = trust_settings(cfg)
     state = TrustState.load(bundle / TRUST)
     run = Runner(bundle, threads)
     classes = tuple(run.card.classes)
