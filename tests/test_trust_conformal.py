@@ -234,7 +234,7 @@ def test_trust_fit_cli_refits_a_bundle_copy(ham_small_prepared, tmp_path) -> Non
     assert report["calibration"]["chosen"].endswith("|ham")  # no external manifest given
     assert "cpu" in report and report["bundle_version"] == card["version"]
     p = Predictor.load(bundle)
-    assert p.trust.clinical_weight is not None and p.trust.max_set_size == report["refer"]["max_set_size"]
+    assert p.trust.not_dermoscopy_weight is not None and p.trust.max_set_size == report["refer"]["max_set_size"]
 
     bad = CliRunner().invoke(app, ["trust", "fit", "--bundle", str(tmp_path / "nope"), "--manifest", "x"])
     assert bad.exit_code == 2 and "error:" in bad.output and "Traceback" not in bad.output

@@ -247,7 +247,11 @@ def refit_bundle(
     state.min_confidence, rule = _min_confidence(p_meta, val.labels, cfg["refer"])
 
     w, b, thr, nd_info = fit_not_dermoscopy(run, manifest, classes, ham["embedding"], cfg["not_dermoscopy"])
-    state.clinical_weight, state.clinical_bias, state.clinical_threshold = w.astype(np.float32), b, thr
+    state.not_dermoscopy_weight, state.not_dermoscopy_bias, state.not_dermoscopy_threshold = (
+        w.astype(np.float32),
+        b,
+        thr,
+    )
     log(
         f"not-dermoscopy head: train AUROC {nd_info['train_auroc']:.3f}, "
         f"val keep {nd_info['val_keep_rate']:.3f}"
