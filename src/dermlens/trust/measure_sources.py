@@ -67,12 +67,15 @@ def fitzpatrick_table(refused: np.ndarray, types: pd.Series) -> dict[str, Any]:
     unknown = np.isnan(t)
     table["unknown"] = {"n": int(unknown.sum()), "refused": int(refused[unknown].sum())}
     out: dict[str, Any] = {"per_type": table}
-    counts = np.array(rows)
-    if len(rows) >= 2 and (counts[:, 1] > 0).any():
+    counts = np.array(rows).reshape(-1, 2)
+    if len(rows) >= 2 and (counts.sum(axis=0) > 0).all():
         chi2, p, dof, _ = chi2_contingency(counts)
         out["chi_square"] = {"statistic": float(chi2), "dof": int(dof), "p_value": float(p)}
     else:
-        out["chi_square"] = {"p_value": 1.0, "note": "every photo of a known type was refused: no variation"}
+        out["chi_square"] = {
+            "p_value": 1.0,
+            "note": "no variation: every photo of a known type had one outcome",
+        }
     light, dark = t <= 2, t >= 3
     two = [[int(refused[m].sum()), int((~refused[m]).sum())] for m in (light, dark)]
     out["fisher_I_II_vs_III_VI"] = {"table": two, "p_value": float(fisher_exact(two)[1])}
