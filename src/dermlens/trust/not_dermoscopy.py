@@ -58,22 +58,22 @@ def fit_weights(photos: np.ndarray, derm: np.ndarray, c: float, balanced: bool) 
 
 
 def choose_threshold(photo_val: np.ndarray, derm_val: dict[str, np.ndarray], cfg: dict[str, Any]) -> tuple:
-    """Threshold on val scores: the lowest keeping every dermoscopy source's false refusals <= the target
-    (`hi`: anything above refuses too many) and the highest refusing >= the target share of photos (`lo`);
-    the midpoint when lo >= hi leaves room, else the dermoscopy bound. Returns (threshold, rule)."""
-    max_fr = float(cfg["val_max_false_refusal"])
-    min_ref = float(cfg["val_min_refusal"])
-    derm_bound = max(float(np.quantile(s, 1.0 - max_fr, method="higher")) for s in derm_val.values())
-    photo_bound = float(np.quantile(photo_val, 1.0 - min_ref, method="lower"))
-    both = photo_bound > derm_bound
-    thr = (derm_bound + photo_bound) / 2 if both else derm_bound
+    """Threshold on val scores (refuse when score > threshold) with the most room under both targets: the
+    one minimizing max(photo miss rate / (1 - target_refusal), worst source false refusal /
+    target_false_refusal). Returns (threshold, rule)."""
+    miss_t, fr_t = 1.0 - float(cfg["target_refusal"]), float(cfg["target_false_refusal"])
+    cands = np.unique(np.concatenate([photo_val, *derm_val.values()]))
+    miss = (photo_val[None, :] <= cands[:, None]).mean(axis=1)
+    fr = np.max([(s[None, :] > cands[:, None]).mean(axis=1) for s in derm_val.values()], axis=0)
+    worst = np.maximum(miss / miss_t, fr / fr_t)
+    i = int(np.flatnonzero(worst == worst.min())[-1])  # ties: the highest (fewest false refusals)
+    thr = float(cands[i]) if i == len(cands) - 1 else float((cands[i] + cands[i + 1]) / 2)
     rule = {
-        "dermoscopy_bound": derm_bound,
-        "photo_bound": photo_bound,
-        "chosen": "midpoint" if both else "dermoscopy_bound",
-        "text": "refuse when score > threshold; threshold: midpoint between the lowest value that keeps "
-        f"every dermoscopy source's val false refusals <= {max_fr:.0%} and the highest that refuses >= "
-        f"{min_ref:.0%} of PAD-UFES-20 val photos; the dermoscopy bound when they cross",
+        "val_photo_miss": float(miss[i]),
+        "val_worst_false_refusal": float(fr[i]),
+        "text": "refuse when score > threshold; threshold chosen on val to minimize the larger of "
+        f"PAD-UFES-20 photos missed / {miss_t:.0%} and the worst dermoscopy source's false refusals / "
+        f"{fr_t:.0%}",
     }
     return thr, rule
 
@@ -141,13 +141,14 @@ def compare_variants(
     figures = {k: val_figures(h, photos_val, derm_val) for k, h in heads.items()}
 
     def worst(f: dict[str, Any]) -> float:
-        return max(1.0 - f["photo_refusal"], *f["false_refusal"].values())
+        miss = (1.0 - f["photo_refusal"]) / (1.0 - float(cfg["target_refusal"]))
+        return max(miss, max(f["false_refusal"].values()) / float(cfg["target_false_refusal"]))
 
     chosen = min(VARIANTS, key=lambda k: (round(worst(figures[k]), 6), VARIANTS.index(k)))
     info = {
         "chosen": chosen,
-        "criterion": "lower worst val error: max(1 - PAD val refusal, each source's val false refusal); "
-        "real photos only on ties",
+        "criterion": "lower worst val error relative to the targets: max((1 - PAD val refusal) / (1 - "
+        "target_refusal), worst source's val false refusal / target_false_refusal); real photos only on ties",
         "n_synthetic_views": int(len(synthetic)),
         "val": figures,
     }

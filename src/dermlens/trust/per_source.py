@@ -89,6 +89,24 @@ def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
+def source_thresholds(
+    probs: np.ndarray, labels: np.ndarray, source: np.ndarray, n_classes: int, cfg: dict[str, Any]
+) -> np.ndarray:
+    """Mondrian thresholds of the pooled rows; with `across_sources: max`, each class's threshold is also
+    raised to every source's own (where it has >= min_class_images of the class), so each source's val
+    coverage reaches 1 - alpha per class without knowing the source at run time."""
+    alpha = float(cfg["alpha"])
+    q = conformal.class_thresholds(probs, labels, alpha, n_classes)
+    if cfg.get("across_sources", "pooled") != "max":
+        return q
+    for s in np.unique(source):
+        sel = source == s
+        own = conformal.class_thresholds(probs[sel], labels[sel], alpha, n_classes)
+        enough = np.bincount(labels[sel], minlength=n_classes) >= int(cfg.get("min_class_images", 20))
+        q = np.where(enough, np.maximum(q, own), q)
+    return q
+
+
 def fit_pooled(
     state: TrustState, vals: dict[str, Scored], classes: tuple[str, ...], cfg: dict
 ) -> dict[str, Any]:
@@ -106,9 +124,10 @@ def fit_pooled(
     labels = pooled["labels"][meta]
     alpha = float(cfg["conformal"]["alpha"])
     state.conformal_alpha = alpha
+    source = pooled["strata"][meta]
     state.conformal_thresholds = {
-        "meta": conformal.class_thresholds(p_meta, labels, alpha, len(classes)).tolist(),
-        "no_meta": conformal.class_thresholds(p_none, labels, alpha, len(classes)).tolist(),
+        "meta": source_thresholds(p_meta, labels, source, len(classes), cfg["conformal"]).tolist(),
+        "no_meta": source_thresholds(p_none, labels, source, len(classes), cfg["conformal"]).tolist(),
     }
     state.max_set_size = int(cfg["conformal"].get("max_set_size", 0))
     state.min_confidence, rule = _min_confidence(p_meta, labels, cfg["refer"])
