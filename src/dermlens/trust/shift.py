@@ -246,16 +246,19 @@ def refit_bundle(
     state.max_set_size = int(cfg["conformal"].get("max_set_size", 0))
     state.min_confidence, rule = _min_confidence(p_meta, val.labels, cfg["refer"])
 
-    w, b, thr, nd_info = fit_not_dermoscopy(run, manifest, classes, ham["embedding"], cfg["not_dermoscopy"])
-    state.not_dermoscopy_weight, state.not_dermoscopy_bias, state.not_dermoscopy_threshold = (
-        w.astype(np.float32),
-        b,
-        thr,
-    )
-    log(
-        f"not-dermoscopy head: train AUROC {nd_info['train_auroc']:.3f}, "
-        f"val keep {nd_info['val_keep_rate']:.3f}"
-    )
+    if "per_source" in state.info:  # trained on real photos by `dermlens trust fit-sources`: keep it
+        nd_info = {"kept": "the photo-trained head of `dermlens trust fit-sources`"}
+        log("not-dermoscopy head: kept the photo-trained one (refit it with `dermlens trust fit-sources`)")
+    else:
+        w, b, thr, nd_info = fit_not_dermoscopy(
+            run, manifest, classes, ham["embedding"], cfg["not_dermoscopy"]
+        )
+        state.not_dermoscopy_weight, state.not_dermoscopy_bias = w.astype(np.float32), b
+        state.not_dermoscopy_threshold = thr
+        log(
+            f"not-dermoscopy head: train AUROC {nd_info['train_auroc']:.3f}, "
+            f"val keep {nd_info['val_keep_rate']:.3f}"
+        )
 
     decided = state.decide(ham["meta_logits"], ham["embedding"], np.ones(len(val.labels), bool))
     sets_none = state.prediction_sets(p_none, np.zeros(len(val.labels), bool))
