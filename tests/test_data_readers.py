@@ -13,6 +13,7 @@ import pytest
 from conftest import make_ham_subset
 from dermlens.data import readers, registry
 from dermlens.data.manifest import BASE_COLUMNS, DataError, read_manifest, write_manifest
+from dermlens.data.pad_ufes20 import read_pad_ufes20
 
 
 def _check_canonical(df: pd.DataFrame) -> None:
@@ -100,7 +101,7 @@ def test_isic2019_prepare_groups_lesions_and_identical_images(data_root, tmp_pat
 
 def test_pad_ufes20_reader(data_root):
     root = data_root / "pad_ufes20"
-    df = readers.read_pad_ufes20(root)
+    df = read_pad_ufes20(root)
     _check_canonical(df)
     assert len(df) == 685 and df["image_path"].map(os.path.isfile).all()
     assert "1613 metadata.csv rows have no photo" in df.attrs["note"]

@@ -9,12 +9,12 @@ import pandas as pd
 
 from dermlens.data.isic_archive import read_isic_archive
 from dermlens.data.manifest import DataError
+from dermlens.data.pad_ufes20 import read_pad_ufes20
 from dermlens.data.readers import (
     read_csv_dataset,
     read_ham10000,
     read_isic2017,
     read_isic2019,
-    read_pad_ufes20,
 )
 
 READERS: dict[str, Callable[..., pd.DataFrame]] = {
