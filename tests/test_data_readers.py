@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 from conftest import make_ham_subset
 from dermlens.data import readers, registry
 from dermlens.data.manifest import BASE_COLUMNS, DataError, read_manifest, write_manifest
+from dermlens.data.pad_ufes20 import read_pad_ufes20
 
 
 def _check_canonical(df: pd.DataFrame) -> None:
@@ -63,24 +65,70 @@ def test_ham10000_missing_image_still_listed(ham_root, tmp_path):
     assert row.image_path == str(victim) and not os.path.exists(row.image_path)
 
 
-def test_isic2019_csv_only(data_root):
+def test_isic2019_bcn_thumbnails(data_root):
     root = data_root / "isic2019"
     df = readers.read_isic2019(root)
     _check_canonical(df)
     gt = pd.read_csv(root / "ISIC_2019_Training_GroundTruth.csv")
-    assert len(df) == len(gt) == 25331
+    assert len(gt) == 25331 and len(df) == 12539  # the other rows' images are in ham10000/isic2017
+    assert "12792 ISIC 2019 rows have their images in ham10000/isic2017" in df.attrs["note"]
     expected = gt.set_index("image").iloc[:, :-1].idxmax(axis=1).map(readers.tx.fine_code)
-    assert (df.set_index("image_id")["diagnosis"] == expected).all()
-    assert (df["diagnosis"] == "scc").sum() == 628 and (df["diagnosis"] == "akiec").sum() == 867
-    # images are absent: paths point where they would be
-    assert df["image_path"].str.startswith(str(root / "ISIC_2019_Training_Input") + "/").all()
-    assert not df["image_path"].map(os.path.exists).any()
-    # empty lesion_id -> grouped by image
+    assert (df.set_index("image_id")["diagnosis"] == expected.loc[df["image_id"]]).all()
+    assert df["image_path"].map(os.path.isfile).all()
+    assert (df["diagnosis"] == "scc").sum() == 431 and (df["diagnosis"] == "nv").sum() == 4332
     no_lesion = df["lesion_id"].isna()
-    assert no_lesion.sum() == 2084
-    assert (df.loc[no_lesion, "group_id"] == df.loc[no_lesion, "image_id"]).all()
+    assert no_lesion.sum() == 158
     assert (df.loc[~no_lesion, "group_id"] == df.loc[~no_lesion, "lesion_id"]).all()
-    assert set(df["site"].dropna()) <= set(readers.tx.SITES)
+    assert df["image_sha256"].notna().all() and set(df["site"].dropna()) <= set(readers.tx.SITES)
+
+
+def test_isic2019_prepare_groups_lesions_and_identical_images(data_root, tmp_path):
+    """Lesion-grouped split of the BCN thumbnails; identical pixels under two lesion ids share a group."""
+    from dermlens.data.prepare import PrepareOptions, prepare
+
+    opts = PrepareOptions(
+        "isic2019", data_root / "isic2019", tmp_path, folds=0, build=False, check_images=False
+    )
+    done = prepare(opts, show=lambda _: None)
+    df = pd.read_csv(done.manifest)
+    assert len(df) == 12539 and df.groupby("group_id")["split"].nunique().max() == 1
+    twins = df[df["lesion_id"].isin(["BCN_0003560", "BCN_0000237"])]
+    assert len(twins) >= 4 and twins["group_id"].nunique() == 1
+    shares = df["split"].value_counts(normalize=True)
+    assert abs(shares["train"] - 0.70) < 0.02 and abs(shares["test"] - 0.15) < 0.02
+    assert done.record["leaking_groups"] == 0
+
+
+def test_pad_ufes20_reader(data_root):
+    root = data_root / "pad_ufes20"
+    df = read_pad_ufes20(root)
+    _check_canonical(df)
+    assert len(df) == 685 and df["image_path"].map(os.path.isfile).all()
+    assert "1613 metadata.csv rows have no photo" in df.attrs["note"]
+    counts = df["diagnosis"].value_counts().to_dict()
+    assert counts == {"bcc": 194, "nv": 182, "bkl": 130, "akiec": 114, "mel": 43, "scc": 22}
+    assert df["patient_id"].nunique() == 537 and df["dataset"].eq("pad_ufes20").all()
+    fitz = df["fitzpatrick"].value_counts().to_dict()
+    assert fitz == {2.0: 234, 3.0: 122, 1.0: 44, 4.0: 27, 5.0: 3, 6.0: 1}
+    assert set(df["site"].dropna()) <= set(readers.tx.SITES) and df["site"].notna().all()
+
+
+def test_pad_ufes20_split_by_patient(data_root, tmp_path):
+    """About 60/20/20 by patient, seeded and recorded; no patient in two splits."""
+    from dermlens.data.prepare import PrepareOptions, prepare
+
+    root = data_root / "pad_ufes20"
+    done = prepare(PrepareOptions("pad_ufes20", root, tmp_path, folds=0, build=False), show=lambda _: None)
+    df = pd.read_csv(done.manifest)
+    assert df.groupby("patient_id")["split"].nunique().max() == 1
+    shares = df["split"].value_counts(normalize=True)
+    assert abs(shares["train"] - 0.6) < 0.03 and abs(shares["val"] - 0.2) < 0.03
+    record = json.loads((tmp_path / "splits.json").read_text())
+    assert record["seed"] == 42 and record["fractions"] == {"train": 0.6, "val": 0.2, "test": 0.2}
+    again = prepare(
+        PrepareOptions("pad_ufes20", root, tmp_path / "b", folds=0, build=False), show=lambda _: None
+    )
+    assert pd.read_csv(again.manifest)["split"].tolist() == df["split"].tolist()
 
 
 def test_isic2019_unk_rows(data_root, tmp_path):

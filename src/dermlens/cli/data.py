@@ -29,6 +29,7 @@ class Dataset(StrEnum):
     ham10000 = "ham10000"
     isic2019 = "isic2019"
     isic2017 = "isic2017"
+    pad_ufes20 = "pad_ufes20"
     csv = "csv"
     isic_archive = "isic-archive"
 
@@ -48,7 +49,8 @@ class OnError(StrEnum):
 _EXAMPLES = (
     "--dataset ham10000 --root ../shared/data/ham10000 --out work/ham10000",
     "--dataset ham10000 --root ../shared/data/ham10000 --out work/ham-dm --split dermamnist",
-    "--dataset isic2019 --root ../shared/data/isic2019 --out work/isic2019 --no-check-images",
+    "--dataset isic2019 --root ../shared/data/isic2019 --out work/isic2019",
+    "--dataset pad_ufes20 --root ../shared/data/pad_ufes20 --out work/pad_ufes20",
     "--dataset isic2017 --root ../shared/data/isic2017 --out work/isic2017 --on-error fail",
     "--dataset csv --root labels.csv --image-dir imgs --out work/mine --columns image=file,diagnosis=dx",
     "--dataset isic-archive --root downloads/isic --out work/isic-archive --image-types dermoscopic",
@@ -111,7 +113,7 @@ def prepare(
     dataset: Annotated[
         str | None,
         typer.Option(
-            metavar="ham10000|isic2019|isic2017|csv|isic-archive",
+            metavar="ham10000|isic2019|isic2017|pad_ufes20|csv|isic-archive",
             help="Dataset layout to read (isic-archive: a folder written by `dermlens data fetch` or "
             "`isic image download`). Required.",
         ),

@@ -56,7 +56,7 @@ def fit(
     not-dermoscopy head and the refer thresholds into BUNDLE/trust.npz and card.json (a few minutes)."""
     from dermlens.bundle import BundleError
     from dermlens.data.manifest import DataError
-    from dermlens.trust.not_dermoscopy import cpu_name
+    from dermlens.settings import cpu_name
     from dermlens.trust.outputs import trust_config
     from dermlens.trust.shift import RefitError, refit_bundle
 
@@ -91,7 +91,7 @@ def probe(
     """Not-dermoscopy refusal on the PROXY probe: near-OOD AUROC and the in-distribution refusal rate."""
     from dermlens.bundle import BundleError, release_dir
     from dermlens.data.manifest import DataError
-    from dermlens.trust.not_dermoscopy import measure_not_dermoscopy
+    from dermlens.trust.proxy_probe import measure_not_dermoscopy
     from dermlens.trust.shift import RefitError
 
     try:
@@ -218,3 +218,85 @@ def operating_point(
         f"accept rate {report['accept_rate']:.2f}: min_confidence {report['min_confidence']:.4f}; val refer "
         f"rate {v['refer_rate']:.3f}, balanced accuracy of accepted {v['balanced_accuracy_accepted']:.3f}"
     )
+
+
+Threads = Annotated[int, typer.Option(help="onnxruntime threads (0 = all cores)")]
+Limit = Annotated[
+    int | None, typer.Option("--limit", help="at most this many images per source and split (a quick check)")
+]
+Config = Annotated[Path | None, typer.Option("--config", help="YAML overriding configs/trust.yaml")]
+
+
+@app.command("fit-sources")
+def fit_sources_cmd(
+    bundle: Annotated[Path, typer.Option("--bundle", help="model bundle folder (rewritten in place)")],
+    config: Config = None,
+    out: Annotated[Path | None, typer.Option("--out", help="also write the fit report JSON here")] = None,
+    threads: Threads = 0,
+) -> None:
+    """Fit calibration, conformal thresholds and the refer threshold on the pooled val splits of every
+    dermoscopy source in configs/trust.yaml `sources`, and the not-dermoscopy head on real PAD-UFES-20
+    photos (train patients; threshold on val), into BUNDLE/trust.npz and card.json."""
+    from dermlens.settings import cpu_name
+    from dermlens.trust.outputs import trust_config
+    from dermlens.trust.per_source import fit_sources
+
+    log = lambda m: typer.echo(m, err=True)  # noqa: E731
+    report = fit_sources(bundle, trust_config(config), threads or None, log)
+    _write(out, {**report, "cpu": cpu_name()})
+    chosen = report["not_dermoscopy"]["chosen"]
+    f = report["not_dermoscopy"]["val"][chosen]
+    typer.echo(
+        f"calibration {report['calibration']['chosen']}; not-dermoscopy head {chosen}: PAD val refused "
+        f"{f['photo_refusal']:.3f}, worst dermoscopy val false refusal {max(f['false_refusal'].values()):.3f}"
+    )
+
+
+@app.command("measure-not-dermoscopy")
+def measure_not_dermoscopy_cmd(
+    bundle: Annotated[Path | None, typer.Option("--bundle", help="model bundle (default: packaged)")] = None,
+    config: Config = None,
+    out: Annotated[Path | None, typer.Option("--out", help="write the figures JSON here")] = None,
+    limit: Limit = None,
+    threads: Threads = 0,
+) -> None:
+    """The not-dermoscopy refusal on real photos: PAD-UFES-20 val/test refused, each dermoscopy source's
+    val/test falsely refused (CIs), refusal per Fitzpatrick type, and the synthetic-views comparison."""
+    from dermlens.bundle import release_dir
+    from dermlens.trust.measure_sources import measure_not_dermoscopy
+    from dermlens.trust.outputs import trust_config
+
+    log = lambda m: typer.echo(m, err=True)  # noqa: E731
+    res = measure_not_dermoscopy(bundle or release_dir(), trust_config(config), threads or None, log, limit)
+    _write(
+        out,
+        {**res, "command": "dermlens trust measure-not-dermoscopy" + (f" --limit {limit}" if limit else "")},
+    )
+    fr = ", ".join(f"{k} {v['rate']:.3f}" for k, v in res["test"]["dermoscopy_false_refusal"].items())
+    typer.echo(
+        f"PAD-UFES-20 test refused {res['test']['pad_ufes20_refused']['rate']:.3f}; false refusal {fr}"
+    )
+
+
+@app.command("measure-sources")
+def measure_sources_cmd(
+    bundle: Annotated[Path | None, typer.Option("--bundle", help="model bundle (default: packaged)")] = None,
+    config: Config = None,
+    out: Annotated[Path | None, typer.Option("--out", help="write the figures JSON here")] = None,
+    limit: Limit = None,
+    threads: Threads = 0,
+) -> None:
+    """Calibration (ECE) and conformal coverage on each dermoscopy source's test split, with CIs."""
+    from dermlens.bundle import release_dir
+    from dermlens.trust.measure_sources import measure_sources
+    from dermlens.trust.outputs import trust_config
+
+    log = lambda m: typer.echo(m, err=True)  # noqa: E731
+    res = measure_sources(bundle or release_dir(), trust_config(config), threads or None, log, limit)
+    _write(out, {**res, "command": "dermlens trust measure-sources" + (f" --limit {limit}" if limit else "")})
+    for name, r in res["test"].items():
+        m = r["meta"]
+        typer.echo(
+            f"{name} test: coverage {m['conformal']['coverage']['value']:.3f}, "
+            f"ECE {m['calibration']['ece']['value']:.3f} (n {r['n_images']})"
+        )

@@ -69,7 +69,8 @@ def _resolve(opts: PrepareOptions, cfg: dict) -> PrepareOptions:
 
     seed = int(cfg["seed"] if opts.seed is None else opts.seed)
     folds = int(cfg["folds"] if opts.folds is None else opts.folds)
-    fractions = opts.fractions or {k: float(v) for k, v in cfg["fractions"].items()}
+    per_dataset = data_config().get(opts.dataset, {}).get("fractions")
+    fractions = opts.fractions or {k: float(v) for k, v in (per_dataset or cfg["fractions"]).items()}
     out = Path(opts.out) if opts.out is not None else work_dir() / opts.dataset
     if opts.root is None:
         raise DataError("--root is required: the dataset folder (or, for --dataset csv, the CSV file)")
@@ -95,6 +96,8 @@ def _read(opts: PrepareOptions, show: Show) -> pd.DataFrame:
         raise DataError("--image-types only applies to --dataset isic-archive")
     df = registry.read_dataset(opts.dataset, opts.root, **kwargs)
     show(f"Read [bold]{len(df)}[/bold] images of {opts.dataset} from {opts.root}")
+    if df.attrs.get("note"):
+        show(f"note: {df.attrs['note']}")
     if opts.dataset == "isic-archive":
         archive_summary(show, df, kwargs["image_types"])
     if df.empty:

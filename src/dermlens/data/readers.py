@@ -24,6 +24,7 @@ HAM_MASK_DIRS = ("masks", "HAM10000_segmentations_lesion_tschandl")
 ISIC2019_GT = "ISIC_2019_Training_GroundTruth.csv"
 ISIC2019_META = "ISIC_2019_Training_Metadata.csv"
 ISIC2019_IMAGE_DIRS = ("ISIC_2019_Training_Input", "images", ".")
+ISIC2019_PROVENANCE = "images_provenance.csv"
 ISIC2017_CSV = "ISIC-2017_labels.csv"
 ISIC2017_IMAGE_DIRS = (
     "images",
@@ -174,7 +175,12 @@ def read_ham10000(root: str | Path, image_dir: str | Path | None = None) -> pd.D
 
 
 def read_isic2019(root: str | Path, image_dir: str | Path | None = None) -> pd.DataFrame:
-    """ISIC 2019 training set: ground-truth one-hot CSV + metadata CSV (+ images, which may be absent)."""
+    """ISIC 2019 training set: ground-truth one-hot CSV + metadata CSV (+ images, which may be absent).
+
+    Where the image folder holds some images (the shared copy: the BCN20000 thumbnails), the rows without
+    one are the HAM10000 and ISIC 2017 images, prepared from those datasets: they are left out, with a
+    note in `df.attrs["note"]`. Identical thumbnails (same sha256 in images_provenance.csv) share a group.
+    """
     root = require_dir(root)
     gt = read_csv_file(_require_file(root, ISIC2019_GT))
     meta_path = root / ISIC2019_META
@@ -182,20 +188,41 @@ def read_isic2019(root: str | Path, image_dir: str | Path | None = None) -> pd.D
     label_cols = [c for c in gt.columns if c != "image"]
     onehot = gt[label_cols].apply(pd.to_numeric, errors="coerce").fillna(0.0).to_numpy()
     codes = np.array([map_label(c) for c in label_cols], dtype=object)
-    dx = pd.Series(np.where(onehot.max(axis=1) > 0, codes[onehot.argmax(axis=1)], None))
-    df = gt[["image"]].merge(meta, on="image", how="left", validate="many_to_one")
-    ids = df["image"].str.strip()
+    gt = gt.assign(_dx=np.where(onehot.max(axis=1) > 0, codes[onehot.argmax(axis=1)], None))
+    df = gt[["image", "_dx"]].merge(meta, on="image", how="left", validate="many_to_one")
+    df["image"] = df["image"].str.strip()
+    dirs = [Path(image_dir)] if image_dir is not None else [root / s for s in ISIC2019_IMAGE_DIRS]
+    present = index_images(dirs)
+    note = None
+    if present:
+        here = df["image"].isin(present).to_numpy()
+        if not here.all():
+            note = (
+                f"{int((~here).sum())} ISIC 2019 rows have their images in ham10000/isic2017 (prepare those "
+                f"datasets for them); this manifest holds the {int(here.sum())} images in {root}"
+            )
+        df = df[here].reset_index(drop=True)
+    extra = {}
+    prov = root / ISIC2019_PROVENANCE
+    if prov.is_file():
+        sha = read_csv_file(prov).set_index("image")
+        if "sha256" in sha.columns:
+            extra["image_sha256"] = df["image"].map(sha["sha256"])
     get = df.get
-    return build_frame(
-        ids,
-        locate(ids, root, ISIC2019_IMAGE_DIRS, image_dir and Path(image_dir)),
-        dx,
+    out = build_frame(
+        df["image"],
+        locate(df["image"], root, ISIC2019_IMAGE_DIRS, image_dir and Path(image_dir)),
+        df["_dx"],
         "isic2019",
         lesion_id=get("lesion_id"),
         age=get("age_approx"),
         sex=get("sex"),
         site=get("anatom_site_general"),
+        **extra,
     )
+    if note:
+        out.attrs["note"] = note
+    return out
 
 
 def _isic2017_label(mel: object, sk: object) -> str:

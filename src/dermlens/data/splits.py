@@ -55,12 +55,13 @@ def read_duplicate_pairs(path: str | Path) -> list[tuple[str, str]]:
     return [(strip(a), strip(b)) for a, b in zip(table["from_img"], table["to_img"], strict=True)]
 
 
-LINK_COLUMNS: tuple[str, ...] = ("patient_id",)  # rows sharing one of these values share a group
+# rows sharing one of these values share a group (one patient; identical image files)
+LINK_COLUMNS: tuple[str, ...] = ("patient_id", "image_sha256")
 
 
 def assign_groups(df: pd.DataFrame, pairs: list[tuple[str, str]] = ()) -> pd.Series:
     """Split group per row: its lesion (or image if no lesion), with near-duplicate images' groups merged,
-    and, where the manifest has a patient_id column, all lesions of one patient merged."""
+    and, where the manifest has them, all lesions of one patient and all identical image files merged."""
     base = df["lesion_id"].where(df["lesion_id"].notna(), df["image_id"]).astype(str)
     by_image = dict(zip(df["image_id"], base, strict=True))
     uf = _UnionFind()

@@ -28,6 +28,12 @@ from dermlens.infer.ood import (
 from dermlens.infer.refer import RULE, refer_codes
 
 STATE_VERSION = 1
+# trust.npz names written by older bundles -> today's field names
+_OLD_NAMES = {
+    "clinical_weight": "not_dermoscopy_weight",
+    "clinical_bias": "not_dermoscopy_bias",
+    "clinical_threshold": "not_dermoscopy_threshold",
+}
 
 
 @dataclass
@@ -56,9 +62,9 @@ class TrustState:
     calibration: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # condition -> {w, b}
     conformal_alpha: float | None = None
     conformal_thresholds: dict[str, list[float]] = field(default_factory=dict)  # condition -> q_c [C]
-    clinical_weight: np.ndarray | None = None  # [D] not-dermoscopy logistic head on the L2 embedding
-    clinical_bias: float = 0.0
-    clinical_threshold: float = float("inf")
+    not_dermoscopy_weight: np.ndarray | None = None  # [D] not-dermoscopy logistic head on the L2 embedding
+    not_dermoscopy_bias: float = 0.0
+    not_dermoscopy_threshold: float = float("inf")
     max_set_size: int = 0  # refer when the prediction set has at least this many classes (0 = never)
     # ---- refer operating point (trust.operating_point; applied by infer.operating_point) -------------
     refer_quantiles: np.ndarray | None = None  # [101] val top-prob quantiles of images no other flag refers
@@ -70,7 +76,7 @@ class TrustState:
         "inv_covariance",
         "knn_bank",
         "cam_weight",
-        "clinical_weight",
+        "not_dermoscopy_weight",
         "refer_quantiles",
     )
 
@@ -131,9 +137,9 @@ class TrustState:
 
     def not_dermoscopy_score(self, embedding: np.ndarray | None) -> np.ndarray | None:
         """Logit of the not-dermoscopy head (higher = more like a clinical photo), None if not fitted."""
-        if self.clinical_weight is None or embedding is None:
+        if self.not_dermoscopy_weight is None or embedding is None:
             return None
-        return not_dermoscopy_score(embedding, self.clinical_weight, self.clinical_bias)
+        return not_dermoscopy_score(embedding, self.not_dermoscopy_weight, self.not_dermoscopy_bias)
 
     def decide(
         self,
@@ -152,7 +158,7 @@ class TrustState:
         n = len(probs)
         flags = {
             "ood": score > self.ood_threshold,
-            "not_dermoscopy": np.zeros(n, bool) if nd is None else nd > self.clinical_threshold,
+            "not_dermoscopy": np.zeros(n, bool) if nd is None else nd > self.not_dermoscopy_threshold,
             "low_confidence": probs.max(axis=1) < self.min_confidence,
             "set_too_large": np.zeros(n, bool)
             if sets is None or self.max_set_size <= 0
@@ -200,8 +206,8 @@ class TrustState:
             "refer": {
                 "min_confidence": self.min_confidence,
                 "max_set_size": self.max_set_size,
-                "not_dermoscopy_threshold": self.clinical_threshold
-                if np.isfinite(self.clinical_threshold)
+                "not_dermoscopy_threshold": self.not_dermoscopy_threshold
+                if np.isfinite(self.not_dermoscopy_threshold)
                 else None,
                 "rule": RULE,
             },
@@ -220,10 +226,10 @@ class TrustState:
                 "score": "1 - p_class (LAC), Mondrian by true class, split-conformal on validation",
                 "thresholds": self.conformal_thresholds,
             }
-        if self.clinical_weight is not None:
+        if self.not_dermoscopy_weight is not None:
             out["not_dermoscopy"] = {
                 "head": "logistic regression on the L2-normalized embedding",
-                "threshold": self.clinical_threshold,
+                "threshold": self.not_dermoscopy_threshold,
             }
         return out
 
@@ -247,14 +253,19 @@ class TrustState:
 
     @classmethod
     def load(cls, path: str | Path) -> TrustState:
-        """Read trust.npz written by save(); an unreadable file is a one-line BundleError."""
+        """Read trust.npz written by save() (older key names too); an unreadable file is a BundleError."""
         try:
             with np.load(Path(path), allow_pickle=False) as z:
                 header = json.loads(str(z["header"]))
-                arrays = {k: np.array(z[k]) for k in cls._ARRAYS if k in z.files}
+                arrays = {
+                    _OLD_NAMES.get(k, k): np.array(z[k])
+                    for k in z.files
+                    if _OLD_NAMES.get(k, k) in cls._ARRAYS
+                }
                 if "precision_triu" in z.files:
                     arrays["inv_covariance"] = _unpack_symmetric(np.array(z["precision_triu"]))
             header.pop("version", None)
+            header = {_OLD_NAMES.get(k, k): v for k, v in header.items()}
             known = {k: v for k, v in header.items() if k in cls.__dataclass_fields__}
             return cls(**known, **arrays)
         except (OSError, ValueError, KeyError, TypeError, AttributeError, zipfile.BadZipFile) as e:

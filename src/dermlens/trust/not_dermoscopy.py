@@ -1,163 +1,170 @@
-"""Measure the "not dermoscopy" refusal on a visible PROXY probe (there is no clinical photo set here):
-held-out test images turned into clinical-like views (another seed than the head was trained with), the
-scikit-image photos and crops, versus the in-distribution test split and a real external dermoscopy set.
+"""The "not dermoscopy" head fitted on REAL photos: a logistic head on the model's L2-normalized embedding,
+smartphone photos of PAD-UFES-20 train patients (positives) against dermoscopy train images of every
+source (negatives); the threshold is chosen on the val splits (PAD val and each dermoscopy source's val).
 
-Also a leave-one-family-out check: the head trained on one geometry family only, scored on the other.
+Optionally synthetic clinical-like views (dermlens.trust.photo_views) of HAM10000 train images join the
+positives; `compare_variants` fits both ways so the choice is made on val.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from dermlens.bundle import TRUST
-from dermlens.infer.ood import not_dermoscopy_score
-from dermlens.infer.state import TrustState
+from dermlens.extras import require
+from dermlens.infer.ood import l2_normalize, not_dermoscopy_score
 from dermlens.metrics import auroc
-from dermlens.settings import cpu_name
-from dermlens.trust import photo_views, probes
-from dermlens.trust.outputs import trust_settings
-from dermlens.trust.shift import Runner, load_rows, no_meta
+from dermlens.trust import photo_views
+from dermlens.trust.shift import Runner, no_meta
+from dermlens.trust.sources import Scored, row_key
 
-PROBE_SEED = 777  # views of the probe: never the head's training seed
+VARIANTS = ("real", "real+synthetic")
 
 
-def _rates(state: TrustState, out: dict[str, np.ndarray]) -> dict[str, Any]:
-    d = state.decide(out["fine_logits"], out["embedding"], None)
+@dataclass
+class Head:
+    """A fitted head and its threshold (refuse when score > threshold)."""
+
+    weight: np.ndarray
+    bias: float
+    threshold: float
+    rule: dict[str, Any]
+
+    def score(self, embedding: np.ndarray) -> np.ndarray:
+        """Not-dermoscopy logit per embedding (higher = more like an ordinary photo)."""
+        return not_dermoscopy_score(embedding, self.weight, self.bias)
+
+    def refused(self, embedding: np.ndarray) -> np.ndarray:
+        """True where the image is refused as not dermoscopy."""
+        return self.score(embedding) > self.threshold
+
+
+def fit_weights(photos: np.ndarray, derm: np.ndarray, c: float, balanced: bool) -> tuple[np.ndarray, float]:
+    """Logistic regression (scikit-learn) on standardized L2-normalized embeddings; returns (w, b) acting
+    on the L2-normalized embedding directly."""
+    LogisticRegression = require("sklearn.linear_model", "evaluate").LogisticRegression
+
+    x = l2_normalize(np.concatenate([derm, photos]).astype(np.float64))
+    y = np.r_[np.zeros(len(derm)), np.ones(len(photos))]
+    mu, sd = x.mean(axis=0), x.std(axis=0) + 1e-6
+    clf = LogisticRegression(C=c, max_iter=5000, class_weight="balanced" if balanced else None)
+    clf.fit((x - mu) / sd, y)
+    w = clf.coef_[0] / sd
+    return w, float(clf.intercept_[0] - (w * mu).sum())
+
+
+def choose_threshold(photo_val: np.ndarray, derm_val: dict[str, np.ndarray], cfg: dict[str, Any]) -> tuple:
+    """Threshold on val scores (refuse when score > threshold) with the most room under both targets: the
+    one minimizing max(photo miss rate / (1 - target_refusal), worst source false refusal /
+    target_false_refusal). Returns (threshold, rule)."""
+    miss_t, fr_t = 1.0 - float(cfg["target_refusal"]), float(cfg["target_false_refusal"])
+    cands = np.unique(np.concatenate([photo_val, *derm_val.values()]))
+    miss = (photo_val[None, :] <= cands[:, None]).mean(axis=1)
+    fr = np.max([(s[None, :] > cands[:, None]).mean(axis=1) for s in derm_val.values()], axis=0)
+    worst = np.maximum(miss / miss_t, fr / fr_t)
+    i = int(np.flatnonzero(worst == worst.min())[-1])  # ties: the highest (fewest false refusals)
+    thr = float(cands[i]) if i == len(cands) - 1 else float((cands[i] + cands[i + 1]) / 2)
+    rule = {
+        "val_photo_miss": float(miss[i]),
+        "val_worst_false_refusal": float(fr[i]),
+        "text": "refuse when score > threshold; threshold chosen on val to minimize the larger of "
+        f"PAD-UFES-20 photos missed / {miss_t:.0%} and the worst dermoscopy source's false refusals / "
+        f"{fr_t:.0%}",
+    }
+    return thr, rule
+
+
+def synthetic_views(
+    run: Runner, derm_train: Scored, n: int, seed: int, cache: Path | None = None
+) -> np.ndarray:
+    """Embeddings of clinical-like views of the first `n` dermoscopy train images (cached in `cache`)."""
+    from dermlens.preprocess import load_rgb
+
+    rows = derm_train.frame.iloc[:n]
+    path = None if cache is None else Path(cache) / f"synthetic-{seed}-{row_key(run, rows)}.npy"
+    if path is not None and path.is_file():
+        return np.load(path)
+    images = np.stack([run.prep.resize(load_rgb(p)) for p in rows["image_path"]])
+    views = run.views(photo_views.clinical_views(images, seed))
+    emb = run(views, no_meta(len(views)))["embedding"].astype(np.float32)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, emb)
+    return emb
+
+
+def fit_head(
+    photos_train: np.ndarray,
+    derm_train: np.ndarray,
+    photos_val: np.ndarray,
+    derm_val: dict[str, np.ndarray],
+    cfg: dict[str, Any],
+) -> Head:
+    """Fit the head on train embeddings and choose its threshold on the val embeddings."""
+    w, b = fit_weights(photos_train, derm_train, float(cfg["C"]), bool(cfg["balanced"]))
+    score = lambda e: not_dermoscopy_score(e, w, b)  # noqa: E731
+    thr, rule = choose_threshold(score(photos_val), {k: score(v) for k, v in derm_val.items()}, cfg)
+    return Head(w.astype(np.float32), b, thr, rule)
+
+
+def val_figures(head: Head, photos_val: np.ndarray, derm_val: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Refusal of val photos, false refusal per dermoscopy source and AUROC (photos vs all dermoscopy)."""
+    derm = np.concatenate(list(derm_val.values()))
     return {
-        "n": int(len(out["fine_logits"])),
-        "refused_not_dermoscopy": float(d["not_dermoscopy"].mean()),
-        "refused_ood": float(d["ood"].mean()),
-        "refused_either": float((d["not_dermoscopy"] | d["ood"]).mean()),
-        "referred_any_reason": float(d["refer"].mean()),
-        "nd_score": d["not_dermoscopy_score"],
-        "ood_score": d["ood_score"],
+        "photo_refusal": float(head.refused(photos_val).mean()),
+        "false_refusal": {k: float(head.refused(v).mean()) for k, v in derm_val.items()},
+        "auroc": auroc(head.score(derm), head.score(photos_val)),
+        "threshold": head.threshold,
     }
 
 
-def measure_not_dermoscopy(
-    bundle: str | Path,
-    manifest: str | Path,
-    external: str | Path | None = None,
-    lofo_train: int = 300,
-    threads: int | None = None,
-    log: Callable[[str], None] = print,
-) -> dict[str, Any]:
-    """The proxy-probe figures as a JSON-ready dict."""
-    bundle = Path(bundle)
-    state = TrustState.load(bundle / TRUST)
-    if state.clinical_weight is None:
-        raise ValueError(f"{bundle} has no not-dermoscopy head: run `dermlens trust fit` first")
-    run = Runner(bundle, threads)
-    classes = tuple(run.card.classes)
-    test = load_rows(manifest, "test", classes, run.prep)
-    test_out = run(test.images, test.meta)
-    test_none = run(test.images, no_meta(len(test.labels)))
-    ind = _rates(state, test_out)
-    log(f"scored {ind['n']} in-distribution test images")
-    probe: dict[str, np.ndarray] = {
-        f"test_{fam}": run.views(photo_views.clinical_views(test.images, PROBE_SEED + i, fam))
-        for i, fam in enumerate(photo_views.FAMILIES)
+def compare_variants(
+    photos_train: np.ndarray,
+    derm_train: np.ndarray,
+    synthetic: np.ndarray,
+    photos_val: np.ndarray,
+    derm_val: dict[str, np.ndarray],
+    cfg: dict[str, Any],
+) -> tuple[str, dict[str, Head], dict[str, Any]]:
+    """Fit the head with real photos only and with the synthetic views added; the variant kept is the one
+    with the lower worst val error (max of photo miss rate and any source's false refusal), real on ties."""
+    heads = {
+        "real": fit_head(photos_train, derm_train, photos_val, derm_val, cfg),
+        "real+synthetic": fit_head(
+            np.concatenate([photos_train, synthetic]), derm_train, photos_val, derm_val, cfg
+        ),
     }
-    probe.update(probes.probe_sets(run.prep, ("skimage_photos", "skimage_crops")))
-    sets: dict[str, Any] = {}
-    nd_scores: dict[str, np.ndarray] = {}
-    embeddings: dict[str, np.ndarray] = {}
-    for name, imgs in probe.items():
-        out = run(imgs, no_meta(len(imgs)))
-        r = _rates(state, out)
-        nd_scores[name], embeddings[name] = r["nd_score"], out["embedding"]
-        sets[name] = {
-            "n": r["n"],
-            "auroc_not_dermoscopy": auroc(ind["nd_score"], r["nd_score"]),
-            "auroc_ood_mahalanobis": auroc(ind["ood_score"], r["ood_score"]),
-            "refused_not_dermoscopy": r["refused_not_dermoscopy"],
-            "refused_ood": r["refused_ood"],
-            "refused_either": r["refused_either"],
-        }
-        log(f"probe {name}: AUROC {sets[name]['auroc_not_dermoscopy']:.3f}")
-    near = [k for k in sets if k.startswith("test_")]
-    nd_near = np.concatenate([nd_scores[k] for k in near])
-    result: dict[str, Any] = {
-        "model_version": run.card.version,
-        "precision": run.precision,
-        "cpu": cpu_name(),
-        "proxy_note": "PROXY probe: synthetic clinical-like views of held-out HAM10000 test images and "
-        "scikit-image photos; no real clinical photographs were available, so real-world separation is "
-        "unmeasured.",
-        "in_distribution_test": {k: v for k, v in ind.items() if not k.endswith("_score")},
-        "near_ood_auroc_not_dermoscopy": auroc(ind["nd_score"], nd_near),
-        "probe_sets": sets,
-        "threshold": state.clinical_threshold,
+    figures = {k: val_figures(h, photos_val, derm_val) for k, h in heads.items()}
+
+    def worst(f: dict[str, Any]) -> float:
+        miss = (1.0 - f["photo_refusal"]) / (1.0 - float(cfg["target_refusal"]))
+        return max(miss, max(f["false_refusal"].values()) / float(cfg["target_false_refusal"]))
+
+    chosen = min(VARIANTS, key=lambda k: (round(worst(figures[k]), 6), VARIANTS.index(k)))
+    info = {
+        "chosen": chosen,
+        "criterion": "lower worst val error relative to the targets: max((1 - PAD val refusal) / (1 - "
+        "target_refusal), worst source's val false refusal / target_false_refusal); real photos only on ties",
+        "n_synthetic_views": int(len(synthetic)),
+        "val": figures,
     }
-    result["ham_test"] = trust_figures(state, test, {"meta": test_out, "no_meta": test_none}, classes)
-    if external is not None:
-        ext = load_rows(external, "test", classes, run.prep)
-        ext_out = run(ext.images, ext.meta)
-        r = _rates(state, ext_out)
-        result["external_dermoscopy_test"] = {k: v for k, v in r.items() if not k.endswith("_score")}
-        result["external_test"] = trust_figures(state, ext, {"no_meta": ext_out}, classes)
-        log(f"external test: {r['refused_not_dermoscopy']:.3f} refused as not dermoscopy")
-    views = {fam: embeddings[f"test_{fam}"] for fam in photo_views.FAMILIES}
-    result["leave_one_family_out"] = _lofo(run, manifest, classes, test_out["embedding"], views, lofo_train)
-    return result
+    return chosen, heads, info
 
 
-def trust_figures(state: TrustState, rows: Any, outs: dict[str, dict], classes: tuple[str, ...]) -> dict:
-    """ECE, conformal coverage and set size (overall, per class) per condition with lesion-level CIs, the
-    refer-reason rates, and the subgroup audit of the 'meta' condition (same functions as evaluate)."""
-    from dermlens.evaluate import EvaluateConfig
-    from dermlens.evaluate.audit import coverage_with_ci, ece_with_ci, subgroup_audit
-
-    cfg = EvaluateConfig.load()
-    groups = rows.frame["group_id"].astype(str).tolist() if "group_id" in rows.frame.columns else None
-    out: dict[str, Any] = {"n_images": int(len(rows.labels))}
-    for cond, o in outs.items():
-        has_meta = np.full(len(rows.labels), cond == "meta") & (rows.has_meta if cond == "meta" else True)
-        d = state.decide(o["fine_logits"], o["embedding"], has_meta)
-        out[cond] = {
-            "calibration": ece_with_ci(d["probs"], rows.labels, groups, cfg),
-            "conformal": coverage_with_ci(d["sets"], rows.labels, classes, groups, cfg),
-            "refer_reasons": {
-                k: float(np.mean(d[k]))
-                for k in ("ood", "not_dermoscopy", "low_confidence", "set_too_large", "refer")
-            },
-        }
-        if cond == "meta":
-            out["subgroups"] = subgroup_audit(
-                rows.frame, d["probs"], rows.labels, classes, d["refer"], groups, cfg
-            )
-    return out
+def log_head(log: Callable[[str], None], name: str, f: dict[str, Any]) -> None:
+    """One line per variant: PAD refusal and false refusals on val."""
+    fr = ", ".join(f"{k} {v:.3f}" for k, v in f["false_refusal"].items())
+    log(f"not-dermoscopy head {name}: PAD val refused {f['photo_refusal']:.3f}; dermoscopy val refused {fr}")
 
 
-def _lofo(
-    run: Runner,
-    manifest: str | Path,
-    classes: tuple[str, ...],
-    test_in: np.ndarray,
-    test_emb: dict[str, np.ndarray],
-    n: int,
-) -> dict[str, Any]:
-    """Head trained on one family's views only, AUROC on the held-out test views of every family
-    (test embeddings: the in-distribution test images and their probe views, already computed)."""
-    cfg = trust_settings(None)["not_dermoscopy"]
-    train = load_rows(manifest, "train", classes, run.prep, limit=n)
-    z = no_meta(len(train.labels))
-    emb_in = run(train.images, z)["embedding"]
-    out = {}
-    for i, fam in enumerate(photo_views.FAMILIES):
-        emb_out = run(run.views(photo_views.clinical_views(train.images, 100 + i, fam)), z)["embedding"]
-        w, b = photo_views.fit_head(emb_in, emb_out, float(cfg.get("C", 0.1)))
-        s_in = not_dermoscopy_score(test_in, w, b)
-        out[f"trained_on_{fam}"] = {
-            f"auroc_{other}": auroc(s_in, not_dermoscopy_score(test_emb[other], w, b))
-            for other in photo_views.FAMILIES
-        }
-    out["train_images"] = int(len(train.labels))
-    return out
+def photo_dir(cfg: dict[str, Any]) -> Path | None:
+    """The prepared PAD-UFES-20 folder named in configs/trust.yaml, when prepared."""
+    path = Path(cfg["photos"]["dir"])
+    return path if (path / "manifest.csv").is_file() else None
 
 
-__all__ = ["cpu_name", "measure_not_dermoscopy"]
+__all__ = ["VARIANTS", "Head", "choose_threshold", "compare_variants", "fit_head", "fit_weights", "photo_dir"]

@@ -245,12 +245,19 @@ def refit_bundle(
     }
     state.max_set_size = int(cfg["conformal"].get("max_set_size", 0))
 
-    w, b, thr, nd_info = fit_not_dermoscopy(run, manifest, classes, ham["embedding"], cfg["not_dermoscopy"])
-    state.clinical_weight, state.clinical_bias, state.clinical_threshold = w.astype(np.float32), b, thr
-    log(
-        f"not-dermoscopy head: train AUROC {nd_info['train_auroc']:.3f}, "
-        f"val keep {nd_info['val_keep_rate']:.3f}"
-    )
+    if "per_source" in state.info:  # trained on real photos by `dermlens trust fit-sources`: keep it
+        nd_info = {"kept": "the photo-trained head of `dermlens trust fit-sources`"}
+        log("not-dermoscopy head: kept the photo-trained one (refit it with `dermlens trust fit-sources`)")
+    else:
+        w, b, thr, nd_info = fit_not_dermoscopy(
+            run, manifest, classes, ham["embedding"], cfg["not_dermoscopy"]
+        )
+        state.not_dermoscopy_weight, state.not_dermoscopy_bias = w.astype(np.float32), b
+        state.not_dermoscopy_threshold = thr
+        log(
+            f"not-dermoscopy head: train AUROC {nd_info['train_auroc']:.3f}, "
+            f"val keep {nd_info['val_keep_rate']:.3f}"
+        )
     op_meta = str(cfg["refer"].get("condition", "no_meta")) == "meta"
     op_val = Scored(
         ham["meta_logits" if op_meta else "no_meta_logits"],
