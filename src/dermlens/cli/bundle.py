@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from dermlens.errors import BundleError, DermlensError
+
 app = typer.Typer(
     help="Inspect, verify and annotate model bundles.",
     no_args_is_help=True,
@@ -20,9 +22,9 @@ BundleArg = Annotated[
 ]
 
 
-def _fail(message: str) -> typer.Exit:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    return typer.Exit(2)
+def _fail(message: str) -> DermlensError:
+    """A one-line error that cli/main.py prints (exit 2)."""
+    return BundleError(message)
 
 
 def _bundle(path: Path | None) -> Path:

@@ -10,6 +10,8 @@ from typing import Annotated
 
 import typer
 
+from dermlens.errors import UsageError
+
 
 def _echo_err(msg: str) -> None:
     typer.echo(_shown(msg), err=True)
@@ -145,7 +147,6 @@ def predict(
     )
 
     from dermlens import DISCLAIMER
-    from dermlens.bundle import BundleError
     from dermlens.infer.operating_point import at_refer_rate, describe
     from dermlens.infer.predictor import Predictor
     from dermlens.predict.dicomweb import check_sources
@@ -155,15 +156,12 @@ def predict(
     err = Console(stderr=True, soft_wrap=True)
     err.print(f"[bold yellow]{DISCLAIMER}[/]")
     if metadata is not None and any(v is not None for v in (age, sex, site)):
-        _echo_err("error: give either --metadata CSV or --age/--sex/--site, not both")
-        raise typer.Exit(2)
+        raise UsageError("give either --metadata CSV or --age/--sex/--site, not both")
     ray_at = (ray_address or "local") if ray or ray_address else None
     if ray_at is not None and (cam is not None or dicom_sr is not None or fhir is not None):
-        _echo_err("error: --ray writes the predictions CSVs only; drop --cam/--dicom-sr/--fhir or --ray")
-        raise typer.Exit(2)
+        raise UsageError("--ray writes the predictions CSVs only; drop --cam/--dicom-sr/--fhir or --ray")
     if ray_at is not None and refer_rate is not None:
-        _echo_err("error: --ray uses the bundle's packaged operating point; drop --refer-rate or --ray")
-        raise typer.Exit(2)
+        raise UsageError("--ray uses the bundle's packaged operating point; drop --refer-rate or --ray")
     folder_only = any(v is not None for v in (ray_at, cam, dicom_sr, fhir))
     check_sources(bool(inputs), dicomweb, study, since, folder_only)
     age, sex, site = _checked_meta(age, sex, site)
@@ -173,28 +171,23 @@ def predict(
         _predict_dicomweb(err, predictor, dicomweb, study, since, given, out, batch_size, workers, tta)
         return
     inputs = inputs or []
-    try:
-        predictor = Predictor.load(model, precision, threads or None)
-        predictor = at_refer_rate(predictor, refer_rate)
-        items, failures = collect_inputs(inputs)
-        if metadata is not None:
-            table = read_metadata_csv(metadata)
-            for it in items:  # keyed by file name without extension (an id may carry a path hash)
-                it.meta = table.get(it.path.stem, it.meta)
-        elif any(v is not None for v in (age, sex, site)):
-            for it in items:
-                it.meta = {"age": age, "sex": sex, "site": site}
-        n_dicom = apply_dicom_meta(items)
-    except (BundleError, BatchInputError, ValueError) as e:
-        _echo_err(f"error: {e}")
-        raise typer.Exit(2) from None
+    predictor = Predictor.load(model, precision, threads or None)
+    predictor = at_refer_rate(predictor, refer_rate)
+    items, failures = collect_inputs(inputs)
+    if metadata is not None:
+        table = read_metadata_csv(metadata)
+        for it in items:  # keyed by file name without extension (an id may carry a path hash)
+            it.meta = table.get(it.path.stem, it.meta)
+    elif any(v is not None for v in (age, sex, site)):
+        for it in items:
+            it.meta = {"age": age, "sex": sex, "site": site}
+    n_dicom = apply_dicom_meta(items)
     has_meta = metadata is not None or any(v is not None for v in (age, sex, site))
     if has_meta and not predictor.card.uses_metadata:
         _echo_err("note: this model does not use patient metadata; age/sex/site are ignored")
     if not items:
         _show_failures(err, failures)
-        _echo_err("error: no images to predict")
-        raise typer.Exit(2)
+        raise BatchInputError("no images to predict")
     err.print(
         f"model {predictor.card.name} {predictor.version} ({predictor.precision}"
         + (f"; {predictor.precision_note}" if predictor.precision_note else "")
@@ -212,7 +205,7 @@ def predict(
     sr_writer = _sr_folder(predictor, items, dicom_sr) if dicom_sr is not None else None
     fhir_writer = _fhir_writer(predictor, fhir)
 
-    human: list[dict] = []
+    human: list = []  # Scored rows shown on the terminal when no CSV is written
     columns = [
         TextColumn("predicting"),
         BarColumn(),
@@ -223,22 +216,18 @@ def predict(
     signals: list[int] = []
     with Progress(*columns, console=err, transient=False) as bar, _sigterm_interrupts(signals):
         task = bar.add_task("predict", total=len(items))
-        try:
-            summary = run_batch(
-                predictor,
-                items,
-                out_csv=out,
-                isic_csv=isic_csv,
-                cam_dir=cam,
-                batch_size=batch_size,
-                workers=workers or None,
-                tta=tta,
-                on_progress=lambda n: bar.advance(task, n),
-                on_rows=_on_rows(human if out is None and isic_csv is None else None, sr_writer, fhir_writer),
-            )
-        except BatchInputError as e:
-            _echo_err(f"error: {e}")
-            raise typer.Exit(2) from None
+        summary = run_batch(
+            predictor,
+            items,
+            out_csv=out,
+            isic_csv=isic_csv,
+            cam_dir=cam,
+            batch_size=batch_size,
+            workers=workers or None,
+            tta=tta,
+            on_progress=lambda n: bar.advance(task, n),
+            on_rows=_on_rows(human if out is None and isic_csv is None else None, sr_writer, fhir_writer),
+        )
     for s in human:
         r = s.prediction
         flag = f"  REFER: {r.refer_reason}" if r.refer else ""
@@ -311,8 +300,7 @@ def _checked_meta(age: str | None, sex: str | None, site: str | None) -> tuple:
     try:
         return parse_age(age), parse_sex(sex), parse_site(site)
     except InputError as e:
-        _echo_err(f"error: --{e.code.removeprefix('invalid_')}: {e}")
-        raise typer.Exit(2) from None
+        raise UsageError(f"--{e.code.removeprefix('invalid_')}: {e}") from None
 
 
 def _show_failures(console, failures) -> None:
@@ -370,17 +358,11 @@ def _report_srs(console, srs) -> list:
 
 def _predict_on_ray(err, predictor, items, failures, address, out, isic_csv, batch_size, tta) -> None:
     """`dermlens predict --ray`: the same rows from Ray Data, written ordered by image id."""
-    from dermlens.predict.folder import BatchInputError
-    from dermlens.predict.ray import RayUnavailable, run_ray
+    from dermlens.predict.ray import run_ray
 
     if out is None and isic_csv is None:
-        _echo_err("error: --ray writes CSV files: give --out and/or --isic-csv")
-        raise typer.Exit(2)
-    try:
-        summary = run_ray(predictor, items, address, out, isic_csv, batch_size, tta)
-    except (RayUnavailable, BatchInputError) as e:
-        _echo_err(f"error: {e}")
-        raise typer.Exit(2) from None
+        raise UsageError("--ray writes CSV files: give --out and/or --isic-csv")
+    summary = run_ray(predictor, items, address, out, isic_csv, batch_size, tta)
     rate = summary.done / summary.seconds if summary.seconds > 0 else 0.0
     err.print(
         f"{summary.done} of {summary.total} image(s) predicted on Ray in {summary.seconds:.1f} s "

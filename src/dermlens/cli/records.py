@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from dermlens.errors import DataError
+
 app = typer.Typer(no_args_is_help=True, add_completion=False)
 
 
@@ -33,8 +35,7 @@ def _open(url: str | None, config: Path | None):
         r = load_settings(config).records
         return RecordStore(url or r.url, lock_timeout_s=r.lock_timeout_s)
     except (RecordsConfigError, OSError, ValueError) as e:
-        typer.echo(f"error: {str(e).splitlines()[0]}", err=True)
-        raise typer.Exit(2) from None
+        raise RecordsConfigError(str(e).splitlines()[0]) from None
 
 
 @app.command()
@@ -50,8 +51,7 @@ def export(
     try:
         n = export_csv(store, out)
     except OSError as e:
-        typer.echo(f"error: cannot write {out}: {e.strerror or e}", err=True)
-        raise typer.Exit(2) from None
+        raise DataError(f"cannot write {out}: {e.strerror or e}") from None
     finally:
         store.close()
     typer.echo(f"{n} records from {store.describe()} -> {out}")

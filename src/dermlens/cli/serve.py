@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from dermlens.errors import ConfigError, DermlensError
+
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
@@ -87,9 +89,9 @@ def serve(
         store.close()
 
 
-def _fail(message: str) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(2)
+def _fail(message: str) -> DermlensError:
+    """A one-line start-up error that cli/main.py prints (exit 2)."""
+    return ConfigError(message)
 
 
 def _start(config: Path | None, **overrides):

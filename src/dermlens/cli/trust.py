@@ -25,11 +25,6 @@ def _write(out: Path | None, report: dict) -> None:
     typer.echo(f"wrote {out}", err=True)
 
 
-def _fail(e: Exception) -> None:
-    typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2) from None
-
-
 @app.command("fit")
 def fit(
     bundle: Annotated[Path, typer.Option("--bundle", help="model bundle folder (rewritten in place)")],
@@ -66,7 +61,7 @@ def fit(
             bundle, manifest, external, cfg, threads=threads or None, log=lambda m: typer.echo(m, err=True)
         )
     except (RefitError, BundleError, DataError, FileNotFoundError, ValueError) as e:
-        _fail(e)
+        raise DataError(str(e)) from None
     report["cpu"] = cpu_name()
     _write(out, report)
     cal = report["calibration"]
@@ -103,7 +98,7 @@ def probe(
             log=lambda m: typer.echo(m, err=True),
         )
     except (RefitError, BundleError, DataError, FileNotFoundError, ValueError) as e:
-        _fail(e)
+        raise DataError(str(e)) from None
     _write(out, res)
     ind = res["in_distribution_test"]
     typer.echo(

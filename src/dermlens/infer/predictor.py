@@ -15,6 +15,7 @@ import numpy as np
 
 from dermlens.bundle import TRUST, BundleError, ModelCard, check_graph, open_bundle, release_dir
 from dermlens.data.taxonomy import FINE_NAMES
+from dermlens.errors import UsageError
 from dermlens.infer.calibration import softmax
 from dermlens.infer.cam import cam, overlay_png
 from dermlens.infer.prediction import Prediction
@@ -80,7 +81,7 @@ class Predictor:
         switched = precision is None and served != card_default
         precision = (precision or served).lower()
         if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, not {precision!r}")
+            raise UsageError(f"precision must be one of {sorted(PRECISIONS)}, not {precision!r}")
         if not (bundle / TRUST).is_file():
             raise BundleError(f"model bundle {bundle} has no {TRUST}")
         model = OnnxModel(bundle / PRECISIONS[precision], threads)
