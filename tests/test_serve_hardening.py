@@ -21,7 +21,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from _server import BackgroundServer
-from dermlens.cli.serve import app as serve_app
+from dermlens.cli.main import app as cli_app
 from dermlens.preprocess import ImageDecodeError, load_rgb, probe
 from dermlens.serve.api import create_app
 from dermlens.serve.batching import DynamicBatcher, QueueFull
@@ -275,7 +275,7 @@ def test_host_and_origin_checks(predictor, tmp_path, images):
 
 def test_serve_refuses_non_loopback_bind_without_token(monkeypatch):
     monkeypatch.delenv("DERMLENS_API_TOKEN", raising=False)
-    r = CliRunner().invoke(serve_app, ["--host", "0.0.0.0"])
+    r = CliRunner().invoke(cli_app, ["serve", "--host", "0.0.0.0"])
     assert r.exit_code == 2 and "refusing to serve on 0.0.0.0 without an API token" in r.output
     assert "Traceback" not in r.output
 
@@ -315,7 +315,7 @@ def test_unfinished_headers_and_idle_connections_are_closed(predictor, tmp_path)
 
 
 def test_serve_startup_errors_are_one_line(tmp_path):
-    r = CliRunner().invoke(serve_app, ["--model", str(tmp_path / "no_such_bundle")])
+    r = CliRunner().invoke(cli_app, ["serve", "--model", str(tmp_path / "no_such_bundle")])
     assert r.exit_code == 2 and r.output.strip().startswith("error: model: no model bundle at")
     assert len(r.output.strip().splitlines()) == 1
     # A PostgreSQL URL where the driver is not installed names the extra to install.
