@@ -39,6 +39,18 @@ WORKER = Path(__file__).with_name("_sklesion_worker.py")
 NO_ROUTE = "http://127.0.0.1:9"  # any download attempt by the peer fails instead of reaching the network
 SPLITS = ("isic2017", "isic2019_bcn", "ham10000")
 METRICS = ("balanced_accuracy", "melanoma_auc")
+# What each model saw in training, per split (dermlens: its card's lineage; the peer: its package text).
+SEEN = {
+    "isic2017": {
+        "dermlens": "the ISIC 2017 train split (other images of the same challenge)",
+        "peer": "nothing from ISIC 2017",
+    },
+    "isic2019_bcn": {"dermlens": "nothing from BCN_20000", "peer": "nothing from BCN_20000"},
+    "ham10000": {
+        "dermlens": "the other splits only (lesion-grouped, seed 42)",
+        "peer": "HAM10000 with its own split (unpublished): part of this test split likely in its training",
+    },
+}
 
 
 def ensure_peer_venv(venv: Path) -> Path:
@@ -78,6 +90,12 @@ def restrict(probs: np.ndarray, classes: tuple[str, ...]) -> np.ndarray:
     """HAM7 probabilities renormalised over a subset of classes (ISIC 2017: mel, bkl, nv)."""
     p = probs[:, [HAM_CLASSES.index(c) for c in classes]]
     return p / p.sum(axis=1, keepdims=True)
+
+
+def accuracy(probs: np.ndarray, diagnosis: list[str], classes: tuple[str, ...]) -> float:
+    """Share of images whose top class over `classes` is their diagnosis."""
+    truth = np.array([classes.index(d) for d in diagnosis])
+    return float((restrict(probs, classes).argmax(axis=1) == truth).mean())
 
 
 def model_metrics(probs: np.ndarray, truth: np.ndarray, classes: tuple[str, ...], w: np.ndarray) -> dict:
@@ -163,17 +181,29 @@ def peer_probs(rows: pd.DataFrame, python: Path, cache: Path) -> dict:
 
 
 def peer_versions(python: Path) -> dict:
-    """Installed versions in the peer venv (sklesion, TensorFlow, Keras) and the wheel's model file hash."""
+    """Installed versions in the peer venv (sklesion, TensorFlow, Keras), the test figures its package reports
+    for itself (cr_test.pkl, HAM10000) and the hash of the wheel's model file."""
     code = (
-        "import importlib.metadata as m, json, sklesion, os;"
-        "p=os.path.join(os.path.dirname(sklesion.__file__),'model.keras');"
-        "print(json.dumps({k: m.version(k) for k in ('sklesion','tensorflow-cpu','keras')} | {'model': p}))"
+        "import importlib.metadata as m, json, sklesion, os, pickle;"
+        "d=os.path.dirname(sklesion.__file__); r=pickle.load(open(os.path.join(d,'cr_test.pkl'),'rb'));"
+        "own={'n_images': r['support']['accuracy'], 'accuracy': r['f1-score']['accuracy'],"
+        "'balanced_accuracy': r['recall']['macro avg']};"
+        "v={k: m.version(k) for k in ('sklesion','tensorflow-cpu','keras')};"
+        "print(json.dumps(v | {'own_reported_test': own, 'model': os.path.join(d,'model.keras')}))"
     )
     out = json.loads(
         subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=True).stdout
     )
     out["model_keras_sha256"] = hashlib.sha256(Path(out.pop("model")).read_bytes()).hexdigest()
     return out
+
+
+def split_record(prepared: Path) -> dict:
+    """How a prepared manifest was split (method, seed, fractions), from its splits.json."""
+    rec = json.loads((prepared / "splits.json").read_text())
+    return {k: rec.get(k) for k in ("method", "seed", "fractions", "manifest_hash")} | {
+        "rows": "test split, lesion_id BCN_*, scc left out (neither model has the class)"
+    }
 
 
 def run_split(name: str, args, lens, python: Path) -> dict:
@@ -196,6 +226,11 @@ def run_split(name: str, args, lens, python: Path) -> dict:
         args.n_bootstrap,
     )
     out["classes"] = list(classes)
+    out["seen_in_training"] = SEEN[name]
+    out["accuracy"] = {
+        "dermlens": accuracy(ours["probs"], rows["diagnosis"].tolist(), classes),
+        "peer": accuracy(peer["probs"], rows["diagnosis"].tolist(), classes),
+    }
     out["seconds_per_image"] = {
         "dermlens": ours["seconds"] / len(rows),
         "peer": peer["seconds"] / len(rows),
@@ -244,6 +279,7 @@ def main() -> None:
         "cpu": cpu_name(),
         "machine": machine(),
         "limit": args.limit,
+        "isic2019_split": split_record(args.work / "isic2019"),
         "splits": {name: run_split(name, args, lens, python) for name in SPLITS},
     }
     print_table(results)
