@@ -124,13 +124,12 @@ class CacheDataset(Dataset):
         return len(self.split)
 
     def __getitem__(self, i: int):
-        img = np.asarray(self.images[self.split.rows[i]])
-        img = self.transform(image=img)["image"]
+        img = self.transform(to_chw(np.asarray(self.images[self.split.rows[i]])))
         meta = self.split.meta[i]
         if any(self.meta_drop):
             meta = drop_metadata(meta, *self.meta_drop, np.random)  # seeded per worker by Lightning
         return (
-            to_chw(img),
+            img,
             torch.from_numpy(np.ascontiguousarray(meta)),
             int(self.split.fine[i]),
             int(self.split.coarse[i]),
