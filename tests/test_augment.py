@@ -177,6 +177,9 @@ def test_remove_field_crops_the_inscribed_rectangle(pair):
     assert float(m.sum()) > float(mask.sum())  # the lesion now fills more of the frame
     same, same_mask = op(image, mask)  # no border: unchanged
     assert torch.equal(same, image) and torch.equal(same_mask, mask)
+    blotched = image.clone()
+    blotched[:, 50:100, 70:130] = 0  # a dark lesion, 10% of the image, with bright corners: no field
+    assert torch.equal(op(blotched), blotched)
 
 
 def test_zoom_in_enlarges_a_window(pair):
@@ -229,3 +232,29 @@ def test_shipped_recipe_has_no_robustness_ops():
     inner = [op.transforms[0] if isinstance(op, v2.RandomApply) else op for op in ops]
     new = (RandomDownUp, RandomVignette, RemoveField, RandomZoom, RandomJpeg)
     assert not any(isinstance(op, new) for op in inner)
+
+
+def test_training_batches_with_every_op_on(tiny_dir):
+    from dermlens.train.config import load_config
+    from dermlens.train.datamodule import DermDataModule
+
+    ops = ["downsample", "jpeg", "vignette", "unvignette", "zoom", "blur", "coarse_dropout"]
+    cfg = load_config(
+        None,
+        [f"data.dir={tiny_dir}", "preprocess.height=64", "preprocess.width=80", "data.batch_size=8"]
+        + [f"augment.{op}=1.0" for op in ops],
+    )
+    torch.manual_seed(9)
+    image, meta, fine, _ = next(iter(DermDataModule(cfg).train_dataloader()))
+    assert image.shape == (8, 3, 64, 80) and image.dtype == torch.uint8 and len(fine) == len(meta) == 8
+
+
+def test_bad_augment_setting_is_a_one_line_error(tiny_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from dermlens.cli.main import app
+
+    args = [f"data.dir={tiny_dir}", f"trainer.run_dir={tmp_path}", "preprocess.height=64"]
+    args += ["preprocess.width=80"]
+    r = CliRunner().invoke(app, ["train", *args, "augment.zoom=0.5", "augment.zoom_range=[0.3, 1.0]"])
+    assert r.exit_code == 2 and "augment: zoom range" in r.output and "Traceback" not in r.output

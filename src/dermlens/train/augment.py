@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from torchvision.transforms import v2
 
+from dermlens.errors import ConfigError
 from dermlens.preprocess import Preprocessing
 from dermlens.train.transforms import (
     RandomDownUp,
@@ -65,8 +66,13 @@ def photometric_ops(cfg: dict) -> list:
 
 
 def train_transform(prep: Preprocessing, cfg: dict) -> v2.Compose:
-    """Training augmentation: uint8 3xHxW tensor in, uint8 3x(height)x(width) tensor out."""
-    return v2.Compose([op for op in geometry_ops(prep, cfg) + photometric_ops(cfg) if op is not None])
+    """Training augmentation: uint8 3xHxW tensor in, uint8 3x(height)x(width) tensor out. An out-of-range
+    setting is a one-line ConfigError."""
+    try:
+        ops = geometry_ops(prep, cfg) + photometric_ops(cfg)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"augment: {e}") from None
+    return v2.Compose([op for op in ops if op is not None])
 
 
 def eval_transform(prep: Preprocessing) -> v2.Compose:

@@ -147,6 +147,7 @@ class DermDataModule(L.LightningDataModule):
         df, self.images = read_prepared(Path(self.dcfg["dir"]).expanduser(), self.prep)
         df = fold_split(df, self.dcfg.get("val_fold"), str(self.dcfg.get("fold_pool") or "train+val"))
         self.classes = label_space(set(df["diagnosis"].astype(str)))
+        self.train_tf = train_transform(self.prep, cfg.get("augment", {}))  # bad settings fail here, early
         seed = int(cfg.get("seed", 42))
         df = label_subset(df, self.dcfg.get("label_fraction"), seed)
         self.train = SplitData(df, "train", self.classes, self.dcfg.get("limit_train"), seed)
@@ -202,7 +203,7 @@ class DermDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         aug = self.cfg.get("augment", {})
-        tf, drop = train_transform(self.prep, aug), (aug.get("meta_drop_field"), aug.get("meta_drop_all"))
+        tf, drop = self.train_tf, (aug.get("meta_drop_field"), aug.get("meta_drop_all"))
         parts = [(self.images, self.train), *self.extra]
         ds = ConcatDataset([CacheDataset(images, part, tf, drop) for images, part in parts])
         rank, world = self._dist()

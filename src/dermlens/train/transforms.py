@@ -111,11 +111,13 @@ class RandomVignette(Transform):
 
 
 def field_circle(image: torch.Tensor, dark: int = 24) -> tuple[float, float, float] | None:
-    """(cy, cx, r) of the bright dermoscope field inside a dark border, or None if the border is < 3%."""
+    """(cy, cx, r) of the bright dermoscope field inside a dark border, or None: a field needs all four
+    corners dark and at least 3% of the image outside it (a dark lesion alone is no field)."""
     lum = image.float().mean(dim=0)
+    corners = (lum[:3, :3], lum[:3, -3:], lum[-3:, :3], lum[-3:, -3:])
     bright = lum > dark
     share = float(bright.float().mean())
-    if share > 0.97 or share < 0.1:
+    if any(float(c.mean()) > dark for c in corners) or not 0.1 <= share <= 0.97:
         return None
     ys, xs = torch.nonzero(bright, as_tuple=True)
     return float(ys.float().mean()), float(xs.float().mean()), math.sqrt(float(bright.sum()) / math.pi)
