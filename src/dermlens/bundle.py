@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator
@@ -116,6 +116,7 @@ class _Preprocessing(BaseModel):
     mean: tuple[float, float, float]
     std: tuple[PositiveFloat, PositiveFloat, PositiveFloat]
     color_constancy: str | None = None
+    fit: Literal["squash", "crop", "pad", "pad_mean"] | None = None
 
     @field_validator("resample")
     @classmethod

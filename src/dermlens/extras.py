@@ -22,7 +22,7 @@ EXTRAS: dict[str, str] = {
     "timm": "train",
     "lightning": "train",
     "torchmetrics": "train",
-    "albumentations": "train",
+    "torchvision": "train",
     "tensorboard": "train",
     "onnx": "train",
     "optuna": "train",

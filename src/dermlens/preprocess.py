@@ -23,6 +23,10 @@ from dermlens.errors import ImageDecodeError  # noqa: F401 (re-exported)
 # The decoder's pixel limit when none is given: the upload limit of configs/serve.yaml (one source).
 DEFAULT_MAX_PIXELS: int = int(configuration.packaged("serve")["limits"]["max_pixels"])
 COLOR_CONSTANCY: tuple[str, ...] = ("none", "shades_of_gray")
+# How an image of another aspect ratio meets the model's (height, width): squash (resize, aspect lost; what
+# cards without the key mean), crop (centre crop to the model aspect), pad (letterbox by reflection) or
+# pad_mean (letterbox with the image's mean colour).
+FITS: tuple[str, ...] = ("squash", "crop", "pad", "pad_mean")
 
 
 @dataclass(frozen=True)
@@ -48,14 +52,19 @@ class Preprocessing:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     color_constancy: str = "none"  # none | shades_of_gray (Finlayson & Trezzi 2004, p = 6)
+    fit: str = "squash"  # squash | crop | pad | pad_mean (see FITS)
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocessing:
+        """From a card or config dict; a missing `fit` (cards written before it existed) means squash."""
         cc = str(d.get("color_constancy") or "none")
         if cc not in COLOR_CONSTANCY:
             raise ValueError(f"color_constancy {cc!r} is not one of {'|'.join(COLOR_CONSTANCY)}")
+        fit = str(d.get("fit") or "squash")
+        if fit not in FITS:
+            raise ValueError(f"fit {fit!r} is not one of {'|'.join(FITS)}")
         mean, std = tuple(d["mean"]), tuple(d["std"])
-        return cls(int(d["height"]), int(d["width"]), str(d["resample"]), mean, std, cc)
+        return cls(int(d["height"]), int(d["width"]), str(d["resample"]), mean, std, cc, fit)
 
     @classmethod
     def default(cls) -> Preprocessing:
@@ -75,13 +84,13 @@ class Preprocessing:
     def cache_name(self) -> str:
         """File name of the decoded-image cache built with this preprocessing."""
         tag = "" if self.color_constancy == "none" else f"_{self.color_constancy}"
-        return f"images_{self.height}x{self.width}{tag}.npy"
+        fit = "" if self.fit == "squash" else f"_{self.fit}"
+        return f"images_{self.height}x{self.width}{fit}{tag}.npy"
 
     def resize(self, rgb: np.ndarray) -> np.ndarray:
-        """HxWx3 uint8 -> the model's uint8 input: resized to (height, width), colour constancy applied."""
+        """HxWx3 uint8 -> the model's uint8 input: fitted to (height, width), colour constancy applied."""
         if rgb.shape[:2] != (self.height, self.width):
-            filt = getattr(Image.Resampling, self.resample.upper())
-            rgb = np.asarray(Image.fromarray(rgb).resize((self.width, self.height), filt))
+            rgb = fit_image(rgb, self.height, self.width, self.fit, self.resample)
         return shades_of_gray(rgb) if self.color_constancy == "shades_of_gray" else rgb
 
     def normalize(self, batch: np.ndarray) -> np.ndarray:
@@ -95,6 +104,50 @@ class Preprocessing:
     def __call__(self, rgb: np.ndarray) -> np.ndarray:
         """One decoded image -> 1x3xHxW float32."""
         return self.normalize(self.resize(rgb))
+
+
+def fit_image(
+    rgb: np.ndarray, height: int, width: int, fit: str = "squash", resample: str = "bilinear"
+) -> np.ndarray:
+    """HxWx3 uint8 -> (height, width) by `fit`: squash, crop (centre, model aspect) or pad (letterbox)."""
+    if fit == "crop":
+        rgb = centre_crop(rgb, width / height)
+    elif fit in ("pad", "pad_mean"):
+        h, w = rgb.shape[:2]
+        scale = min(height / h, width / w)
+        inner = _resized(rgb, max(1, round(h * scale)), max(1, round(w * scale)), resample)
+        return letterbox(inner, height, width, "reflect" if fit == "pad" else "mean")
+    return _resized(rgb, height, width, resample)
+
+
+def _resized(rgb: np.ndarray, height: int, width: int, resample: str) -> np.ndarray:
+    if rgb.shape[:2] == (height, width):
+        return rgb
+    filt = getattr(Image.Resampling, resample.upper())
+    return np.asarray(Image.fromarray(rgb).resize((width, height), filt))
+
+
+def centre_crop(rgb: np.ndarray, aspect: float) -> np.ndarray:
+    """The largest centred window of `rgb` whose width / height is `aspect`."""
+    h, w = rgb.shape[:2]
+    if w > h * aspect:
+        cw = max(1, round(h * aspect))
+        return rgb[:, (w - cw) // 2 : (w - cw) // 2 + cw]
+    ch = max(1, round(w / aspect))
+    return rgb[(h - ch) // 2 : (h - ch) // 2 + ch]
+
+
+def letterbox(rgb: np.ndarray, height: int, width: int, fill: str = "reflect") -> np.ndarray:
+    """Pad `rgb` (at most height x width) evenly to (height, width) by reflection or its mean colour."""
+    h, w = rgb.shape[:2]
+    top, left = (height - h) // 2, (width - w) // 2
+    pads = ((top, height - h - top), (left, width - w - left), (0, 0))
+    if fill == "mean":
+        out = np.empty((height, width, 3), np.uint8)
+        out[:] = np.round(rgb.reshape(-1, 3).mean(axis=0)).astype(np.uint8)
+        out[top : top + h, left : left + w] = rgb
+        return out
+    return np.pad(rgb, pads, mode="reflect" if min(h, w) > 1 else "edge")
 
 
 def shades_of_gray(rgb: np.ndarray, power: float = 6.0) -> np.ndarray:

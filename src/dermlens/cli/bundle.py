@@ -47,7 +47,8 @@ def info(bundle: BundleArg = None) -> None:
         f"{card['name']} {card['version']} ({card['architecture']}; card schema {card['schema_version']})"
     )
     typer.echo(
-        f"input {p['height']}x{p['width']}, colour constancy {p.get('color_constancy', 'none')}, "
+        f"input {p['height']}x{p['width']} ({p.get('fit') or 'squash'}), "
+        f"colour constancy {p.get('color_constancy', 'none')}, "
         f"metadata {'used' if card['uses_metadata'] else 'not used'}; classes {', '.join(card['classes'])}"
     )
     for entry in card.get("lineage", {}).get("evaluated_on", []) + card.get("lineage", {}).get(

@@ -272,6 +272,10 @@ def cache_cmd(
         str | None,
         typer.Option(metavar="none|shades_of_gray", help="Colour constancy applied after resizing."),
     ] = None,
+    fit: Annotated[
+        str | None,
+        typer.Option(metavar="squash|crop|pad|pad_mean", help="How another aspect ratio meets the model's."),
+    ] = None,
     workers: Annotated[
         int | None, typer.Option(help="Decode processes. Default from configs/data.yaml.")
     ] = None,
@@ -284,7 +288,7 @@ def cache_cmd(
     manifest = dir / "manifest.csv"
     if not manifest.is_file():
         raise _fail(f"no manifest at {manifest}: run `dermlens data prepare` first", EXIT_USAGE)
-    over = {"height": height, "width": width, "color_constancy": color_constancy}
+    over = {"height": height, "width": width, "color_constancy": color_constancy, "fit": fit}
     try:
         prep = Preprocessing.from_dict(
             {**Preprocessing.default().to_dict(), **{k: v for k, v in over.items() if v is not None}}

@@ -41,8 +41,10 @@ def cache_is_current(out_dir: str | Path, df: pd.DataFrame, prep: Preprocessing)
     if not (path.is_file() and meta.is_file()):
         return False
     try:
-        return json.loads(meta.read_text()) == _fingerprint(df, prep)
-    except (OSError, ValueError):
+        stored = json.loads(meta.read_text())
+        stored["preprocessing"] = Preprocessing.from_dict(stored["preprocessing"]).to_dict()
+        return stored == _fingerprint(df, prep)
+    except (OSError, ValueError, KeyError, TypeError):
         return False
 
 

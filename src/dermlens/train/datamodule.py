@@ -124,13 +124,12 @@ class CacheDataset(Dataset):
         return len(self.split)
 
     def __getitem__(self, i: int):
-        img = np.asarray(self.images[self.split.rows[i]])
-        img = self.transform(image=img)["image"]
+        img = self.transform(to_chw(np.asarray(self.images[self.split.rows[i]])))
         meta = self.split.meta[i]
         if any(self.meta_drop):
             meta = drop_metadata(meta, *self.meta_drop, np.random)  # seeded per worker by Lightning
         return (
-            to_chw(img),
+            img,
             torch.from_numpy(np.ascontiguousarray(meta)),
             int(self.split.fine[i]),
             int(self.split.coarse[i]),
@@ -148,6 +147,7 @@ class DermDataModule(L.LightningDataModule):
         df, self.images = read_prepared(Path(self.dcfg["dir"]).expanduser(), self.prep)
         df = fold_split(df, self.dcfg.get("val_fold"), str(self.dcfg.get("fold_pool") or "train+val"))
         self.classes = label_space(set(df["diagnosis"].astype(str)))
+        self.train_tf = train_transform(self.prep, cfg.get("augment", {}))  # bad settings fail here, early
         seed = int(cfg.get("seed", 42))
         df = label_subset(df, self.dcfg.get("label_fraction"), seed)
         self.train = SplitData(df, "train", self.classes, self.dcfg.get("limit_train"), seed)
@@ -203,7 +203,7 @@ class DermDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         aug = self.cfg.get("augment", {})
-        tf, drop = train_transform(self.prep, aug), (aug.get("meta_drop_field"), aug.get("meta_drop_all"))
+        tf, drop = self.train_tf, (aug.get("meta_drop_field"), aug.get("meta_drop_all"))
         parts = [(self.images, self.train), *self.extra]
         ds = ConcatDataset([CacheDataset(images, part, tf, drop) for images, part in parts])
         rank, world = self._dist()
