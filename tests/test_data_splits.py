@@ -64,6 +64,7 @@ def test_kfold_on_train_val(ham_manifest):
     assert max(sp.max_deviation(tv["diagnosis"], tv["fold"]).values()) <= 0.02
 
 
+@pytest.mark.slow
 def test_split_is_seeded_and_deterministic(ham_manifest):
     df = ham_manifest.drop(columns=["split", "fold"])
     fractions = {"train": 0.7, "val": 0.15, "test": 0.15}

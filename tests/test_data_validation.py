@@ -161,6 +161,7 @@ def test_user_errors_exit_2_with_one_line(tmp_path):
         assert result.output.strip().count("\n") == 0
 
 
+@pytest.mark.slow
 def test_real_entry_point_no_traceback(tmp_path, data_root):
     """The installed command: missing CSV -> exit 2; ISIC 2019 without images -> exit 1, or CSV-only."""
     exe = Path(sys.executable).parent / "dermlens"

@@ -135,6 +135,7 @@ def test_jpeg_lossless_is_refused_in_one_line(tmp_path: Path) -> None:
     assert "SC_rgb_jpeg_gdcm.dcm: JPEG Lossless" in res.output
 
 
+@pytest.mark.slow
 def test_predict_dicom_equals_jpeg_with_tag_metadata_and_writes_sr(
     dicom_dir: Path, ham_rows: pd.DataFrame, tmp_path: Path
 ) -> None:

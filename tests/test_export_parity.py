@@ -65,6 +65,7 @@ def test_same_pad_conv_matches_timm(size: tuple[int, int]) -> None:
         torch.testing.assert_close(SamePadConv(conv)(x), conv(x), rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_fp32_parity_with_pytorch(reexported, val_split) -> None:
     loaded, onnx = reexported
     imgs, meta = val_split["images"][:48], val_split["meta"][:48]
@@ -78,6 +79,7 @@ def test_fp32_parity_with_pytorch(reexported, val_split) -> None:
     np.testing.assert_allclose(single["fine_logits"], got["fine_logits"][:1], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_dynamic_height_width(reexported, val_split) -> None:
     """Another input size (odd dimensions change TF 'same' padding) still matches PyTorch."""
     loaded, onnx = reexported

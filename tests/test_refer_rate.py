@@ -61,6 +61,7 @@ def test_operating_point_is_written_into_the_bundle(op_bundle: Path) -> None:
     assert val_refer_rate(state) == pytest.approx(0.14, abs=0.01)
 
 
+@pytest.mark.slow
 def test_requested_rate_refers_about_that_share_of_val(ham_prepared: Path) -> None:
     run = Runner(release_dir(), threads=1)
     val = score_split(run, ham_prepared, "val", tuple(run.card.classes), False, limit=240)

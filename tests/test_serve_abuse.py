@@ -314,6 +314,7 @@ def _open_together(urls: list[str]) -> list[subprocess.CompletedProcess]:
     return [subprocess.CompletedProcess(p.args, p.wait(60), *p.communicate()) for p in procs]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
 def test_servers_starting_together_upgrade_one_at_a_time(backend, tmp_path):
     if backend == "sqlite":

@@ -117,6 +117,7 @@ def test_distributed_weighted_sampler_splits_one_draw() -> None:
     assert 0.3 < share < 0.7  # inverse frequency: both classes drawn about equally
 
 
+@pytest.mark.slow
 def test_short_run_lowers_loss_and_writes_run_folder(tiny_dir: Path, tmp_path: Path) -> None:
     from dermlens.train.engine import train
 
@@ -141,6 +142,7 @@ def test_short_run_lowers_loss_and_writes_run_folder(tiny_dir: Path, tmp_path: P
     assert 0.0 <= metrics["bal_acc"] <= 1.0 and set(metrics["per_class_recall"]) == set(out["classes"])
 
 
+@pytest.mark.slow
 def test_resume_restores_model_optimizer_and_epoch(tiny_dir: Path, tmp_path: Path) -> None:
     from dermlens.train.engine import train
 

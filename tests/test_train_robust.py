@@ -102,6 +102,7 @@ def test_external_holdout_and_extra_sources(tiny_dir: Path, tmp_path: Path) -> N
     assert len(dm.val_dataloader()) == 2
 
 
+@pytest.mark.slow
 def test_run_with_dropout_and_external_val_logs_and_says_why(tiny_dir: Path, tmp_path: Path, capsys) -> None:
     from dermlens.train.engine import train
 
@@ -134,6 +135,7 @@ def test_run_with_dropout_and_external_val_logs_and_says_why(tiny_dir: Path, tmp
     assert metrics["precision"] in ("bf16-mixed", "32-true")
 
 
+@pytest.mark.slow
 def test_finished_run_is_not_retrained(tiny_dir: Path, tmp_path: Path, capsys) -> None:
     from dermlens.train.engine import FINISHED, train
 

@@ -49,6 +49,7 @@ def test_fit_temperature_recovers_known_temperature() -> None:
     assert abs(fit_temperature(logits, labels) - 2.5) < 0.25
 
 
+@pytest.mark.slow
 def test_temperature_lowers_nll_and_ece_on_real_logits(real_logits: dict[str, np.ndarray]) -> None:
     fit, fy, ev, ey = real_logits["fit"], real_logits["fit_y"], real_logits["eval"], real_logits["eval_y"]
     t = fit_temperature(fit, fy)
@@ -70,6 +71,7 @@ def test_tta_temperature_calibrates_view_averages(real_logits: dict[str, np.ndar
     assert np.allclose(state.tta_probs(views), mean_softmax(views, t))
 
 
+@pytest.mark.slow
 def test_fit_trust_state_round_trip_and_card(real_logits: dict[str, np.ndarray], tmp_path) -> None:
     fine, y = real_logits["fit"], real_logits["fit_y"]
     coarse_y = coarse_from_fine(y, 7)
