@@ -150,3 +150,10 @@ def test_refer_words() -> None:
     assert refer_words(0.2) == "refers about 1 in 5 images like these"
     assert refer_words(0.14) == "refers about 1 in 7 images like these"
     assert refer_words(None) is None
+
+
+def test_the_packaged_card_has_one_refer_figure() -> None:
+    """metrics.trust.refer is the packaged operating point; no other refer figure is left in the card."""
+    trust = read_card(release_dir()).to_dict()["metrics"]["trust"]
+    assert trust["refer"]["accept_rate"] == pytest.approx(TrustState.load(release_dir() / TRUST).accept_rate)
+    assert "operating_point" not in trust and "refer" not in trust.get("shift", {})

@@ -66,7 +66,7 @@ def write_operating_point(
         "val": summary,
         "val_sweep": sweep(state, val, [round(a, 2) for a in np.arange(0.80, 0.951, 0.01)]),
     }
-    state.info = {**state.info, "operating_point": {k: v for k, v in report.items() if k != "val_sweep"}}
+    state.info = one_refer_figure(state.info, {k: v for k, v in report.items() if k != "val_sweep"})
     save_into_bundle(bundle, state)
     log(f"wrote {bundle / TRUST} and card.json: min_confidence {state.min_confidence:.4f}")
     return report
@@ -102,4 +102,12 @@ def measure_point(
     }
 
 
-__all__ = ["measure_point", "score_split", "write_operating_point"]
+def one_refer_figure(info: dict[str, Any], point: dict[str, Any]) -> dict[str, Any]:
+    """The card's trust record with the operating point as its one refer figure (`metrics.trust.refer`)."""
+    kept = {k: v for k, v in info.items() if k not in ("refer", "operating_point")}
+    if isinstance(kept.get("shift"), dict):
+        kept["shift"] = {k: v for k, v in kept["shift"].items() if k != "refer"}
+    return {**kept, "refer": {"rule": f"accept_rate {point['accept_rate']}", **point}}
+
+
+__all__ = ["measure_point", "one_refer_figure", "score_split", "write_operating_point"]
