@@ -313,26 +313,12 @@ def holdout_cmd(
     The rows training held out of `dir`'s train split become the only `train` rows of OUT (every other row's
     split is set to `-`), so trust fitting or evaluation can use exactly the images the model never saw.
     """
-    import shutil
-
-    from dermlens.data.manifest import read_manifest, write_manifest
-    from dermlens.data.splits import holdout_rows
+    from dermlens.data.splits import materialise_holdout
 
     if not (dir / "manifest.csv").is_file():
         raise _fail(f"no manifest at {dir / 'manifest.csv'}: run `dermlens data prepare` first", EXIT_USAGE)
-    df = read_manifest(dir)
-    held = holdout_rows(df, fraction, seed)
-    df["split"] = "-"
-    df.loc[held, "split"] = "train"
-    out.mkdir(parents=True, exist_ok=True)
-    write_manifest(df, out)
-    shutil.copy(dir / "splits.json", out / "splits.json")
-    (out / "cache").mkdir(exist_ok=True)
-    for cache in (dir / "cache").glob("images_*"):
-        target = out / "cache" / cache.name
-        if not target.exists():
-            target.symlink_to(cache.resolve())
-    typer.echo(f"{len(held)} held-out rows of {dir} are the train split of {out} (caches linked)")
+    held = materialise_holdout(dir, out, fraction, seed)
+    typer.echo(f"{held} held-out rows of {dir} are the train split of {out} (caches linked)")
 
 
 @app.command("to-dicom")

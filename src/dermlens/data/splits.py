@@ -234,3 +234,25 @@ def write_splits_json(out_dir: str | Path, record: dict) -> Path:
     path = Path(out_dir) / SPLITS_NAME
     path.write_text(json.dumps(record, indent=2, sort_keys=False) + "\n")
     return path
+
+
+def materialise_holdout(source: str | Path, out: str | Path, fraction: float = 0.25, seed: int = 42) -> int:
+    """The rows training held out of `source`'s train split (data.external_val) as the only `train` rows of
+    a new prepared folder OUT (every other row's split is `-`), caches linked; returns how many rows."""
+    import shutil
+
+    from dermlens.data.manifest import read_manifest, write_manifest
+
+    source, out = Path(source), Path(out)
+    df = read_manifest(source)
+    held = holdout_rows(df, fraction, seed)
+    df["split"] = "-"
+    df.loc[held, "split"] = "train"
+    out.mkdir(parents=True, exist_ok=True)
+    write_manifest(df, out)
+    shutil.copy(source / "splits.json", out / "splits.json")
+    (out / "cache").mkdir(exist_ok=True)
+    for cache in (source / "cache").glob("images_*"):
+        if not (out / "cache" / cache.name).exists():
+            (out / "cache" / cache.name).symlink_to(cache.resolve())
+    return int(len(held))

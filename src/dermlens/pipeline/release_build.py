@@ -19,7 +19,7 @@ from typing import Any
 from dermlens import config as configuration
 from dermlens.pipeline.bundle import build_bundle
 from dermlens.pipeline.ensemble_bundle import build_ensemble
-from dermlens.pipeline.release_data import evaluate_tests, materialise_holdout, prepare_sources, ship
+from dermlens.pipeline.release_data import evaluate_tests, holdout, prepare_sources, ship
 from dermlens.settings import cpu_name
 from dermlens.train.config import ConfigError
 from dermlens.train.members import (
@@ -100,7 +100,7 @@ def build_release(recipe: dict[str, Any], log: Log = print) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     data = prepare_sources(list(recipe.get("data") or []), log)
     if hold := recipe.get("holdout"):
-        data.append(materialise_holdout(hold["from"], hold["out"], hold["fraction"], hold["seed"], log))
+        data.append(holdout(hold["from"], hold["out"], hold["fraction"], hold["seed"], log))
     ens = recipe["ensemble"]
     log("stage members: training (each resumes from last.ckpt; finished members are skipped)")
     members = train_members(ens, log)

@@ -47,27 +47,14 @@ def build_model_cache(folder: Path, size: dict[str, Any], log: Log) -> None:
     build_cache(read_manifest(folder), folder, prep)
 
 
-def materialise_holdout(source: str | Path, out: str | Path, fraction: float, seed: int, log: Log) -> str:
-    """The external hold-out that training keeps aside, as its own prepared folder (its `train` rows)."""
-    from dermlens.data.manifest import read_manifest, write_manifest
-    from dermlens.data.splits import holdout_rows
+def holdout(source: str | Path, out: str | Path, fraction: float, seed: int, log: Log) -> str:
+    """The external hold-out that training keeps aside, as its own prepared folder (skipped when there)."""
+    from dermlens.data.splits import materialise_holdout
 
-    source, out = Path(source), Path(out)
-    if (out / "manifest.csv").is_file():
+    if (Path(out) / "manifest.csv").is_file():
         log(f"hold-out {out}: materialised earlier, skipped")
-        return str(out)
-    df = read_manifest(source)
-    held = holdout_rows(df, fraction, seed)
-    df["split"] = "-"
-    df.loc[held, "split"] = "train"
-    out.mkdir(parents=True, exist_ok=True)
-    write_manifest(df, out)
-    shutil.copy(source / "splits.json", out / "splits.json")
-    (out / "cache").mkdir(exist_ok=True)
-    for cache in (source / "cache").glob("images_*"):
-        if not (out / "cache" / cache.name).exists():
-            (out / "cache" / cache.name).symlink_to(cache.resolve())
-    log(f"hold-out {out}: {len(held)} rows of {source}")
+    else:
+        log(f"hold-out {out}: {materialise_holdout(source, out, fraction, seed)} rows of {source}")
     return str(out)
 
 
