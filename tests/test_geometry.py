@@ -68,7 +68,9 @@ def test_unknown_fit_is_refused(predictor, tmp_path):
     with pytest.raises(ValueError, match="fit 'zoom' is not one of squash"):
         Preprocessing.from_dict({**PREP.to_dict(), "fit": "zoom"})
     card = json.loads((predictor.bundle_dir / "card.json").read_text())
-    assert "fit" not in card["preprocessing"] and predictor.prep.fit == "squash"  # the shipped card
+    assert card["preprocessing"].get("fit", "squash") == "squash" == predictor.prep.fit  # the shipped card
+    old = {k: v for k, v in card["preprocessing"].items() if k != "fit"}
+    assert Preprocessing.from_dict(old).fit == "squash"  # a card written before the key existed
     card["preprocessing"]["fit"] = "zoom"
     (tmp_path / "card.json").write_text(json.dumps(card))
     with pytest.raises(BundleError, match="fit"):

@@ -302,10 +302,10 @@ def refit_bundle(
             for k in ("ood", "not_dermoscopy", "low_confidence", "set_too_large", "refer")
         },
     }
-    state.info = {**state.info, "refer": refer, "shift": report}
+    state.info = {**state.info, "refer": refer, "shift": report}  # the card's one refer figure: "refer"
     save_into_bundle(bundle, state)
     log(f"wrote {bundle / TRUST} and card.json")
-    return report
+    return {**report, "refer": refer}
 
 
 def save_into_bundle(bundle: Path, state: TrustState) -> None:
