@@ -22,11 +22,8 @@ from dermlens.pipeline.ensemble_bundle import build_ensemble
 from dermlens.pipeline.release_data import evaluate_tests, holdout, prepare_sources, ship
 from dermlens.settings import cpu_name
 from dermlens.train.config import ConfigError
-from dermlens.train.members import (
-    config_hash,
-    finished,
-    train_members,
-)
+from dermlens.train.members import train_members
+from dermlens.train.runs import config_hash, finished
 
 Log = Callable[[str], None]
 

@@ -170,7 +170,7 @@ def student_config(dcfg: dict[str, Any], extra: list[str] | None = None) -> dict
 def distill(dcfg: dict[str, Any], extra: list[str] | None = None, log: Log = print) -> dict[str, Any]:
     """Teacher logits (once) -> student training (resumable; skipped when finished); returns its summary."""
     from dermlens.train.engine import run_dir_for
-    from dermlens.train.members import train_run
+    from dermlens.train.runs import train_run
 
     if not dcfg.get("teacher"):
         raise DistillError("no teacher bundle: pass --teacher BUNDLE_DIR (e.g. an ensemble bundle)")

@@ -24,7 +24,7 @@ from dermlens import config as configuration
 from dermlens.extras import require
 from dermlens.settings import cpu_name
 from dermlens.train.config import ConfigError, apply_override, load_config
-from dermlens.train.members import finished, train_run
+from dermlens.train.runs import finished, train_run
 
 Log = Callable[[str], None]
 MONITOR = "val/bal_acc"
