@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from dermlens.data.manifest import DataError, data_config
-from dermlens.data.readers import _require_file, build_frame, index_images, read_csv_file, require_dir
+from dermlens.data.readers import require_file, build_frame, index_images, read_csv_file, require_dir
 
 PAD_CSV = "metadata.csv"
 PAD_IMAGE_DIRS = ("images", ".")
@@ -17,7 +17,7 @@ def read_pad_ufes20(root: str | Path, image_dir: str | Path | None = None) -> pd
     """PAD-UFES-20 smartphone photos: metadata.csv rows whose photo is in images/ (others are left out,
     with a note in `df.attrs["note"]`); patient_id and the Fitzpatrick skin type kept as columns."""
     root = require_dir(root)
-    meta = read_csv_file(_require_file(root, PAD_CSV))
+    meta = read_csv_file(require_file(root, PAD_CSV))
     need = {"patient_id", "lesion_id", "diagnostic", "img_id"} - set(meta.columns)
     if need:
         raise DataError(f"{PAD_CSV} lacks columns {sorted(need)}")

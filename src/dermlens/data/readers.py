@@ -47,7 +47,7 @@ def require_dir(root: str | Path) -> Path:
     return root
 
 
-def _require_file(root: Path, name: str) -> Path:
+def require_file(root: Path, name: str) -> Path:
     path = root / name
     if not path.is_file():
         raise DataError(f"{name} not found in {root}")
@@ -149,7 +149,7 @@ def build_frame(
 def read_ham10000(root: str | Path, image_dir: str | Path | None = None) -> pd.DataFrame:
     """HAM10000: metadata CSV + images in images/, one folder, or _part_1/_part_2; masks if present."""
     root = require_dir(root)
-    meta = read_csv_file(_require_file(root, HAM_CSV))
+    meta = read_csv_file(require_file(root, HAM_CSV))
     need = {"lesion_id", "image_id", "dx"} - set(meta.columns)
     if need:
         raise DataError(f"{HAM_CSV} lacks columns {sorted(need)}")
@@ -182,7 +182,7 @@ def read_isic2019(root: str | Path, image_dir: str | Path | None = None) -> pd.D
     note in `df.attrs["note"]`. Identical thumbnails (same sha256 in images_provenance.csv) share a group.
     """
     root = require_dir(root)
-    gt = read_csv_file(_require_file(root, ISIC2019_GT))
+    gt = read_csv_file(require_file(root, ISIC2019_GT))
     meta_path = root / ISIC2019_META
     meta = read_csv_file(meta_path) if meta_path.is_file() else pd.DataFrame({"image": gt["image"]})
     label_cols = [c for c in gt.columns if c != "image"]
@@ -238,7 +238,7 @@ def _isic2017_label(mel: object, sk: object) -> str:
 def read_isic2017(root: str | Path, image_dir: str | Path | None = None) -> pd.DataFrame:
     """ISIC 2017 Part 3: ISIC-2017_labels.csv (melanoma / seborrheic_keratosis flags, own split) + images."""
     root = require_dir(root)
-    lab = read_csv_file(_require_file(root, ISIC2017_CSV))
+    lab = read_csv_file(require_file(root, ISIC2017_CSV))
     need = {"image_id", "melanoma", "seborrheic_keratosis"} - set(lab.columns)
     if need:
         raise DataError(f"{ISIC2017_CSV} lacks columns {sorted(need)}")
