@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from dermlens.data.manifest import DataError, data_config
-from dermlens.data.readers import require_file, build_frame, index_images, read_csv_file, require_dir
+from dermlens.data.readers import build_frame, index_images, read_csv_file, require_dir, require_file
 
 PAD_CSV = "metadata.csv"
 PAD_IMAGE_DIRS = ("images", ".")
