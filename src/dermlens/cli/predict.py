@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from dermlens.cli.options import ReferRate
 from dermlens.errors import UsageError
 
 
@@ -69,16 +70,7 @@ def predict(
         Path | None, typer.Option("--model", help="model bundle folder (default: packaged release)")
     ] = None,
     precision: Annotated[str | None, typer.Option(help="int8 | fp32 (default: the bundle's)")] = None,
-    refer_rate: Annotated[
-        float | None,
-        typer.Option(
-            "--refer-rate",
-            min=0.0,
-            max=1.0,
-            help="share of images to refer, e.g. 0.2, mapped on the bundle's validation quantiles "
-            "(default: the bundle's packaged operating point)",
-        ),
-    ] = None,
+    refer_rate: ReferRate = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="images per onnxruntime call")] = 32,
     workers: Annotated[int, typer.Option(min=0, help="image decode threads (0 = all cores)")] = 0,
     threads: Annotated[int, typer.Option(min=0, help="onnxruntime intra-op threads (0 = all cores)")] = 0,

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from dermlens.cli.options import ReferRate
 from dermlens.errors import ConfigError, DermlensError
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -36,15 +37,7 @@ def serve(
         Path | None, typer.Option(help="Model bundle folder (default: the release bundle)")
     ] = None,
     precision: Annotated[str | None, typer.Option(help="fp32 or int8")] = None,
-    refer_rate: Annotated[
-        float | None,
-        typer.Option(
-            "--refer-rate",
-            min=0.0,
-            max=1.0,
-            help="Share of images to refer, e.g. 0.2 (default from serve.yaml: the model's packaged point)",
-        ),
-    ] = None,
+    refer_rate: ReferRate = None,
     config: Annotated[Path | None, typer.Option(help="YAML file overriding configs/serve.yaml")] = None,
     records_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL for prediction records")] = None,
     allow_insecure_bind: Annotated[

@@ -220,6 +220,8 @@ Limit = Annotated[
     int | None, typer.Option("--limit", help="at most this many images per source and split (a quick check)")
 ]
 Config = Annotated[Path | None, typer.Option("--config", help="YAML overriding configs/trust.yaml")]
+MeasuredBundle = Annotated[Path | None, typer.Option("--bundle", help="model bundle (default: packaged)")]
+FiguresOut = Annotated[Path | None, typer.Option("--out", help="write the figures JSON here")]
 
 
 @app.command("fit-sources")
@@ -229,9 +231,9 @@ def fit_sources_cmd(
     out: Annotated[Path | None, typer.Option("--out", help="also write the fit report JSON here")] = None,
     threads: Threads = 0,
 ) -> None:
-    """Fit calibration, conformal thresholds and the refer threshold on the pooled val splits of every
-    dermoscopy source in configs/trust.yaml `sources`, and the not-dermoscopy head on real PAD-UFES-20
-    photos (train patients; threshold on val), into BUNDLE/trust.npz and card.json."""
+    """Fit calibration and conformal thresholds on the pooled val splits of every dermoscopy source in
+    configs/trust.yaml `sources`, and the not-dermoscopy head on real PAD-UFES-20 photos (train patients;
+    threshold on val), into BUNDLE/trust.npz and card.json; then run `trust operating-point`."""
     from dermlens.settings import cpu_name
     from dermlens.trust.outputs import trust_config
     from dermlens.trust.per_source import fit_sources
@@ -249,9 +251,9 @@ def fit_sources_cmd(
 
 @app.command("measure-not-dermoscopy")
 def measure_not_dermoscopy_cmd(
-    bundle: Annotated[Path | None, typer.Option("--bundle", help="model bundle (default: packaged)")] = None,
+    bundle: MeasuredBundle = None,
     config: Config = None,
-    out: Annotated[Path | None, typer.Option("--out", help="write the figures JSON here")] = None,
+    out: FiguresOut = None,
     limit: Limit = None,
     threads: Threads = 0,
 ) -> None:
@@ -275,9 +277,9 @@ def measure_not_dermoscopy_cmd(
 
 @app.command("measure-sources")
 def measure_sources_cmd(
-    bundle: Annotated[Path | None, typer.Option("--bundle", help="model bundle (default: packaged)")] = None,
+    bundle: MeasuredBundle = None,
     config: Config = None,
-    out: Annotated[Path | None, typer.Option("--out", help="write the figures JSON here")] = None,
+    out: FiguresOut = None,
     limit: Limit = None,
     threads: Threads = 0,
 ) -> None:

@@ -118,6 +118,16 @@ def _variants(run: Runner, data: Data, cfg: dict[str, Any]) -> dict[str, Any]:
     return info
 
 
+def _opened(bundle: str | Path, cfg: dict | None, threads: int | None) -> tuple[dict, Runner, TrustState]:
+    """The trust settings, the bundle's own ONNX runner and its trust state."""
+    return trust_settings(cfg), Runner(Path(bundle), threads), TrustState.load(Path(bundle) / TRUST)
+
+
+def _header(run: Runner) -> dict[str, Any]:
+    """What every measurement records: the bundle version, the precision served and the CPU."""
+    return {"bundle_version": run.card.version, "precision": run.precision, "cpu": cpu_name()}
+
+
 def measure_not_dermoscopy(
     bundle: str | Path,
     cfg: dict | None = None,
@@ -126,9 +136,7 @@ def measure_not_dermoscopy(
     limit: int | None = None,
 ) -> dict[str, Any]:
     """The not-dermoscopy figures of `bundle` (its shipped head) as a JSON-ready dict."""
-    cfg = trust_settings(cfg)
-    run = Runner(Path(bundle), threads)
-    state = TrustState.load(Path(bundle) / TRUST)
+    cfg, run, state = _opened(bundle, cfg, threads)
     head = _head(state)
     data = load_data(run, cfg, ("train", "val", "test"), log, limit)
     resamples = int(cfg["not_dermoscopy"]["ci_resamples"])
@@ -139,9 +147,7 @@ def measure_not_dermoscopy(
         for k, d in data.derm.items()
     }
     return {
-        "bundle_version": run.card.version,
-        "precision": run.precision,
-        "cpu": cpu_name(),
+        **_header(run),
         "threshold": head.threshold,
         "rule": head.rule,
         "val": _refusals(head, data, "val", resamples),
@@ -182,18 +188,14 @@ def measure_sources(
     limit: int | None = None,
 ) -> dict[str, Any]:
     """Per dermoscopy source: ECE and conformal coverage on its test split (and val, for reference)."""
-    cfg = trust_settings(cfg)
-    run = Runner(Path(bundle), threads)
-    state = TrustState.load(Path(bundle) / TRUST)
+    cfg, run, state = _opened(bundle, cfg, threads)
     if not state.conformal_thresholds:
         raise RefitError("this bundle has no conformal thresholds: run `dermlens trust fit-sources` first")
     classes = tuple(run.card.classes)
     data = load_data(run, cfg, ("val", "test"), log, limit)
     targets = {"coverage_min": 0.87, "ece_max": 0.05, "conformal_alpha": state.conformal_alpha}
     return {
-        "bundle_version": run.card.version,
-        "precision": run.precision,
-        "cpu": cpu_name(),
+        **_header(run),
         "calibration_method": state.calibration_method,
         "targets": targets,
         "fit": state.info.get("per_source", {}).get("fit_on"),
