@@ -110,6 +110,21 @@ def init_backbone(backbone: nn.Module, arch: str, init: str = "imagenet", packag
         except WeightsError as e:
             raise WeightsError(f"ImageNet weights {path.name} do not fit {arch}: {e}") from None
         return f"imagenet:{path.name} ({n} tensors)"
-    path = Path(init).expanduser()
-    n = load_by_name(backbone, _read_state(path))
-    return f"file:{path} ({n} tensors)"
+    where, _, member = init.partition("#")
+    path = Path(where).expanduser()
+    n = load_by_name(backbone, ensemble_member(_read_state(path), member, path))
+    return f"file:{init} ({n} tensors)"
+
+
+def ensemble_member(state: dict[str, torch.Tensor], member: str, path: Path) -> dict[str, torch.Tensor]:
+    """One member's weights of an ensemble's model.pt (`PATH#0`); any other state dict unchanged."""
+    members = sorted({k.split(".")[1] for k in state if k.startswith("members.")})
+    if not member:
+        if members:
+            raise WeightsError(f"{path} holds an ensemble: name a member, e.g. model.init={path}#0")
+        return state
+    if member not in members:
+        found = ", ".join(members) or "none"
+        raise WeightsError(f"{path} has no ensemble member {member!r} (members: {found})")
+    prefix = f"members.{member}."
+    return {k.removeprefix(prefix): v.float() for k, v in state.items() if k.startswith(prefix)}

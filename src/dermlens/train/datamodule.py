@@ -24,7 +24,7 @@ from dermlens.metadata import META_BLOCKS, META_DIM, encode_rows, mark_missing
 from dermlens.preprocess import Preprocessing
 from dermlens.train.augment import eval_transform, to_chw, train_transform
 from dermlens.train.folds import fold_split
-from dermlens.train.sampling import DistributedWeightedSampler, sample_weights
+from dermlens.train.sampling import DistributedWeightedSampler, sample_weights, source_weights
 
 
 def preprocessing_from(cfg: dict) -> Preprocessing:
@@ -136,6 +136,16 @@ class CacheDataset(Dataset):
         )
 
 
+def source_val_names(cfg: dict) -> list[str]:
+    """The names data.source_val sets are logged under: each folder's name (val_<name>/bal_acc)."""
+    return [Path(d).expanduser().name for d in cfg["data"].get("source_val") or []]
+
+
+def val_set_names(cfg: dict) -> list[str]:
+    """The validation loaders in order: val (data.dir), ext (data.external_val), then each source_val."""
+    return ["val", *(["ext"] if cfg["data"].get("external_val") else []), *source_val_names(cfg)]
+
+
 class DermDataModule(L.LightningDataModule):
     """Train/val loaders; the test split is never read here."""
 
@@ -146,7 +156,7 @@ class DermDataModule(L.LightningDataModule):
         self.prep = preprocessing_from(cfg)
         df, self.images = read_prepared(Path(self.dcfg["dir"]).expanduser(), self.prep)
         df = fold_split(df, self.dcfg.get("val_fold"), str(self.dcfg.get("fold_pool") or "train+val"))
-        self.classes = label_space(set(df["diagnosis"].astype(str)))
+        self.classes = label_space(set(df["diagnosis"].astype(str)) | self._other_diagnoses())
         self.train_tf = train_transform(self.prep, cfg.get("augment", {}))  # bad settings fail here, early
         seed = int(cfg.get("seed", 42))
         df = label_subset(df, self.dcfg.get("label_fraction"), seed)
@@ -162,21 +172,38 @@ class DermDataModule(L.LightningDataModule):
             self._source(d, seed, holdout=held.get(str(Path(d).expanduser().resolve())), keep_rest=True)
             for d in self.dcfg.get("extra_train") or []
         ]
+        self.sources = [
+            (name, *self._source(d, seed, split="val"))
+            for name, d in zip(source_val_names(cfg), self.dcfg.get("source_val") or [], strict=True)
+        ]
+
+    def _other_diagnoses(self) -> set[str]:
+        """Diagnoses of every extra source's training rows (scc there makes the label space 8 classes)."""
+        found: set[str] = set()
+        for d in self.dcfg.get("extra_train") or []:
+            df = pd.read_csv(Path(d).expanduser() / "manifest.csv", usecols=["diagnosis", "split"])
+            found |= set(df.loc[df["split"] == "train", "diagnosis"].astype(str))
+        return found
 
     def _source(
-        self, data_dir: str, seed: int, holdout: float | None = None, keep_rest: bool = False
+        self,
+        data_dir: str,
+        seed: int,
+        holdout: float | None = None,
+        keep_rest: bool = False,
+        split: str = "train",
     ) -> tuple[np.ndarray, SplitData]:
-        """Another dataset's `train` rows with one of the model's classes; `holdout` (a seeded, stratified
+        """Another dataset's `split` rows with one of the model's classes; `holdout` (a seeded, stratified
         share of them) is the external validation set, and keep_rest=True returns the rows outside it."""
         df, images = read_prepared(Path(data_dir).expanduser(), self.prep)
-        known = df["diagnosis"].isin(self.classes) & (df["split"] == "train")
-        df = df.assign(split=np.where(known, "train", "-"))
+        known = df["diagnosis"].isin(self.classes) & (df["split"] == split)
+        df = df.assign(split=np.where(known, split, "-"))
         if holdout:
             held = holdout_rows(df, float(holdout), seed)
             df.loc[held if keep_rest else df.index.difference(held), "split"] = "-"
-        part = SplitData(df, "train", self.classes, None, seed)
+        part = SplitData(df, split, self.classes, None, seed)
         if len(part) == 0:
-            raise DataSetupError(f"{data_dir} has no train rows with one of the classes {self.classes}")
+            raise DataSetupError(f"{data_dir} has no {split} rows with one of the classes {self.classes}")
         return images, part
 
     def train_fine(self) -> np.ndarray:
@@ -185,6 +212,18 @@ class DermDataModule(L.LightningDataModule):
 
     def class_counts(self) -> np.ndarray:
         return np.bincount(self.train_fine(), minlength=len(self.classes))
+
+    def train_weights(self) -> np.ndarray | None:
+        """Per-image sampling weights from `sampler.name` (classes) and `sampler.source`; None = uniform."""
+        scfg = self.cfg.get("sampler", {})
+        mode, by_source = str(scfg.get("name", "none")), str(scfg.get("source", "none") or "none")
+        sizes = [len(self.train), *(len(part) for _, part in self.extra)]
+        weights = np.ones(sum(sizes))
+        if mode != "none":
+            weights *= sample_weights(self.train_fine(), mode)
+        if by_source != "none":
+            weights *= source_weights(sizes, by_source)
+        return None if mode == "none" and by_source == "none" else weights
 
     def _dist(self) -> tuple[int, int]:
         t = self.trainer
@@ -207,12 +246,9 @@ class DermDataModule(L.LightningDataModule):
         parts = [(self.images, self.train), *self.extra]
         ds = ConcatDataset([CacheDataset(images, part, tf, drop) for images, part in parts])
         rank, world = self._dist()
-        mode = self.cfg.get("sampler", {}).get("name", "none")
-        seed = int(self.cfg.get("seed", 42))
-        if mode != "none":
-            sampler = DistributedWeightedSampler(
-                sample_weights(self.train_fine(), mode), rank=rank, world=world, seed=seed
-            )
+        weights, seed = self.train_weights(), int(self.cfg.get("seed", 42))
+        if weights is not None:
+            sampler = DistributedWeightedSampler(weights, rank=rank, world=world, seed=seed)
         elif world > 1:
             sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=seed)
         else:
@@ -230,9 +266,16 @@ class DermDataModule(L.LightningDataModule):
         return self._loader(ds, sampler, drop_last=False)
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
-        """HAM val, plus the external validation set (second loader) when configured."""
+        """HAM val, then the external validation set and each source's val set, in val_set_names order."""
         main, ext = self._eval_loader(self.images, self.val), self.external_val_dataloader()
-        return [main, ext] if ext is not None else main
+        more = [self._eval_loader(images, part) for _, images, part in self.sources]
+        loaders = [main, *([ext] if ext is not None else []), *more]
+        return loaders if len(loaders) > 1 else main
+
+    def source_val_dataloader(self, name: str, no_metadata: bool = False) -> DataLoader:
+        """One data.source_val set's val rows (optionally with every metadata field missing)."""
+        images, part = next((im, p) for n, im, p in self.sources if n == name)
+        return self._eval_loader(images, part, no_metadata)
 
     def no_metadata_val_dataloader(self) -> DataLoader:
         """HAM val with every metadata field missing: how the model does on a folder of bare images."""

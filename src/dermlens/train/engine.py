@@ -178,7 +178,7 @@ def val_metrics(out: dict, fine: np.ndarray, coarse: np.ndarray, classes: tuple[
     }
 
 
-def other_conditions(module, dm, cfg: dict, precision: str) -> dict:
+def other_conditions(module, dm, cfg: dict, precision: str, run_dir: Path | None = None) -> dict:
     """The best checkpoint on val without metadata (metadata models) and on the external set, if any."""
     from scipy.special import softmax
 
@@ -196,6 +196,36 @@ def other_conditions(module, dm, cfg: dict, precision: str) -> dict:
         ext = predict_split(module, loader, precision, "external validation")
         probs = torch.from_numpy(softmax(ext["fine_logits"], axis=1))
         found["external"] = external_scores([(probs, torch.from_numpy(dm.external[1].fine))], dm.classes)
+    if dm.sources:
+        found["sources"] = source_scores(module, dm, precision, run_dir)
+    return found
+
+
+def source_scores(module, dm, precision: str, run_dir: Path | None = None) -> dict:
+    """Each data.source_val set's val figures, with metadata and without (how users send folders); the
+    outputs go to RUN/val_outputs_<name>[_no_metadata].npz for paired comparisons."""
+    from scipy.special import softmax
+
+    from dermlens.train.module import external_scores
+
+    found: dict = {}
+    for name, _, part in dm.sources:
+        found[name] = {"n": len(part)}
+        for key, bare in (("with_metadata", False), ("no_metadata", True)):
+            out = predict_split(module, dm.source_val_dataloader(name, bare), precision, f"{name} val")
+            probs = torch.from_numpy(softmax(out["fine_logits"], axis=1))
+            scores = external_scores([(probs, torch.from_numpy(part.fine))], dm.classes)
+            found[name][key] = {"bal_acc": scores.pop("bal_acc3"), **scores}
+            if run_dir is not None:
+                suffix = "_no_metadata" if bare else ""
+                np.savez(
+                    run_dir / f"val_outputs_{name}{suffix}.npz",
+                    fine_logits=out["fine_logits"],
+                    coarse_logits=out["coarse_logits"],
+                    fine_labels=part.fine,
+                    image_ids=np.asarray(part.image_ids, dtype=str),
+                    classes=np.array(dm.classes),
+                )
     return found
 
 
@@ -208,7 +238,7 @@ def finish(
     loaders = dm.val_dataloader()
     out = predict_split(module, loaders[0] if isinstance(loaders, list) else loaders, precision)
     metrics = val_metrics(out, dm.val.fine, dm.val.coarse, dm.classes)
-    metrics.update(other_conditions(module, dm, cfg, precision))
+    metrics.update(other_conditions(module, dm, cfg, precision, run_dir))
     epoch = torch.load(ckpt, map_location="cpu", weights_only=False).get("epoch")
     metrics.update(
         {

@@ -14,6 +14,7 @@ from dermlens.extras import require
 from dermlens.model.network import DermNet, build_network
 from dermlens.preprocess import Preprocessing
 from dermlens.train.augment import TorchNormalize
+from dermlens.train.datamodule import val_set_names
 from dermlens.train.losses import build_loss
 
 
@@ -45,6 +46,17 @@ def external_scores(parts: list[tuple[torch.Tensor, torch.Tensor]], classes: tup
         mel = classes.index("mel")
         out["mel_auc"] = float(roc_auc_score(y == mel, probs[:, mel]))
     return out
+
+
+SELECT_RULES = ("mean", "worst")
+Scored = tuple[torch.Tensor, torch.Tensor]  # (probabilities, labels) of one validation batch
+
+
+def select_figure(figures: list[float], rule: str) -> float:
+    """val/select from the per-source val balanced accuracies: their mean, or the worst (lowest) one."""
+    if rule not in SELECT_RULES:
+        raise ValueError(f"trainer.select must be one of {', '.join(SELECT_RULES)}, not {rule!r}")
+    return float(np.mean(figures)) if rule == "mean" else float(min(figures))
 
 
 def batch_mixer(aug: dict, n_classes: int):
@@ -167,8 +179,8 @@ class DermModule(L.LightningModule):
         image, meta, y, yc = batch
         fine, coarse = self.eval_net()(self.prepare(image), meta)
         fine, coarse = fine.float(), coarse.float()
-        if dataloader_idx == 1:  # the external validation set: scored at epoch end
-            self._ext.append((fine.softmax(1).cpu(), y.cpu()))
+        if dataloader_idx > 0:  # the external and per-source validation sets: scored at epoch end
+            self._extra.setdefault(dataloader_idx, []).append((fine.softmax(1).cpu(), y.cpu()))
             return
         loss = self._loss(fine, coarse, y, yc)
         self.val_bal_acc.update(fine, y)
@@ -177,7 +189,14 @@ class DermModule(L.LightningModule):
         self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=len(y), add_dataloader_idx=False)
 
     def on_validation_epoch_start(self) -> None:
-        self._ext: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._extra: dict[int, list[Scored]] = {}
+
+    def _gathered(self, parts: list[Scored]) -> list[Scored]:
+        """Every rank scored a shard: the whole set (unchanged on one process)."""
+        if self.trainer.world_size == 1:
+            return parts
+        probs, y = (torch.cat([t[i] for t in parts]).to(self.device) for i in (0, 1))
+        return [(self.all_gather(probs).flatten(0, 1).cpu(), self.all_gather(y).flatten(0, 1).cpu())]
 
     def on_validation_epoch_end(self) -> None:
         bal_acc = self.val_bal_acc.compute()
@@ -186,17 +205,20 @@ class DermModule(L.LightningModule):
         self.log("val/coarse_auc", self.val_coarse_auc.compute())
         for m in (self.val_bal_acc, self.val_auc, self.val_coarse_auc):
             m.reset()
-        select = bal_acc
-        if self._ext:
-            parts = self._ext
-            if self.trainer.world_size > 1:  # every rank scored a shard: score the whole set
-                probs, y = (torch.cat([t[i] for t in parts]).to(self.device) for i in (0, 1))
-                parts = [(self.all_gather(probs).flatten(0, 1).cpu(), self.all_gather(y).flatten(0, 1).cpu())]
-            ext = external_scores(parts, self.classes)
-            for k, v in ext.items():
-                self.log(f"ext/{k}", v, prog_bar=k == "bal_acc3")
-            select = (bal_acc + ext["bal_acc3"]) / 2 if "bal_acc3" in ext else bal_acc
-        self.log("val/select", select)
+        figures = [float(bal_acc)]
+        names = val_set_names(self.cfg)
+        for idx, parts in sorted(self._extra.items()):
+            scores = external_scores(self._gathered(parts), self.classes)
+            name = names[idx]
+            if name == "ext":
+                for k, v in scores.items():
+                    self.log(f"ext/{k}", v, prog_bar=k == "bal_acc3")
+            else:
+                self.log(f"val_{name}/bal_acc", scores["bal_acc3"], prog_bar=True)
+                if "mel_auc" in scores:
+                    self.log(f"val_{name}/mel_auc", scores["mel_auc"])
+            figures.append(scores["bal_acc3"])
+        self.log("val/select", select_figure(figures, str(self.cfg["trainer"].get("select", "mean"))))
 
     # -- optimisation --------------------------------------------------------------------------
     def configure_optimizers(self):

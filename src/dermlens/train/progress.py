@@ -33,7 +33,9 @@ class EpochLine(L.Callback):
         if trainer.sanity_checking or trainer.global_rank != 0:
             return
         m = trainer.callback_metrics
-        shown = ", ".join(f"{k} {float(m[k]):.3f}" for k in SHOWN if k in m)
+        sources = sorted(k for k in m if k.startswith("val_") and k.endswith("/bal_acc"))
+        keys = [*SHOWN[:3], *sources, SHOWN[3]]
+        shown = ", ".join(f"{k} {float(m[k]):.3f}" for k in keys if k in m)
         minutes = (time.time() - self.start) / 60
         print(
             f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: {shown} ({minutes:.1f} min)",

@@ -1,4 +1,4 @@
-"""Class-balanced sampling (sqrt or inverse frequency) that also works under DDP."""
+"""Class- and source-balanced sampling (sqrt or inverse frequency) that also works under DDP."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import Sampler
 
 SAMPLERS = ("none", "sqrt", "inverse")
+SOURCE_MODES = ("none", "sqrt", "equal")
 
 
 def sample_weights(labels: np.ndarray, mode: str) -> np.ndarray:
@@ -18,6 +19,13 @@ def sample_weights(labels: np.ndarray, mode: str) -> np.ndarray:
     counts = np.bincount(labels)
     power = 0.5 if mode == "sqrt" else 1.0
     return (1.0 / np.maximum(counts, 1) ** power)[labels]
+
+
+def source_weights(sizes: list[int], mode: str) -> np.ndarray:
+    """Per-sample weights by training source (sizes in loader order): size^-0.5 (sqrt) or size^-1 (equal)."""
+    if mode not in SOURCE_MODES or mode == "none":
+        raise ValueError(f"unknown source sampler {mode!r}; choose sqrt or equal")
+    return sample_weights(np.repeat(np.arange(len(sizes)), sizes), "inverse" if mode == "equal" else "sqrt")
 
 
 class DistributedWeightedSampler(Sampler[int]):
