@@ -115,3 +115,23 @@ def tiny_dir(ham_small_prepared: Path) -> Path:
 
     build_cache(read_manifest(ham_small_prepared), ham_small_prepared, SMALL, workers=1, progress=False)
     return ham_small_prepared
+
+
+@pytest.fixture(scope="session")
+def bcn_tiny(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A prepared folder named `bcn`: 12 real ISIC 2019-BCN thumbnails per class (scc included), split by
+    lesion, with the 64x80 cache of the fast model tests."""
+    from dermlens.data.cache import build_cache
+    from dermlens.data.manifest import read_manifest
+    from dermlens.data.readers import read_isic2019
+
+    df = read_isic2019(data_root / "isic2019").dropna(subset=["lesion_id"])
+    df = df.sample(frac=1.0, random_state=0)
+    df = df[df.groupby("diagnosis").cumcount() < 12]
+    base = tmp_path_factory.mktemp("bcn_tiny")
+    cols = ["image_path", "diagnosis", "lesion_id", "age", "sex", "site"]
+    df[cols].to_csv(base / "bcn.csv", index=False)
+    out = base / "bcn"
+    _prepare(["--dataset", "csv", "--root", str(base / "bcn.csv"), "--out", str(out), "--split", "grouped"])
+    build_cache(read_manifest(out), out, SMALL, workers=1, progress=False)
+    return out

@@ -187,3 +187,40 @@ def test_isic2017_folder_to_isic_csv(data_root: Path, tmp_path: Path) -> None:
     table = read_predictions(out)
     assert len(set(table.images)) == n
     print(f"ISIC 2017: {n} images in {seconds:.1f} s ({n / seconds:.0f} img/s)")
+
+
+def test_isic_2019_format_adds_scc_and_unk_from_the_refer_decision(
+    image_folder: Path, tmp_path: Path
+) -> None:
+    isic = tmp_path / "isic2019.csv"
+    res = run(
+        str(image_folder), "--out", str(tmp_path / "p.csv"), "--isic-csv", str(isic), "--isic-format", "2019"
+    )
+    assert res.exit_code == 0, res.output
+    df, preds = pd.read_csv(isic), pd.read_csv(tmp_path / "p.csv").set_index("image_id")
+    assert list(df.columns) == ["image", "MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK"]
+    np.testing.assert_allclose(df.iloc[:, 1:].sum(axis=1), 1, atol=1e-4)
+    referred = preds.loc[df["image"], "refer"].to_numpy(bool)
+    assert (df["UNK"].to_numpy()[referred] == 0.5).all() and (df["UNK"].to_numpy()[~referred] == 0).all()
+    assert (df.iloc[:, 1:].to_numpy().argmax(1)[referred] == 8).all()  # UNK tops a referred row
+    table = read_predictions(isic)  # the evaluate layer reads it back as an ISIC 2019 file
+    assert "unk" in table.classes and "scc" in table.classes
+
+
+def test_isic_2018_format_merges_scc_into_akiec(predictor, ham_root: Path) -> None:
+    from dermlens.predict.folder import Item, Scored, isic_header, isic_row
+
+    path = sorted((ham_root / "images").glob("*.jpg"))[0]
+    pred = predictor.predict(path)
+    fine = {**pred.fine, "akiec": 0.1, "scc": 0.2}
+    fine["nv"] -= 0.3 - pred.fine["akiec"] - pred.fine.get("scc", 0.0)
+    scored = Scored(Item(path=path, image_id=path.stem), pred.model_copy(update={"fine": fine}))
+    row = dict(zip(isic_header("2018"), isic_row(scored, "2018"), strict=True))
+    assert float(row["AKIEC"]) == pytest.approx(0.3) and "SCC" not in row
+    assert sum(float(v) for k, v in row.items() if k != "image") == pytest.approx(1, abs=1e-4)
+
+
+def test_unknown_isic_format_is_one_line(image_folder: Path, tmp_path: Path) -> None:
+    res = run(str(image_folder), "--isic-csv", str(tmp_path / "x.csv"), "--isic-format", "2020")
+    assert res.exit_code == 2 and "2018 or 2019" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "x.csv").exists()

@@ -51,8 +51,16 @@ def predict(
         Path | None, typer.Option("--out", "-o", help="predictions CSV (one row per image)")
     ] = None,
     isic_csv: Annotated[
-        Path | None, typer.Option("--isic-csv", help="ISIC 2018 Task 3 submission CSV (image,MEL,...,VASC)")
+        Path | None, typer.Option("--isic-csv", help="ISIC submission CSV (columns: --isic-format)")
     ] = None,
+    isic_format: Annotated[
+        str,
+        typer.Option(
+            "--isic-format",
+            help="2018: image,MEL,...,VASC (scc merged into AKIEC); 2019: image,MEL,...,SCC,UNK "
+            "(a referred image: UNK 0.5, the class probabilities halved)",
+        ),
+    ] = "2018",
     cam: Annotated[
         Path | None, typer.Option("--cam", help="folder for class-activation overlays (PNG)")
     ] = None,
@@ -192,7 +200,8 @@ def predict(
             f"refer threshold {point['min_confidence']:.3f}: {point['words']} (measured on validation images)"
         )
     if ray_at is not None:
-        _predict_on_ray(err, predictor, items, failures, ray_at, out, isic_csv, batch_size, tta)
+        isic = (isic_csv, isic_format)
+        _predict_on_ray(err, predictor, items, failures, ray_at, out, isic, batch_size, tta)
         return
     sr_writer = _sr_folder(predictor, items, dicom_sr) if dicom_sr is not None else None
     fhir_writer = _fhir_writer(predictor, fhir)
@@ -213,6 +222,7 @@ def predict(
             items,
             out_csv=out,
             isic_csv=isic_csv,
+            isic_format=isic_format,
             cam_dir=cam,
             batch_size=batch_size,
             workers=workers or None,
@@ -348,13 +358,14 @@ def _report_srs(console, srs) -> list:
     return srs.failures
 
 
-def _predict_on_ray(err, predictor, items, failures, address, out, isic_csv, batch_size, tta) -> None:
+def _predict_on_ray(err, predictor, items, failures, address, out, isic, batch_size, tta) -> None:
     """`dermlens predict --ray`: the same rows from Ray Data, written ordered by image id."""
     from dermlens.predict.ray import run_ray
 
+    isic_csv, isic_format = isic
     if out is None and isic_csv is None:
         raise UsageError("--ray writes CSV files: give --out and/or --isic-csv")
-    summary = run_ray(predictor, items, address, out, isic_csv, batch_size, tta)
+    summary = run_ray(predictor, items, address, out, isic_csv, batch_size, tta, isic_format)
     rate = summary.done / summary.seconds if summary.seconds > 0 else 0.0
     err.print(
         f"{summary.done} of {summary.total} image(s) predicted on Ray in {summary.seconds:.1f} s "

@@ -19,7 +19,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from dermlens.data.taxonomy import HAM_CLASSES, ISIC2018_COLUMNS
+from dermlens.data.taxonomy import HAM_CLASSES, ISIC2018_COLUMNS, ISIC2019_COLUMNS
 from dermlens.errors import BatchInputError  # noqa: F401 (re-exported)
 from dermlens.infer.prediction import Prediction
 from dermlens.infer.predictor import Predictor
@@ -128,14 +128,29 @@ def csv_row(scored: Scored) -> list[str]:
     return cells
 
 
-def isic_row(scored: Scored) -> list[str]:
-    """One ISIC 2018 Task 3 row: the image id and the seven probabilities in ISIC column order."""
-    return [scored.item.image_id, *(_fmt(scored.prediction.fine[c]) for c in HAM_CLASSES)]
+ISIC_FORMATS = ("2018", "2019")
 
 
-def isic2018_header() -> list[str]:
-    """ISIC 2018 Task 3 submission columns."""
-    return ["image", *(ISIC2018_COLUMNS[c] for c in HAM_CLASSES)]
+def isic_row(scored: Scored, style: str = "2018") -> list[str]:
+    """One ISIC submission row (columns of isic_header): 2018 merges scc into AKIEC; 2019 adds SCC and UNK,
+    where a referred image gets UNK 0.5 and every class probability halved (UNK tops the row, the
+    ranking among the classes is kept), any other image UNK 0."""
+    fine = dict(scored.prediction.fine)
+    if style == "2018":
+        fine["akiec"] = fine.get("akiec", 0.0) + fine.pop("scc", 0.0)
+        return [scored.item.image_id, *(_fmt(fine[c]) for c in HAM_CLASSES)]
+    scale, unk = (0.5, 0.5) if scored.prediction.refer else (1.0, 0.0)
+    cells = (_fmt(scale * fine.get(c, 0.0)) for c in ISIC2019_COLUMNS)
+    return [scored.item.image_id, *cells, _fmt(unk)]
+
+
+def isic_header(style: str = "2018") -> list[str]:
+    """ISIC 2018 Task 3 (image,MEL,...,VASC) or ISIC 2019 (image,MEL,...,SCC,UNK) submission columns."""
+    if style not in ISIC_FORMATS:
+        raise BatchInputError(f"the ISIC CSV format is 2018 or 2019, not {style!r}")
+    if style == "2018":
+        return ["image", *(ISIC2018_COLUMNS[c] for c in HAM_CLASSES)]
+    return ["image", *ISIC2019_COLUMNS.values(), "UNK"]
 
 
 # ---- running ----------------------------------------------------------------------------------------------
@@ -181,6 +196,7 @@ def run_batch(
     items: list[Item],
     out_csv: Path | None = None,
     isic_csv: Path | None = None,
+    isic_format: str = "2018",
     cam_dir: Path | None = None,
     batch_size: int = 32,
     workers: int | None = None,
@@ -191,14 +207,10 @@ def run_batch(
     """Score every item; write rows after each batch; collect failures; stop cleanly on KeyboardInterrupt."""
     import time
 
-    if isic_csv is not None and tuple(predictor.classes) != HAM_CLASSES:
-        raise BatchInputError(
-            f"--isic-csv writes ISIC 2018 columns, but the model's classes are {predictor.classes}"
-        )
     start = time.perf_counter()
     summary = BatchSummary(total=len(items))
     out_w = RowWriter(out_csv, prediction_header(predictor)) if out_csv else None
-    isic_w = RowWriter(isic_csv, isic2018_header()) if isic_csv else None
+    isic_w = RowWriter(isic_csv, isic_header(isic_format)) if isic_csv else None
     writers = [w for w in (out_w, isic_w) if w is not None]
     if cam_dir is not None:
         cam_dir.mkdir(parents=True, exist_ok=True)
@@ -215,7 +227,7 @@ def run_batch(
         if out_w:
             out_w.write([csv_row(r) for r in rows])
         if isic_w:
-            isic_w.write([isic_row(r) for r in rows])
+            isic_w.write([isic_row(r, isic_format) for r in rows])
         if cam_dir is not None:
             for (item, _, orig), heat in zip(pending, res["cam"], strict=True):
                 (cam_dir / f"{item.image_id}_cam.png").write_bytes(predictor.cam_overlay(orig, heat))

@@ -21,14 +21,12 @@ import numpy as np
 
 from dermlens import config as configuration
 from dermlens.bundle import TRUST, read_card
-from dermlens.data.taxonomy import HAM_CLASSES
 from dermlens.errors import RayUnavailable  # noqa: F401 (re-exported)
 from dermlens.extras import install_hint
 from dermlens.infer.prediction import Prediction
 from dermlens.infer.predictor import Predictor
 from dermlens.infer.session import PRECISIONS, cpu_count
 from dermlens.predict.folder import (
-    BatchInputError,
     BatchSummary,
     Failure,
     Item,
@@ -36,7 +34,7 @@ from dermlens.predict.folder import (
     Scored,
     csv_row,
     failure_reason,
-    isic2018_header,
+    isic_header,
     isic_row,
     prediction_header,
 )
@@ -182,12 +180,9 @@ def run_ray(
     isic_csv: Path | None = None,
     batch_size: int = 32,
     tta: bool | None = None,
+    isic_format: str = "2018",
 ) -> BatchSummary:
     """Predict `items` on Ray Data; write the CSVs ordered by image id; keep finished rows on Ctrl-C."""
-    if isic_csv is not None and tuple(predictor.classes) != HAM_CLASSES:
-        raise BatchInputError(
-            f"--isic-csv writes ISIC 2018 columns, but the model's classes are {predictor.classes}"
-        )
     read_card(predictor.bundle_dir)  # the bundle the driver loaded is the one shipped
     start = time.perf_counter()
     ray, started = connect(address)
@@ -201,7 +196,7 @@ def run_ray(
     except KeyboardInterrupt:
         summary.interrupted = True
     finally:
-        _write(predictor, rows, out_csv, isic_csv)
+        _write(predictor, rows, out_csv, isic_csv, isic_format)
         if started:
             ray.shutdown()
         summary.seconds = time.perf_counter() - start
@@ -249,7 +244,9 @@ def _collect(batch: dict[str, np.ndarray], summary: BatchSummary) -> list[Scored
     return rows
 
 
-def _write(predictor: Predictor, rows: list[Scored], out_csv: Path | None, isic_csv: Path | None) -> None:
+def _write(
+    predictor: Predictor, rows: list[Scored], out_csv: Path | None, isic_csv: Path | None, isic_format: str
+) -> None:
     """The single-process writers, rows ordered by image id (then path)."""
     rows = sorted(rows, key=lambda r: (r.item.image_id, str(r.item.path)))
     if out_csv is not None:
@@ -257,6 +254,6 @@ def _write(predictor: Predictor, rows: list[Scored], out_csv: Path | None, isic_
         w.write([csv_row(r) for r in rows])
         w.close()
     if isic_csv is not None:
-        w = RowWriter(isic_csv, isic2018_header())
-        w.write([isic_row(r) for r in rows])
+        w = RowWriter(isic_csv, isic_header(isic_format))
+        w.write([isic_row(r, isic_format) for r in rows])
         w.close()
