@@ -107,3 +107,45 @@ def test_init_from_an_ensemble_member(tmp_path: Path) -> None:
         build_network({"arch": "tf_efficientnet_lite0", "init": str(weights)}, 8)
     with pytest.raises(WeightsError, match="no ensemble member '7'"):
         build_network({"arch": "tf_efficientnet_lite0", "init": f"{weights}#7"}, 8)
+
+
+@pytest.mark.slow
+def test_levers_compare_every_source_with_paired_intervals(
+    tiny_dir: Path, bcn_tiny: Path, tmp_path: Path
+) -> None:
+    import json
+
+    import yaml
+
+    from test_research_tools import TINY, run_cli
+
+    recipe = {
+        "base_config": "train.yaml",
+        "out": str(tmp_path / "levers"),
+        "overrides": [
+            f"data.dir={tiny_dir}",
+            *TINY,
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=2",
+            f"data.extra_train=[{bcn_tiny}]",
+            f"data.source_val=[{bcn_tiny}]",
+            f"data.external_val={tiny_dir}",
+            "model.metadata=true",
+        ],
+        "levers": [
+            {"name": "base", "overrides": []},
+            {"name": "source_sampling", "overrides": ["sampler.source=equal"]},
+        ],
+    }
+    path, out = tmp_path / "levers.yaml", tmp_path / "levers.json"
+    path.write_text(yaml.safe_dump(recipe))
+    code, output = run_cli("release", "levers", "-r", str(path), "--out", str(out))
+    assert code == 0, output
+    row = {r["lever"]: r for r in json.loads(out.read_text())["levers"]}["source_sampling"]
+    bcn = row["delta_sources_no_metadata"]["bcn"]
+    low, high = bcn["ci95"]
+    assert low <= bcn["delta"] <= high
+    assert row["sources_val_bal_acc_no_metadata"]["bcn"] is not None
+    low, high = row["delta_external_bal_acc3_ci95"]
+    assert low - 1e-9 <= row["delta_external_bal_acc3"] <= high + 1e-9
+    assert (tmp_path / "levers" / "base" / "val_outputs_ext.npz").is_file()

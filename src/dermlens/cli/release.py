@@ -92,4 +92,9 @@ def _lever_line(row: dict) -> str:
         line += f", no metadata {row['val_bal_acc_no_metadata']:.4f}"
     if row["external_bal_acc3"] is not None:
         line += f", external 3-class {row['external_bal_acc3']:.4f}"
+    for name, value in (row.get("sources_val_bal_acc_no_metadata") or {}).items():
+        line += f", {name} {value:.4f}"
+        delta = (row.get("delta_sources_no_metadata") or {}).get(name) or {}
+        if delta.get("ci95") is not None:
+            line += f" ({delta['delta']:+.4f}, CI {delta['ci95'][0]:+.4f} to {delta['ci95'][1]:+.4f})"
     return line

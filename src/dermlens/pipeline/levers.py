@@ -13,6 +13,7 @@ import pandas as pd
 from dermlens import config as configuration
 from dermlens.settings import cpu_name
 from dermlens.train.config import ConfigError, load_config
+from dermlens.train.datamodule import source_val_names
 
 Log = Callable[[str], None]
 
@@ -103,6 +104,9 @@ def _row(name: str, lever: dict[str, Any], metrics: dict[str, Any]) -> dict[str,
         "val_bal_acc_no_metadata": metrics.get("no_metadata", {}).get("bal_acc", one_condition),
         "external_bal_acc3": metrics.get("external", {}).get("bal_acc3"),
         "external_mel_auc": metrics.get("external", {}).get("mel_auc"),
+        "sources_val_bal_acc_no_metadata": {
+            name: m["no_metadata"]["bal_acc"] for name, m in (metrics.get("sources") or {}).items()
+        },
         "val_per_class_recall": metrics.get("per_class_recall"),
         "best_epoch": metrics["best_epoch"],
         "train_seconds": metrics["train_seconds"],
@@ -120,25 +124,33 @@ def _changes(lever: dict[str, Any]) -> list[str]:
     return [*(lever.get("overrides") or []), *teacher, *(lever.get("changes") or [])]
 
 
-def paired_delta(base_run: Path, run: Path, groups: pd.Series, seed: int = 0) -> list[float] | None:
-    """95% CI of (lever - base) val balanced accuracy: both scored on the same lesion resamples (metadata
-    given), so the interval reflects the difference, not each model's own spread. `groups`: lesion group by
-    image id. None if val differs or either run's val outputs are not on this machine."""
+def paired_delta(
+    base_run: Path, run: Path, groups: pd.Series, seed: int = 0, outputs: str = "val_outputs.npz"
+) -> list[float] | None:
+    """95% CI of (lever - base) balanced accuracy on one validation set's saved `outputs` (val_outputs.npz:
+    HAM10000 val with metadata; _ext: the hold-out; _<source>_no_metadata: a source's val): both scored on
+    the same lesion resamples, so the interval reflects the difference, not each model's own spread. The
+    accuracy is over the classes the set has (argmax among them). `groups`: lesion group by image id.
+    None if the images differ or either run's outputs are not on this machine."""
     from scipy.special import softmax
 
-    if not ((base_run / "val_outputs.npz").is_file() and (run / "val_outputs.npz").is_file()):
+    if not ((base_run / outputs).is_file() and (run / outputs).is_file()):
         return None
 
     from dermlens.evaluate.bootstrap import bootstrap
     from dermlens.metrics import EvalData, decision_metrics
 
-    with np.load(base_run / "val_outputs.npz") as a, np.load(run / "val_outputs.npz") as b:
+    with np.load(base_run / outputs) as a, np.load(run / outputs) as b:
         if not np.array_equal(a["image_ids"], b["image_ids"]):
             return None
-        classes, truth, ids = tuple(str(c) for c in a["classes"]), a["fine_labels"], a["image_ids"]
-        base, other = (
-            EvalData(softmax(z["fine_logits"].astype(np.float64), 1), truth, classes) for z in (a, b)
-        )
+        ids, sets = a["image_ids"], []
+        for z in (a, b):
+            classes, truth = [str(c) for c in z["classes"]], z["fine_labels"]
+            names = [classes[k] for k in sorted(set(truth.tolist()))]
+            p = softmax(z["fine_logits"].astype(np.float64), 1)[:, [classes.index(c) for c in names]]
+            truth = np.array([names.index(classes[k]) for k in truth])
+            sets.append(EvalData(p / p.sum(1, keepdims=True), truth, tuple(names)))
+    base, other = sets
     lesions = groups.loc[ids].to_numpy()
 
     def delta(w: np.ndarray) -> dict[str, np.ndarray]:
@@ -147,8 +159,31 @@ def paired_delta(base_run: Path, run: Path, groups: pd.Series, seed: int = 0) ->
             - decision_metrics(base, w)["balanced_accuracy"]
         }
 
-    r = bootstrap(delta, len(truth), lesions, n_resamples=1000, seed=seed)
+    r = bootstrap(delta, len(ids), lesions, n_resamples=1000, seed=seed)
     return [float(r.low["d"]), float(r.high["d"])]
+
+
+def lesion_groups(cfg: dict[str, Any]) -> pd.Series:
+    """Lesion group by image id over every validation set of a training config (data.dir, the external
+    hold-out, each data.source_val)."""
+    from dermlens.data.manifest import read_manifest
+
+    d = cfg["data"]
+    dirs = [d["dir"], *([d["external_val"]] if d.get("external_val") else []), *(d.get("source_val") or [])]
+    frames = [read_manifest(x)[["image_id", "group_id"]] for x in dirs]
+    both = pd.concat(frames).drop_duplicates("image_id")
+    return both.set_index("image_id")["group_id"]
+
+
+def paired_deltas(base_run: Path, run: Path, groups: pd.Series, sources: list[str]) -> dict[str, Any]:
+    """The paired CIs of a lever's difference on every validation set its runs saved."""
+    out = {
+        "val": paired_delta(base_run, run, groups),
+        "ext": paired_delta(base_run, run, groups, 0, "val_outputs_ext.npz"),
+    }
+    for name in sources:
+        out[name] = paired_delta(base_run, run, groups, 0, f"val_outputs_{name}_no_metadata.npz")
+    return out
 
 
 def summarise(recipe: dict[str, Any], earlier: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -167,25 +202,33 @@ def summarise(recipe: dict[str, Any], earlier: dict[str, Any] | None = None) -> 
             rows[name] = {"cpu": (earlier or {}).get("cpu"), **before[name], "carried": True}
         else:
             missing.append(name)
-    groups = None
-    if fresh:  # the manifest is read once, for every lever's lesion resamples
-        from dermlens.data.manifest import read_manifest
-
-        manifest = read_manifest(lever_config(recipe, "base")["data"]["dir"])
-        groups = manifest.set_index("image_id")["group_id"]
+    groups, sources = None, []
+    if fresh:  # the manifests are read once, for every lever's lesion resamples
+        base_cfg = lever_config(recipe, "base")
+        groups = lesion_groups(base_cfg)
+        sources = source_val_names(base_cfg)
     for name in fresh:
         r = rows[name]
         ref = rows.get(r["versus"])
         runs = run_dir(recipe, r["versus"]), run_dir(recipe, name)
-        r["delta_val_bal_acc_ci95"] = paired_delta(*runs, groups) if ref is not None else None
+        cis = paired_deltas(*runs, groups, sources) if ref is not None else {}
+        r["delta_val_bal_acc_ci95"] = cis.get("val")
+        r["delta_external_bal_acc3_ci95"] = cis.get("ext")
         for key in ("val_bal_acc", "val_bal_acc_no_metadata", "external_bal_acc3"):
             ok = ref is not None and r[key] is not None and ref[key] is not None
             r[f"delta_{key}"] = r[key] - ref[key] if ok else None
+        for src, value in r["sources_val_bal_acc_no_metadata"].items():
+            theirs = (ref or {}).get("sources_val_bal_acc_no_metadata", {}).get(src)
+            r.setdefault("delta_sources_no_metadata", {})[src] = {
+                "delta": None if theirs is None else value - theirs,
+                "ci95": cis.get(src),
+            }
     return {
         "recipe": {k: recipe[k] for k in ("base_config", "overrides")},
         "levers": list(rows.values()),
         "not_run": missing,
         "cpu": cpu_name(),
         "note": "val = HAM10000 lesion-grouped val; external = the ISIC 2017 train hold-out (3-class BA); "
+        "sources = each data.source_val set's lesion-grouped val, no metadata (BA over its classes); "
         "rows marked carried come from an earlier table (their runs are not on the machine that wrote this)",
     }

@@ -196,6 +196,8 @@ def other_conditions(module, dm, cfg: dict, precision: str, run_dir: Path | None
         ext = predict_split(module, loader, precision, "external validation")
         probs = torch.from_numpy(softmax(ext["fine_logits"], axis=1))
         found["external"] = external_scores([(probs, torch.from_numpy(dm.external[1].fine))], dm.classes)
+        if run_dir is not None:
+            save_outputs(run_dir / "val_outputs_ext.npz", ext, dm.external[1], dm.classes)
     if dm.sources:
         found["sources"] = source_scores(module, dm, precision, run_dir)
     return found
@@ -218,15 +220,20 @@ def source_scores(module, dm, precision: str, run_dir: Path | None = None) -> di
             found[name][key] = {"bal_acc": scores.pop("bal_acc3"), **scores}
             if run_dir is not None:
                 suffix = "_no_metadata" if bare else ""
-                np.savez(
-                    run_dir / f"val_outputs_{name}{suffix}.npz",
-                    fine_logits=out["fine_logits"],
-                    coarse_logits=out["coarse_logits"],
-                    fine_labels=part.fine,
-                    image_ids=np.asarray(part.image_ids, dtype=str),
-                    classes=np.array(dm.classes),
-                )
+                save_outputs(run_dir / f"val_outputs_{name}{suffix}.npz", out, part, dm.classes)
     return found
+
+
+def save_outputs(path: Path, out: dict, part, classes: tuple[str, ...]) -> None:
+    """One validation set's logits with its labels and image ids (for paired comparisons between runs)."""
+    np.savez(
+        path,
+        fine_logits=out["fine_logits"],
+        coarse_logits=out["coarse_logits"],
+        fine_labels=part.fine,
+        image_ids=np.asarray(part.image_ids, dtype=str),
+        classes=np.array(classes),
+    )
 
 
 def finish(
