@@ -6,7 +6,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 # Every pip install below takes the tested versions pinned in constraints.txt.
 
-.PHONY: serve test test-all test-postgres install lint release levers
+.PHONY: serve test test-all test-postgres install lint release levers sources levers-sources
 
 $(CORE_VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(CORE_VENV)
@@ -63,3 +63,27 @@ levers: $(VENV)/.installed
 	$(DL) data cache work/ham10000 --height 150 --width 200 --color-constancy shades_of_gray
 	$(DL) data cache work/isic2017 --height 150 --width 200 --color-constancy shades_of_gray
 	$(DL) release levers $(foreach l,$(LEVERS),--only $(l)) $(LEVER_ARGS) --out docs/results/levers.json
+
+## sources: the three-clinic, eight-class model (configs/release_sources.yaml): prepares ISIC 2019-BCN, builds
+## the caches, takes its starting weights from the derm7 ensemble in git history, trains (resumable) and
+## exports the bundle to runs/release_sources/bundle.
+DERM7 = work/init/derm7-0.1.0+3a64f8969a.pt
+$(DERM7):
+	mkdir -p work/init
+	git show 4dfda74:src/dermlens/models/release/model.pt > $@
+SOURCE_CACHE = --height 150 --width 200 --color-constancy shades_of_gray --fit crop
+sources-data: $(VENV)/.installed
+	test -f work/isic2019/manifest.csv || $(DL) data prepare --dataset isic2019 --root ../shared/data/isic2019 --out work/isic2019
+	for d in ham10000 isic2017 isic2019; do $(DL) data cache work/$$d $(SOURCE_CACHE); done
+	test -f work/isic2017-holdout/manifest.csv || $(DL) data holdout work/isic2017 --out work/isic2017-holdout
+sources: sources-data $(DERM7)
+	$(DL) train run --config release_sources.yaml
+	$(DL) bundle export --run runs/release_sources --manifest work/ham10000 --external work/isic2017-holdout \
+		--config src/dermlens/configs/export_sources.yaml --out runs/release_sources/bundle
+## levers-sources: the levers of the three-clinic recipe (configs/levers_sources.yaml) -> docs/results/levers_sources.json
+levers-sources: sources-data $(DERM7)
+	for d in ham10000 isic2017 isic2019; do \
+		$(DL) data cache work/$$d --height 150 --width 200 --color-constancy shades_of_gray --fit squash; \
+		$(DL) data cache work/$$d --height 150 --width 200 --color-constancy none --fit crop; \
+		$(DL) data cache work/$$d --height 195 --width 260 --color-constancy shades_of_gray --fit crop; done
+	$(DL) release levers -r levers_sources.yaml $(foreach l,$(LEVERS),--only $(l)) $(LEVER_ARGS) --out docs/results/levers_sources.json
