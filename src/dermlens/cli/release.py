@@ -98,3 +98,39 @@ def _lever_line(row: dict) -> str:
         if delta.get("ci95") is not None:
             line += f" ({delta['delta']:+.4f}, CI {delta['ci95'][0]:+.4f} to {delta['ci95'][1]:+.4f})"
     return line
+
+
+@app.command("compare")
+def compare(
+    model: Annotated[
+        Path, typer.Option("--model", help="the bundle to score (e.g. a new release candidate)")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="write the figures as JSON here")],
+    versus: Annotated[
+        Path | None, typer.Option("--versus", help="a second bundle, scored on the same images (paired CIs)")
+    ] = None,
+    role: Annotated[
+        str, typer.Option("--role", help="val (to choose) or test (read once, at the end)")
+    ] = "val",
+    threads: Annotated[int, typer.Option("--threads", help="onnxruntime threads (0 = all cores)")] = 0,
+) -> None:
+    """Balanced accuracy on every dermoscopy source's val or test split without metadata, with lesion CIs;
+    with --versus, both bundles and their paired difference."""
+    import json
+
+    from dermlens.cli.research import echo, run_or_exit
+    from dermlens.errors import UsageError
+
+    if role not in ("val", "test"):
+        raise UsageError(f"--role is val or test, not {role!r}")
+
+    def go() -> dict:
+        from dermlens.pipeline.source_figures import compare as run
+
+        bundles = {"model": model, **({"versus": versus} if versus is not None else {})}
+        return run(bundles, role, threads or None, echo)
+
+    table = run_or_exit(go)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(table, indent=2) + "\n")
+    typer.echo(f"wrote {out}")

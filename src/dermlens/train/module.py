@@ -125,7 +125,9 @@ class DermModule(L.LightningModule):
             self.ema = ModelEmaV3(self.net, decay=decay, use_warmup=True)
             self.ema.requires_grad_(False)
         n = len(classes)
-        self.val_bal_acc = MulticlassAccuracy(num_classes=n, average="macro")
+        # per-class recall, averaged over the classes val has (an eight-class model on seven-class val)
+        self.val_recall = MulticlassAccuracy(num_classes=n, average=None)
+        self.register_buffer("val_support", torch.zeros(n, dtype=torch.long), persistent=False)
         self.val_auc = MulticlassAUROC(num_classes=n, average="macro")
         self.val_coarse_auc = MulticlassAUROC(num_classes=2, average="macro")
 
@@ -183,7 +185,8 @@ class DermModule(L.LightningModule):
             self._extra.setdefault(dataloader_idx, []).append((fine.softmax(1).cpu(), y.cpu()))
             return
         loss = self._loss(fine, coarse, y, yc)
-        self.val_bal_acc.update(fine, y)
+        self.val_recall.update(fine, y)
+        self.val_support += torch.bincount(y, minlength=len(self.classes))
         self.val_auc.update(fine.softmax(1), y)
         self.val_coarse_auc.update(coarse.softmax(1), yc)
         self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=len(y), add_dataloader_idx=False)
@@ -199,11 +202,16 @@ class DermModule(L.LightningModule):
         return [(self.all_gather(probs).flatten(0, 1).cpu(), self.all_gather(y).flatten(0, 1).cpu())]
 
     def on_validation_epoch_end(self) -> None:
-        bal_acc = self.val_bal_acc.compute()
+        counts = (
+            self.val_support if self.trainer.world_size == 1 else self.all_gather(self.val_support).sum(0)
+        )
+        support = counts > 0
+        bal_acc = self.val_recall.compute()[support].mean() if bool(support.any()) else torch.tensor(0.0)
+        self.val_support.zero_()
         self.log("val/bal_acc", bal_acc, prog_bar=True, sync_dist=False)
         self.log("val/auc", self.val_auc.compute(), prog_bar=True)
         self.log("val/coarse_auc", self.val_coarse_auc.compute())
-        for m in (self.val_bal_acc, self.val_auc, self.val_coarse_auc):
+        for m in (self.val_recall, self.val_auc, self.val_coarse_auc):
             m.reset()
         figures = [float(bal_acc)]
         names = val_set_names(self.cfg)
