@@ -97,3 +97,42 @@ def test_measure_commands_on_a_tiny_subset(prepared: dict[str, Path], tmp_path: 
     assert 0.0 <= ts["test"]["ham10000"]["meta"]["conformal"]["coverage"]["value"] <= 1.0
     res = CliRunner().invoke(app, ["trust", "measure-sources", "--config", str(tmp_path / "missing.yaml")])
     assert res.exit_code == 2 and "Traceback" not in res.output
+
+
+def test_release_compare_scores_every_source_paired(
+    prepared: dict[str, Path], tmp_path: Path, monkeypatch
+) -> None:
+    """`release compare`: a bundle against itself differs by exactly 0 on every source; the figures are
+    balanced accuracies over each source's own classes."""
+    from typer.testing import CliRunner
+
+    from dermlens.cli.main import app
+
+    monkeypatch.setenv("DERMLENS_WORK", str(tmp_path / "work"))
+    cfg = {"sources": {k: {"dir": str(prepared[k])} for k in ("ham10000", "isic2017", "isic2019")}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "cmp.json"
+    args = ["--model", str(bundle_dir()), "--versus", str(bundle_dir()), "--config", str(tmp_path / "c.yaml")]
+    res = CliRunner().invoke(
+        app, ["release", "compare", *args, "--limit", "40", "--role", "test", "--out", str(out)]
+    )
+    assert res.exit_code == 0, res.output
+    table = json.loads(out.read_text())
+    assert table["role"] == "test" and set(table["sources"]) == {"ham10000", "isic2017", "isic2019"}
+    assert set(table["sources"]["isic2017"]) == {"ba_3"} and set(table["sources"]["isic2019"]) == {
+        "ba_8",
+        "ba_7",
+    }
+    for figures in table["sources"].values():
+        for fig in figures.values():
+            assert fig["model"] == fig["versus"] and fig["difference"] == {
+                "value": 0,
+                "ci_low": 0,
+                "ci_high": 0,
+            }
+            assert 0 <= fig["model"]["ci_low"] <= fig["model"]["value"] <= fig["model"]["ci_high"] <= 1
+    assert table["sources"]["isic2019"]["ba_7"]["class_counts"].get("scc") is None  # scc images left out
+    res = CliRunner().invoke(
+        app, ["release", "compare", "--model", str(bundle_dir()), "--role", "train", "--out", str(out)]
+    )
+    assert res.exit_code == 2 and "val or test" in res.output

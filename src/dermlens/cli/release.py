@@ -113,6 +113,10 @@ def compare(
         str, typer.Option("--role", help="val (to choose) or test (read once, at the end)")
     ] = "val",
     threads: Annotated[int, typer.Option("--threads", help="onnxruntime threads (0 = all cores)")] = 0,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="YAML over configs/trust.yaml (its `sources`)")
+    ] = None,
+    limit: Annotated[int | None, typer.Option("--limit", help="at most this many images per source")] = None,
 ) -> None:
     """Balanced accuracy on every dermoscopy source's val or test split without metadata, with lesion CIs;
     with --versus, both bundles and their paired difference."""
@@ -128,7 +132,9 @@ def compare(
         from dermlens.pipeline.source_figures import compare as run
 
         bundles = {"model": model, **({"versus": versus} if versus is not None else {})}
-        return run(bundles, role, threads or None, echo)
+        from dermlens.trust.outputs import trust_config
+
+        return run(bundles, role, threads or None, echo, trust_config(config), limit)
 
     table = run_or_exit(go)
     out.parent.mkdir(parents=True, exist_ok=True)

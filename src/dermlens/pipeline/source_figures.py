@@ -102,10 +102,16 @@ def score_figure(models: dict[str, tuple[Scored, tuple[str, ...]]], fig: Figure,
 
 
 def compare(
-    bundles: dict[str, Path], role: str, threads: int | None = None, log: Log = print
+    bundles: dict[str, Path],
+    role: str,
+    threads: int | None = None,
+    log: Log = print,
+    cfg: dict | None = None,
+    limit: int | None = None,
 ) -> dict[str, Any]:
-    """Every source's figures for each bundle (one or two) on `role` (val or test), no metadata."""
-    cfg = trust_settings(None)
+    """Every source's figures for each bundle (one or two) on `role` (val or test), no metadata; the
+    sources are configs/trust.yaml's (`cfg` overrides it); `limit` caps the images per source (tests)."""
+    cfg = trust_settings(cfg)
     runs = {name: Runner(Path(b), threads) for name, b in bundles.items()}
     out: dict[str, Any] = {
         "role": role,
@@ -115,11 +121,12 @@ def compare(
             for n, r in runs.items()
         },
         "cpu": cpu_name(),
+        "limit_per_source": limit,
         "sources": {},
     }
     for source, spec in cfg["sources"].items():
         scored = {
-            name: (load_source(run, spec, source, role, None, cache_dir(), log), tuple(run.card.classes))
+            name: (load_source(run, spec, source, role, limit, cache_dir(), log), tuple(run.card.classes))
             for name, run in runs.items()
         }
         model_classes = next(iter(scored.values()))[1]
