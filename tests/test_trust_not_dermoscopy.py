@@ -99,6 +99,7 @@ def test_measure_commands_on_a_tiny_subset(prepared: dict[str, Path], tmp_path: 
     assert res.exit_code == 2 and "Traceback" not in res.output
 
 
+@pytest.mark.slow
 def test_release_compare_scores_every_source_paired(
     prepared: dict[str, Path], tmp_path: Path, monkeypatch
 ) -> None:
