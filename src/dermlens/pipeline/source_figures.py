@@ -92,6 +92,7 @@ def score_figure(models: dict[str, tuple[Scored, tuple[str, ...]]], fig: Figure,
     r = bootstrap(fn, len(truth), first.groups()[keep], n_resamples=1000, seed=seed)
     result: dict[str, Any] = {"n_images": int(len(truth)), "n_lesions": int(r.n_groups)}
     result["class_counts"] = {c: int((truth == i).sum()) for i, c in enumerate(fig.classes)}
+    result["recall"] = {name: per_class_recall(d) for name, d in data.items()}
     for key in r.point:
         result[key] = {
             "value": float(r.point[key]),
@@ -99,6 +100,16 @@ def score_figure(models: dict[str, tuple[Scored, tuple[str, ...]]], fig: Figure,
             "ci_high": float(r.high[key]),
         }
     return result
+
+
+def per_class_recall(data: EvalData) -> dict[str, float]:
+    """Recall of each class the truth has (argmax among the figure's classes)."""
+    pred = data.probs.argmax(axis=1)
+    return {
+        c: float((pred[data.truth == i] == i).mean())
+        for i, c in enumerate(data.classes)
+        if (data.truth == i).any()
+    }
 
 
 def compare(
