@@ -216,6 +216,7 @@ def test_export_command_end_to_end(ham_small_prepared: Path, tmp_path: Path) -> 
     closest = min(q["tried"], key=lambda t: abs(t["bal_acc"] - val["fp32"]["bal_acc"]))
     assert q["exclude"] == closest["exclude"] and val["int8"]["bal_acc"] == pytest.approx(closest["bal_acc"])
     assert card.temperature["fine"] > 0 and "threshold" in card.ood
+    assert card.extra["training"]["selection"] == {"monitor": None, "select": "mean", "val_sets": ["val"]}
     from dermlens.monitor.reference import Reference
 
     ref = Reference.load(out)  # the drift-monitoring baseline: the bundle's outputs on val

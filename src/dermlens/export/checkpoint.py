@@ -90,10 +90,21 @@ def load_checkpoint(path: str | Path) -> LoadedModel:
             "data": hp["cfg"].get("data", {}),
             "augment": hp["cfg"].get("augment", {}),
             "loss": hp["cfg"].get("loss", {}),
+            "sampler": hp["cfg"].get("sampler", {}),
+            "selection": selection(hp["cfg"]),
         }
     net = build_model(model_cfg, len(classes))
     net.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     return LoadedModel(net.float().eval(), classes, prep, model_cfg, path, info)
+
+
+def selection(cfg: dict[str, Any]) -> dict[str, Any]:
+    """How the checkpoint was chosen: the monitored figure, the val/select rule and the sets it combines."""
+    from dermlens.train.datamodule import val_set_names
+
+    t = cfg.get("trainer", {})
+    sets = val_set_names({"data": cfg.get("data") or {}})
+    return {"monitor": t.get("monitor"), "select": t.get("select", "mean"), "val_sets": sets}
 
 
 def build_model(model_cfg: dict[str, Any], n_fine: int) -> nn.Module:
