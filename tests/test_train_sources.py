@@ -149,3 +149,24 @@ def test_levers_compare_every_source_with_paired_intervals(
     low, high = row["delta_external_bal_acc3_ci95"]
     assert low - 1e-9 <= row["delta_external_bal_acc3"] <= high + 1e-9
     assert (tmp_path / "levers" / "base" / "val_outputs_ext.npz").is_file()
+
+
+@pytest.mark.slow
+def test_group_dro_moves_weight_between_the_sources(tiny_dir: Path, bcn_tiny: Path, tmp_path: Path) -> None:
+    from dermlens.train.engine import train
+
+    run = tmp_path / "run"
+    cfg = tiny_cfg(
+        tiny_dir,
+        run,
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=4",
+        "trainer.limit_val_batches=1",
+        f"data.extra_train=[{bcn_tiny}]",
+        "loss.group_dro_eta=1.0",
+        "sampler.source=equal",
+    )
+    train(cfg)
+    log = pd.read_csv(run / "logs" / "csv" / "metrics.csv")
+    q = log[["train/dro_q_prepared", "train/dro_q_bcn"]].dropna().iloc[-1]
+    assert q.sum() == pytest.approx(1.0, abs=1e-5) and not np.allclose(q, 0.5)  # moved from the even start

@@ -114,11 +114,15 @@ def drop_metadata(meta: np.ndarray, p_field: float, p_all: float, rng) -> np.nda
 
 
 class CacheDataset(Dataset):
-    """(uint8 3xHxW image, meta, fine, coarse) from the memmap cache, with optional metadata dropout."""
+    """(uint8 3xHxW image, meta, fine, coarse[, source]) from the memmap cache, with optional metadata
+    dropout."""
 
-    def __init__(self, images: np.ndarray, split: SplitData, transform, meta_drop=(0.0, 0.0)) -> None:
+    def __init__(
+        self, images: np.ndarray, split: SplitData, transform, meta_drop=(0.0, 0.0), source: int | None = None
+    ) -> None:
         self.images, self.split, self.transform = images, split, transform
         self.meta_drop = (float(meta_drop[0] or 0.0), float(meta_drop[1] or 0.0))
+        self.source = source  # when set, each item also carries its training source's index
 
     def __len__(self) -> int:
         return len(self.split)
@@ -128,17 +132,25 @@ class CacheDataset(Dataset):
         meta = self.split.meta[i]
         if any(self.meta_drop):
             meta = drop_metadata(meta, *self.meta_drop, np.random)  # seeded per worker by Lightning
-        return (
+        item = (
             img,
             torch.from_numpy(np.ascontiguousarray(meta)),
             int(self.split.fine[i]),
             int(self.split.coarse[i]),
         )
+        return item if self.source is None else (*item, self.source)
 
 
 def source_val_names(cfg: dict) -> list[str]:
     """The names data.source_val sets are logged under: each folder's name (val_<name>/bal_acc)."""
     return [Path(d).expanduser().name for d in cfg["data"].get("source_val") or []]
+
+
+def train_source_names(cfg: dict) -> list[str]:
+    """The training sources in loader order: data.dir, then each data.extra_train (folder names)."""
+    d = cfg["data"]
+    names = [Path(x).expanduser().name for x in [d["dir"], *(d.get("extra_train") or [])]]
+    return [f"{n}{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
 
 
 def val_set_names(cfg: dict) -> list[str]:
@@ -244,7 +256,10 @@ class DermDataModule(L.LightningDataModule):
         aug = self.cfg.get("augment", {})
         tf, drop = self.train_tf, (aug.get("meta_drop_field"), aug.get("meta_drop_all"))
         parts = [(self.images, self.train), *self.extra]
-        ds = ConcatDataset([CacheDataset(images, part, tf, drop) for images, part in parts])
+        by_source = float(self.cfg.get("loss", {}).get("group_dro_eta", 0) or 0) > 0  # the loss needs it
+        ds = ConcatDataset(
+            [CacheDataset(im, part, tf, drop, i if by_source else None) for i, (im, part) in enumerate(parts)]
+        )
         rank, world = self._dist()
         weights, seed = self.train_weights(), int(self.cfg.get("seed", 42))
         if weights is not None:

@@ -14,7 +14,7 @@ from dermlens.extras import require
 from dermlens.model.network import DermNet, build_network
 from dermlens.preprocess import Preprocessing
 from dermlens.train.augment import TorchNormalize
-from dermlens.train.datamodule import val_set_names
+from dermlens.train.datamodule import train_source_names, val_set_names
 from dermlens.train.losses import build_loss
 
 
@@ -115,6 +115,11 @@ class DermModule(L.LightningModule):
         self.coarse_loss = build_loss(cfg["loss"], coarse_counts)
         self.coarse_weight = float(cfg["loss"].get("coarse_weight", 0.5))
         self.mix = batch_mixer(cfg.get("augment", {}), len(classes))
+        self.dro_eta = float(cfg["loss"].get("group_dro_eta", 0) or 0)
+        self.sources = train_source_names(cfg)
+        n_src = len(self.sources)
+        # GroupDRO weight of each training source (not in checkpoints: a resumed run starts it afresh)
+        self.register_buffer("dro_q", torch.full((n_src,), 1.0 / n_src), persistent=False)
         malignant = torch.tensor([c in _MAL for c in classes])
         self.register_buffer("malignant", malignant, persistent=False)  # soft fine -> soft coarse targets
         decay = float(cfg["optim"].get("ema", 0.0) or 0.0)
@@ -162,14 +167,34 @@ class DermModule(L.LightningModule):
                     m.eval()
 
     # -- steps ---------------------------------------------------------------------------------
+    def _dro_loss(self, fine, coarse, y, yc, source: torch.Tensor) -> torch.Tensor:
+        """GroupDRO (Sagawa et al. 2020, online): each source's batch loss, weighted by q, where q grows by
+        exp(eta * loss) for the sources that fit worst; the sources in the batch share the step."""
+        present = torch.unique(source)
+        losses = torch.stack(
+            [self._loss(fine[m], coarse[m], y[m], yc[m]) for m in (source == s for s in present)]
+        )
+        with torch.no_grad():
+            self.dro_q[present] *= torch.exp(self.dro_eta * losses.detach().float())
+            if self.trainer.world_size > 1:  # every rank saw other images: keep one q
+                self.dro_q.copy_(self.all_gather(self.dro_q).mean(0))
+            self.dro_q /= self.dro_q.sum()
+        q = self.dro_q[present]
+        for i, name in enumerate(self.sources):
+            self.log(f"train/dro_q_{name}", self.dro_q[i], on_step=False, on_epoch=True)
+        return (q * losses).sum() / q.sum()
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        image, meta, y, yc = batch
+        image, meta, y, yc, *source = batch
         x = self.prepare(image)
         if self.mix is not None:  # mixup/cutmix on the normalised batch: soft fine and coarse targets
             x, y = self.mix(x, y)
             yc = torch.stack([y[:, ~self.malignant].sum(1), y[:, self.malignant].sum(1)], 1)
         fine, coarse = self.net(x, meta)
-        loss = self._loss(fine, coarse, y, yc)
+        if source and self.dro_eta > 0:
+            loss = self._dro_loss(fine, coarse, y, yc, source[0])
+        else:
+            loss = self._loss(fine, coarse, y, yc)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
         return loss
 
