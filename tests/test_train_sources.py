@@ -146,6 +146,10 @@ def test_levers_compare_every_source_with_paired_intervals(
     low, high = bcn["ci95"]
     assert low <= bcn["delta"] <= high
     assert row["sources_val_bal_acc_no_metadata"]["bcn"] is not None
+    low, high = row[
+        "delta_val_bal_acc_ci95"
+    ]  # an eight-class model on seven-class val: same argmax as the point
+    assert low - 1e-9 <= row["delta_val_bal_acc"] <= high + 1e-9
     low, high = row["delta_external_bal_acc3_ci95"]
     assert low - 1e-9 <= row["delta_external_bal_acc3"] <= high + 1e-9
     assert (tmp_path / "levers" / "base" / "val_outputs_ext.npz").is_file()

@@ -125,13 +125,19 @@ def _changes(lever: dict[str, Any]) -> list[str]:
 
 
 def paired_delta(
-    base_run: Path, run: Path, groups: pd.Series, seed: int = 0, outputs: str = "val_outputs.npz"
+    base_run: Path,
+    run: Path,
+    groups: pd.Series,
+    seed: int = 0,
+    outputs: str = "val_outputs.npz",
+    among_present: bool = False,
 ) -> list[float] | None:
     """95% CI of (lever - base) balanced accuracy on one validation set's saved `outputs` (val_outputs.npz:
     HAM10000 val with metadata; _ext: the hold-out; _<source>_no_metadata: a source's val): both scored on
     the same lesion resamples, so the interval reflects the difference, not each model's own spread. The
-    accuracy is over the classes the set has (argmax among them). `groups`: lesion group by image id.
-    None if the images differ or either run's outputs are not on this machine."""
+    argmax is over all the model's classes, or (`among_present`, as the external and source figures are)
+    among the classes the set has. `groups`: lesion group by image id. None if the images differ or either
+    run's outputs are not on this machine."""
     from scipy.special import softmax
 
     if not ((base_run / outputs).is_file() and (run / outputs).is_file()):
@@ -146,7 +152,7 @@ def paired_delta(
         ids, sets = a["image_ids"], []
         for z in (a, b):
             classes, truth = [str(c) for c in z["classes"]], z["fine_labels"]
-            names = [classes[k] for k in sorted(set(truth.tolist()))]
+            names = [classes[k] for k in sorted(set(truth.tolist()))] if among_present else classes
             p = softmax(z["fine_logits"].astype(np.float64), 1)[:, [classes.index(c) for c in names]]
             truth = np.array([names.index(classes[k]) for k in truth])
             sets.append(EvalData(p / p.sum(1, keepdims=True), truth, tuple(names)))
@@ -179,10 +185,10 @@ def paired_deltas(base_run: Path, run: Path, groups: pd.Series, sources: list[st
     """The paired CIs of a lever's difference on every validation set its runs saved."""
     out = {
         "val": paired_delta(base_run, run, groups),
-        "ext": paired_delta(base_run, run, groups, 0, "val_outputs_ext.npz"),
+        "ext": paired_delta(base_run, run, groups, 0, "val_outputs_ext.npz", among_present=True),
     }
     for name in sources:
-        out[name] = paired_delta(base_run, run, groups, 0, f"val_outputs_{name}_no_metadata.npz")
+        out[name] = paired_delta(base_run, run, groups, 0, f"val_outputs_{name}_no_metadata.npz", True)
     return out
 
 
