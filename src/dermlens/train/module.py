@@ -49,7 +49,7 @@ def external_scores(parts: list[tuple[torch.Tensor, torch.Tensor]], classes: tup
 
 
 SELECT_RULES = ("mean", "worst")
-Scored = tuple[torch.Tensor, torch.Tensor]  # (probabilities, labels) of one validation batch
+ValBatch = tuple[torch.Tensor, torch.Tensor]  # (probabilities, labels) of one validation batch
 
 
 def select_figure(figures: list[float], rule: str) -> float:
@@ -217,9 +217,9 @@ class DermModule(L.LightningModule):
         self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=len(y), add_dataloader_idx=False)
 
     def on_validation_epoch_start(self) -> None:
-        self._extra: dict[int, list[Scored]] = {}
+        self._extra: dict[int, list[ValBatch]] = {}
 
-    def _gathered(self, parts: list[Scored]) -> list[Scored]:
+    def _gathered(self, parts: list[ValBatch]) -> list[ValBatch]:
         """Every rank scored a shard: the whole set (unchanged on one process)."""
         if self.trainer.world_size == 1:
             return parts
