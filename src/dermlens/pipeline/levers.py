@@ -145,6 +145,7 @@ def paired_delta(
 
     from dermlens.evaluate.bootstrap import bootstrap
     from dermlens.metrics import EvalData, decision_metrics
+    from dermlens.pipeline.source_figures import Figure, restricted
 
     with np.load(base_run / outputs) as a, np.load(run / outputs) as b:
         if not np.array_equal(a["image_ids"], b["image_ids"]):
@@ -153,9 +154,9 @@ def paired_delta(
         for z in (a, b):
             classes, truth = [str(c) for c in z["classes"]], z["fine_labels"]
             names = [classes[k] for k in sorted(set(truth.tolist()))] if among_present else classes
-            p = softmax(z["fine_logits"].astype(np.float64), 1)[:, [classes.index(c) for c in names]]
-            truth = np.array([names.index(classes[k]) for k in truth])
-            sets.append(EvalData(p / p.sum(1, keepdims=True), truth, tuple(names)))
+            fig = Figure(tuple(names))
+            p = restricted(softmax(z["fine_logits"].astype(np.float64), 1), tuple(classes), fig)
+            sets.append(EvalData(p, np.array([names.index(classes[k]) for k in truth]), fig.classes))
     base, other = sets
     lesions = groups.loc[ids].to_numpy()
 

@@ -103,13 +103,9 @@ def score_figure(models: dict[str, tuple[Scored, tuple[str, ...]]], fig: Figure,
 
 
 def per_class_recall(data: EvalData) -> dict[str, float]:
-    """Recall of each class the truth has (argmax among the figure's classes)."""
-    pred = data.probs.argmax(axis=1)
-    return {
-        c: float((pred[data.truth == i] == i).mean())
-        for i, c in enumerate(data.classes)
-        if (data.truth == i).any()
-    }
+    """Sensitivity (dermlens.metrics) of each class the truth has, argmax among the figure's classes."""
+    sens = decision_metrics(data, np.ones((1, len(data.truth))))["sensitivity"][0]
+    return {c: float(sens[i]) for i, c in enumerate(data.classes) if (data.truth == i).any()}
 
 
 def compare(

@@ -166,6 +166,7 @@ class DermDataModule(L.LightningDataModule):
         self.cfg = cfg
         self.dcfg = cfg["data"]
         self.prep = preprocessing_from(cfg)
+        self._read: dict[str, tuple[pd.DataFrame, np.ndarray]] = {}
         df, self.images = read_prepared(Path(self.dcfg["dir"]).expanduser(), self.prep)
         df = fold_split(df, self.dcfg.get("val_fold"), str(self.dcfg.get("fold_pool") or "train+val"))
         self.classes = label_space(set(df["diagnosis"].astype(str)) | self._other_diagnoses())
@@ -191,11 +192,15 @@ class DermDataModule(L.LightningDataModule):
 
     def _other_diagnoses(self) -> set[str]:
         """Diagnoses of every extra source's training rows (scc there makes the label space 8 classes)."""
-        found: set[str] = set()
-        for d in self.dcfg.get("extra_train") or []:
-            df = pd.read_csv(Path(d).expanduser() / "manifest.csv", usecols=["diagnosis", "split"])
-            found |= set(df.loc[df["split"] == "train", "diagnosis"].astype(str))
-        return found
+        frames = (self._prepared(d)[0] for d in self.dcfg.get("extra_train") or [])
+        return {str(dx) for df in frames for dx in df.loc[df["split"] == "train", "diagnosis"]}
+
+    def _prepared(self, data_dir: str) -> tuple[pd.DataFrame, np.ndarray]:
+        """read_prepared of another dataset, once however many roles it plays (extra, external, source)."""
+        key = str(Path(data_dir).expanduser().resolve())
+        if key not in self._read:
+            self._read[key] = read_prepared(Path(data_dir).expanduser(), self.prep)
+        return self._read[key]
 
     def _source(
         self,
@@ -207,7 +212,7 @@ class DermDataModule(L.LightningDataModule):
     ) -> tuple[np.ndarray, SplitData]:
         """Another dataset's `split` rows with one of the model's classes; `holdout` (a seeded, stratified
         share of them) is the external validation set, and keep_rest=True returns the rows outside it."""
-        df, images = read_prepared(Path(data_dir).expanduser(), self.prep)
+        df, images = self._prepared(data_dir)
         known = df["diagnosis"].isin(self.classes) & (df["split"] == split)
         df = df.assign(split=np.where(known, split, "-"))
         if holdout:
